@@ -1,0 +1,22 @@
+"""hf-cage: CAGE quantization-aware training for Llama models in the Hugging Face stack.
+
+Public API only; importing this package never imports triton or touches CUDA.
+"""
+
+from .kernels.spec import QuantSpec
+from .layers import Int4Linear, QATLinear
+from .qat import load_qat_model, quant_config_of, quantize_model, quantized_layers
+from .quant import QuantConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Int4Linear",
+    "QATLinear",
+    "QuantConfig",
+    "QuantSpec",
+    "load_qat_model",
+    "quant_config_of",
+    "quantize_model",
+    "quantized_layers",
+]

@@ -1,0 +1,36 @@
+"""The ``hf-cage`` command line: subcommands are registered in :data:`SUBCOMMANDS`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+# name -> (module, help); each module has ``add_parser(subparsers)`` and ``run(args) -> int``.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="hf-cage",
+        description="CAGE quantization-aware training for Llama models: train, export, publish.",
+        epilog="Run `hf-cage COMMAND --help` for the options of a command.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, _help) in SUBCOMMANDS.items():
+        importlib.import_module(module).add_parser(subparsers, name, _help)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Plain-text files -> fixed-length token blocks for causal language modelling."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def load_token_blocks(files: list[str | os.PathLike], tokenizer, block_size: int, num_proc: int | None = None):
+    """A ``datasets.Dataset`` of ``input_ids`` / ``labels`` blocks of ``block_size`` tokens.
+
+    Every document ends with the EOS token; the stream is cut into full blocks (the tail is dropped).
+    """
+    from datasets import load_dataset
+
+    paths = [str(Path(f)) for f in files]
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"text file not found: {p}")
+        if Path(p).stat().st_size == 0:
+            raise ValueError(f"text file is empty: {p}")
+    raw = load_dataset("text", data_files=paths, split="train", sample_by="paragraph")
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        return {"ids": [ids + [eos] for ids in tokenizer(batch["text"])["input_ids"]]}
+
+    def group(batch):
+        stream = [t for ids in batch["ids"] for t in ids]
+        n = len(stream) // block_size * block_size
+        blocks = [stream[i : i + block_size] for i in range(0, n, block_size)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    tokens = raw.map(tokenize, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="Tokenizing")
+    blocks = tokens.map(group, batched=True, batch_size=1000, remove_columns=["ids"], num_proc=num_proc,
+                        desc=f"Packing into {block_size}-token blocks")
+    if len(blocks) == 0:
+        raise ValueError(f"{paths} hold fewer than block_size={block_size} tokens; use more text or a smaller block")
+    return blocks.with_format("torch")

@@ -1,0 +1,167 @@
+"""Pure-torch twins of every hf-cage kernel: the CPU path and the oracle the Triton kernels are tested against.
+
+Numerics, in plain words. A tensor ``x`` of shape ``(..., K)`` is quantized row by row along its
+last dimension (a weight's input features, an activation's hidden size):
+
+1. optionally rotate each consecutive block of ``hadamard_block`` inputs by a normalized Hadamard
+   matrix ``H`` (orthogonal and symmetric, so applying it twice is the identity; rotating weights
+   and activations alike leaves ``x @ W.T`` unchanged while spreading outliers);
+2. split the row into groups (``group_size``, or the whole row) and give each group a ``step``:
+   with the ``mse`` rule the clip value is ``s = alpha_b * RMS(group)``, with ``absmax`` it is the
+   largest magnitude; ``step = 2 s / (2^b - 1)`` (for the integer grid with ``absmax``,
+   ``step = absmax / (2^(b-1) - 1)`` so the extreme value is representable);
+3. round to integer codes in ``[-2^(b-1), 2^(b-1) - 1]`` and map back with
+   ``(code + code_offset) * step``; the mid-rise grid is exactly CAGE.md section 4:
+   ``q = (round(clip(x, -s, s) / step + 1/2) - 1/2) * step``;
+4. rotate back, so the result lives in the same basis as ``x``.
+
+All maths is fp32 whatever the input dtype; results are cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .spec import QuantSpec
+
+
+def hadamard_block_for(in_features: int, max_block: int = 128) -> int:
+    """Largest power of two that divides ``in_features``, capped at ``max_block``."""
+    block = 1
+    while block < max_block and in_features % (block * 2) == 0:
+        block *= 2
+    return block
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard(block: int, device: str) -> torch.Tensor:
+    if block & (block - 1):
+        raise ValueError(f"hadamard_block={block} must be a power of two")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / block**0.5).to(device=device, dtype=torch.float32)
+
+
+def hadamard_matrix(block: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normalized Sylvester Hadamard matrix, shape ``(block, block)``, fp32 (orthogonal, symmetric)."""
+    return _hadamard(block, str(torch.device(device)))
+
+
+def hadamard_rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Multiply each ``block``-wide slice of the last dimension by ``H``; its own inverse. fp32 in, fp32 out."""
+    k = x.shape[-1]
+    if k % block:
+        raise ValueError(f"last dimension {k} is not a multiple of hadamard_block={block}")
+    h = hadamard_matrix(block, x.device)
+    return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View ``(..., K)`` as ``(..., G, group)``."""
+    k = x.shape[-1]
+    group = spec.group_size or k
+    if k % group:
+        raise ValueError(f"last dimension {k} is not a multiple of group_size={group}")
+    return x.reshape(*x.shape[:-1], k // group, group)
+
+
+def _rotated_fp32(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    x = x.float()
+    return hadamard_rotate(x, spec.hadamard_block) if spec.hadamard_block else x
+
+
+def _clip_and_step(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clip value ``s`` and ``step``, shape ``(..., G, 1)``, from fp32 groups."""
+    if spec.scale_rule == "mse":
+        clip = spec.clip_alpha * groups.square().mean(-1, keepdim=True).sqrt()
+    else:
+        clip = groups.abs().amax(-1, keepdim=True)
+    if spec.grid == "integer" and spec.scale_rule == "absmax":
+        step = clip / spec.qmax
+    else:
+        step = 2 * clip / (2**spec.bits - 1)
+    # An all-zero group gets the smallest normal step instead of 0/0.
+    tiny = torch.finfo(torch.float32).tiny
+    return clip.clamp_min(tiny), step.clamp_min(tiny)
+
+
+def _codes(groups: torch.Tensor, clip: torch.Tensor, step: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes (as fp32) in ``[qmin, qmax]``."""
+    if spec.grid == "midrise":
+        return torch.round(torch.clamp(groups, -clip, clip) / step + 0.5) - 1
+    return torch.clamp(torch.round(groups / step), spec.qmin, spec.qmax)
+
+
+def quantize_rows(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize along the last dimension (after the optional rotation).
+
+    Args:
+        x: ``(..., K)``, any float dtype.
+    Returns:
+        codes: int8, ``(..., K)``, in ``[qmin, qmax]``, in the rotated basis.
+        scales: fp32, ``(..., K // group)`` (``group = K`` for per-row scales): the grid step.
+    """
+    groups = _grouped(_rotated_fp32(x, spec), spec)
+    clip, step = _clip_and_step(groups, spec)
+    codes = _codes(groups, clip, step, spec)
+    return codes.to(torch.int8).reshape(x.shape), step.squeeze(-1)
+
+
+def dequantize_rows(
+    codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_rows`: ``(code + code_offset) * scale``, rotated back, cast to ``dtype``."""
+    values = _grouped(codes.float(), spec) + spec.code_offset
+    x = (values * scales.float().unsqueeze(-1)).reshape(codes.shape)
+    if spec.hadamard_block:
+        x = hadamard_rotate(x, spec.hadamard_block)
+    return x.to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Q(x)`` in the basis and dtype of ``x``, plus the straight-through mask.
+
+    Returns:
+        q: same shape and dtype as ``x``.
+        mask: bool, same shape, in the rotated basis: True where ``|Q - x| <= step / 2``
+            (QuEST's trust mask; False only where the value was clipped).
+    """
+    groups = _grouped(_rotated_fp32(x, spec), spec)
+    clip, step = _clip_and_step(groups, spec)
+    q = (_codes(groups, clip, step, spec) + spec.code_offset) * step
+    mask = ((q - groups).abs() <= step * 0.5).reshape(x.shape)
+    q = q.reshape(x.shape)
+    if spec.hadamard_block:
+        q = hadamard_rotate(q, spec.hadamard_block)
+    return q.to(x.dtype), mask
+
+
+def int_matmul_reference(
+    x_codes: torch.Tensor,
+    x_scales: torch.Tensor,
+    w_codes: torch.Tensor,
+    w_scales: torch.Tensor,
+    x_offset: float = 0.0,
+    w_offset: float = 0.0,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``((Xc + x_offset) * sx) @ ((Wc + w_offset) * sw).T`` for per-token / per-channel scales.
+
+    Args:
+        x_codes: int8 ``(M, K)``; x_scales: fp32 ``(M,)`` or ``(M, 1)``.
+        w_codes: int8 ``(N, K)``; w_scales: fp32 ``(N,)`` or ``(N, 1)``.
+    Returns ``(M, N)`` in ``out_dtype``. The integer part is exact: ``Xc @ Wc.T`` in int32, the
+    offsets enter through row sums, ``(Xc+a)(Wc+b)^T = XcWc^T + b*rowsum(Xc) + a*rowsum(Wc) + abK``.
+    """
+    k = x_codes.shape[-1]
+    acc = (x_codes.to(torch.int32) @ w_codes.to(torch.int32).T).float()
+    if w_offset:
+        acc = acc + w_offset * x_codes.to(torch.int32).sum(-1, keepdim=True).float()
+    if x_offset:
+        acc = acc + x_offset * w_codes.to(torch.int32).sum(-1).float()
+    if x_offset and w_offset:
+        acc = acc + x_offset * w_offset * k
+    return (acc * x_scales.reshape(-1, 1).float() * w_scales.reshape(1, -1).float()).to(out_dtype)

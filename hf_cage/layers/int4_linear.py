@@ -1,0 +1,74 @@
+"""``Int4Linear``: a packed 4-bit linear for inference (what exported checkpoints load into)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..kernels.spec import QuantSpec
+
+
+class Int4Linear(nn.Module):
+    """Linear layer holding int4 weight codes packed 8 per int32 plus fp32 scales.
+
+    Buffers: ``weight_packed`` int32 ``(out, in / 8)`` (compressed-tensors layout, codes in the
+    rotated basis when ``weight_spec.hadamard_block`` is set) and ``weight_scale`` fp32
+    ``(out, in / group)``. Inputs are quantized per token with ``activation_spec`` when given, so
+    the output equals the QAT layer's forward.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        weight_spec: QuantSpec,
+        activation_spec: QuantSpec | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if weight_spec.bits != 4:
+            raise ValueError(f"Int4Linear holds 4-bit weights, got weight bits={weight_spec.bits}")
+        if in_features % 8:
+            raise ValueError(f"in_features={in_features} must be a multiple of 8 to pack int4 weights")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_spec, self.activation_spec = weight_spec, activation_spec
+        groups = in_features // (weight_spec.group_size or in_features)
+        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_qat_linear(cls, layer) -> Int4Linear:
+        """Pack a trained :class:`~hf_cage.QATLinear`; the dequantized weight equals its ``Qw(W)`` exactly."""
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            layer.bias is not None,
+            layer.weight_spec,
+            layer.activation_spec,
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+        )
+        codes, scales = kernels.quantize_rows(layer.weight.detach(), layer.weight_spec)
+        new.weight_packed.copy_(kernels.pack_int4(codes))
+        new.weight_scale.copy_(scales)
+        if layer.bias is not None:
+            new.bias.data.copy_(layer.bias.detach())
+        return new
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes = kernels.unpack_int4(self.weight_packed)
+        return kernels.dequantize_rows(codes, self.weight_scale, self.weight_spec, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_spec is not None:
+            x = kernels.fake_quantize(x, self.activation_spec)[0]
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        a_bits = self.activation_spec.bits if self.activation_spec else None
+        return f"in_features={self.in_features}, out_features={self.out_features}, w_bits=4, a_bits={a_bits}"

@@ -1,0 +1,113 @@
+"""The two quantizer families against the formulas of CAGE.md section 4."""
+
+import pytest
+import torch
+
+from hf_cage.kernels import QuantSpec, dequantize_rows, fake_quantize, hadamard_rotate, quantize_rows
+from hf_cage.kernels.spec import GAUSSIAN_MSE_CLIP
+from hf_cage.quant import fake_quantize_ste
+
+
+def weights(rows=16, cols=128, seed=0):
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+def test_quest_without_rotation_is_exactly_the_paper_formula():
+    w = weights()
+    for bits in (2, 3, 4):
+        s = GAUSSIAN_MSE_CLIP[bits] * w.square().mean(-1, keepdim=True).sqrt()
+        step = 2 * s / (2**bits - 1)
+        expected = (torch.round(torch.clamp(w, -s, s) / step + 0.5) - 0.5) * step
+        q, _ = fake_quantize(w, QuantSpec(bits, "midrise"))
+        torch.testing.assert_close(q, expected, atol=0, rtol=0)
+
+
+def test_paper_clip_factors():
+    assert GAUSSIAN_MSE_CLIP[4] == 2.5139 and GAUSSIAN_MSE_CLIP[3] == 2.0511 and GAUSSIAN_MSE_CLIP[2] == 1.4935
+
+
+@pytest.mark.parametrize("grid", ["midrise", "integer"])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_every_4bit_row_has_at_most_16_distinct_values(grid, group_size):
+    w = weights()
+    q, _ = fake_quantize(w, QuantSpec(4, grid, group_size=group_size))
+    for row in q.reshape(-1, group_size or w.shape[1]):
+        assert row.unique().numel() <= 16
+
+
+@pytest.mark.parametrize("grid", ["midrise", "integer"])
+def test_rotated_4bit_rows_have_at_most_16_distinct_values_in_the_rotated_basis(grid):
+    w = weights()
+    spec = QuantSpec(4, grid, hadamard_block=128)
+    codes, scales = quantize_rows(w, spec)
+    assert all(row.unique().numel() <= 16 for row in codes)
+    q, _ = fake_quantize(w, spec)
+    rotated_back = hadamard_rotate((codes.float() + spec.code_offset) * scales, 128)
+    torch.testing.assert_close(q, rotated_back, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("scale_rule", ["mse", "absmax"])
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_int_quantizer_divided_by_scale_gives_integers_in_range(scale_rule, group_size):
+    w = weights()
+    spec = QuantSpec(4, "integer", scale_rule, group_size)
+    q, _ = fake_quantize(w, spec)
+    _, scales = quantize_rows(w, spec)
+    ratio = q.reshape(16, -1, group_size or 128) / scales.unsqueeze(-1)
+    torch.testing.assert_close(ratio, ratio.round(), atol=1e-5, rtol=0)
+    assert ratio.round().min() >= -8 and ratio.round().max() <= 7
+
+
+def test_absmax_integer_grid_represents_the_largest_value_exactly():
+    w = weights()
+    q, mask = fake_quantize(w, QuantSpec(4, "integer", "absmax"))
+    idx = w.abs().argmax(-1, keepdim=True)
+    torch.testing.assert_close(q.gather(-1, idx), w.gather(-1, idx))
+    assert mask.all()
+
+
+@pytest.mark.parametrize("grid", ["midrise", "integer"])
+@pytest.mark.parametrize("hadamard_block", [None, 32])
+def test_codes_and_scales_dequantize_to_the_fake_quantized_tensor_bit_exactly(grid, hadamard_block):
+    w = weights()
+    spec = QuantSpec(3, grid, group_size=64, hadamard_block=hadamard_block)
+    codes, scales = quantize_rows(w, spec)
+    assert codes.dtype == torch.int8 and scales.shape == (16, 2)
+    assert codes.min() >= -4 and codes.max() <= 3
+    q, _ = fake_quantize(w, spec)
+    torch.testing.assert_close(dequantize_rows(codes, scales, spec), q, atol=0, rtol=0)
+
+
+def test_hadamard_rotation_is_its_own_inverse_and_keeps_products():
+    x, w = weights(4, 256, 1), weights(8, 256, 2)
+    torch.testing.assert_close(hadamard_rotate(hadamard_rotate(x, 128), 128), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hadamard_rotate(x, 128) @ hadamard_rotate(w, 128).T, x @ w.T, atol=1e-4, rtol=0)
+
+
+def test_rotated_quantizer_returns_values_in_the_input_basis():
+    w = weights()
+    q, _ = fake_quantize(w, QuantSpec(8, "midrise", hadamard_block=128))
+    assert (q - w).norm() / w.norm() < 0.01
+
+
+def test_straight_through_gradient_is_masked_where_clipped():
+    x = torch.tensor([[0.1, -0.2, 0.05, 10.0, -0.15, 0.3, 0.0, -0.25]], requires_grad=True)
+    spec = QuantSpec(2, "midrise")
+    fake_quantize_ste(x, spec).sum().backward()
+    _, mask = fake_quantize(x.detach(), spec)
+    assert not mask[0, 3] and mask.sum() == 7
+    torch.testing.assert_close(x.grad, mask.float())
+
+
+def test_straight_through_gradient_with_rotation_is_identity_when_nothing_clips():
+    x = weights(4, 64).requires_grad_()
+    spec = QuantSpec(8, "integer", "absmax", hadamard_block=64)
+    upstream = weights(4, 64, 3)
+    fake_quantize_ste(x, spec).backward(upstream)
+    torch.testing.assert_close(x.grad, upstream, atol=1e-5, rtol=0)
+
+
+def test_output_keeps_input_dtype_and_zero_rows_stay_finite():
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    q, _ = fake_quantize(x, QuantSpec(4, "integer"))
+    assert q.dtype == torch.bfloat16 and torch.isfinite(q.float()).all() and (q == 0).all()
