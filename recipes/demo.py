@@ -1,7 +1,7 @@
 """The main job (README command 1), CPU-sized: a tiny Llama on real text, quantized W4A4, trained briefly.
 
-    make demo            # sets up .venv, then runs: python recipes/demo.py
-    python recipes/demo.py --steps 50 --output_dir outputs/demo
+make demo            # sets up .venv, then runs: python recipes/demo.py
+python recipes/demo.py --steps 50 --output_dir outputs/demo
 """
 
 from __future__ import annotations
@@ -27,13 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     train_txt, _ = write_document_split(shakespeare_files(), f"{args.output_dir}/data")
     tokenizer = train_bpe_tokenizer([train_txt], vocab_size=1024, cache_dir=f"{args.output_dir}/cache")
     blocks = load_token_blocks([train_txt], tokenizer, block_size=128)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
     model = hf_cage.quantize_model(LlamaForCausalLM(config), hf_cage.QuantConfig(w_bits=4, a_bits=4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     loader = torch.utils.data.DataLoader(blocks, batch_size=8, shuffle=True)
     losses = []
-    for step, batch in zip(tqdm(range(args.steps), desc="STE W4A4"), loader):
+    for _, batch in zip(tqdm(range(args.steps), desc="STE W4A4"), loader):
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()

@@ -7,7 +7,15 @@ import torch
 from conftest import make_tiny_llama
 from torch import nn
 
-from hf_cage import Int4Linear, QATLinear, QuantConfig, load_qat_model, quant_config_of, quantize_model, quantized_layers
+from hf_cage import (
+    Int4Linear,
+    QATLinear,
+    QuantConfig,
+    load_qat_model,
+    quant_config_of,
+    quantize_model,
+    quantized_layers,
+)
 from hf_cage.qat import CONFIG_KEY
 
 BLOCK_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

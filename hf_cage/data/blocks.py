@@ -32,8 +32,14 @@ def load_token_blocks(files: list[str | os.PathLike], tokenizer, block_size: int
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
     tokens = raw.map(tokenize, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="Tokenizing")
-    blocks = tokens.map(group, batched=True, batch_size=1000, remove_columns=["ids"], num_proc=num_proc,
-                        desc=f"Packing into {block_size}-token blocks")
+    blocks = tokens.map(
+        group,
+        batched=True,
+        batch_size=1000,
+        remove_columns=["ids"],
+        num_proc=num_proc,
+        desc=f"Packing into {block_size}-token blocks",
+    )
     if len(blocks) == 0:
         raise ValueError(f"{paths} hold fewer than block_size={block_size} tokens; use more text or a smaller block")
     return blocks.with_format("torch")

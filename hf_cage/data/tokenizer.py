@@ -18,7 +18,9 @@ def _fingerprint(files: list[Path], vocab_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def train_bpe_tokenizer(files: list[str | os.PathLike], vocab_size: int = 2048, cache_dir: str | os.PathLike = "outputs/cache"):
+def train_bpe_tokenizer(
+    files: list[str | os.PathLike], vocab_size: int = 2048, cache_dir: str | os.PathLike = "outputs/cache"
+):
     """Train (or reuse from ``cache_dir``) a byte-level BPE on ``files``; returns a ``PreTrainedTokenizerFast``."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -32,8 +34,12 @@ def train_bpe_tokenizer(files: list[str | os.PathLike], vocab_size: int = 2048, 
     target = Path(cache_dir) / f"bpe-{vocab_size}-{_fingerprint(files, vocab_size)}"
     if not (target / "tokenizer.json").is_file():
         bpe = ByteLevelBPETokenizer()
-        bpe.train([str(f) for f in files], vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-                  show_progress=False)
+        bpe.train(
+            [str(f) for f in files],
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS.values()),
+            show_progress=False,
+        )
         wrapped = PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".bpe-"))
