@@ -1,0 +1,286 @@
+"""Triton kernels: GEMMs on packed int4 weights (W4A4 for QAT and packed inference, W4A16 for inference).
+
+Weights arrive packed in the compressed-tensors layout (:mod:`hf_cage.kernels.packing`):
+``w_packed`` int32 ``(N, K / 8)``, code ``k`` of row ``n`` in bits ``4 (k % 8) .. 4 (k % 8) + 3`` of
+word ``k // 8``, stored as ``code + 8``. Each kernel loads the word of every ``(k, n)`` of its tile
+and unpacks in registers, ``((word >> 4 (k % 8)) & 0xF) - 8``; the bytes never reach memory as int8.
+
+W4A4 (:func:`w4a4_matmul`). Hopper has no int4 tensor cores, so codes go through ``tl.dot`` as
+int8 with an int32 accumulator, which is exact. A mid-rise grid adds ``+1/2`` to every code; rather
+than correcting with row sums afterwards, the kernel feeds ``2 code + 1`` (still in int8) and
+scales the integer result by ``1/2`` per doubled side: the same exact integer, no extra reduction.
+Scales go in the epilogue: ``(acc * s_x) * s_w`` per channel, the operation order of the twin
+:func:`hf_cage.kernels.reference.int_matmul_reference`, so given the same codes and scales the
+output is bit-identical to it. With per-group weight scales the K tile is one group, and each
+group's exact integer dot is scaled into an fp32 accumulator.
+
+W4A16 (:func:`w4a16_matmul`). fp16/bf16/fp32 activations; weights dequantized in registers to
+``(code + offset) * scale`` and fed to ``tl.dot`` in the activation dtype (fp32 accumulate). fp32
+inputs use IEEE fp32 dots (no TF32). Under the interpreter bf16 arithmetic is wrong, so there the
+dot runs in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import check_device, interpreting
+
+_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _unpack_tile(b_ptr, rn, kk, n_ok, k_ok, stride_bn):
+    """Codes ``(BLOCK_K, BLOCK_N)`` int32 in ``[-8, 7]`` of packed rows ``rn`` at inputs ``kk``."""
+    words = tl.load(b_ptr + rn[None, :] * stride_bn + (kk // 8)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
+    return ((words >> ((kk % 8) * 4)[:, None]) & 0xF) - 8
+
+
+@triton.jit
+def _w4a4_matmul_kernel(
+    a_ptr,
+    a_scale_ptr,
+    b_ptr,
+    b_scale_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_cm,
+    n_groups,
+    A_DOUBLE: tl.constexpr,
+    B_DOUBLE: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    inv = 1.0 / ((1 + A_DOUBLE) * (1 + B_DOUBLE))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        a = a.to(tl.int32)
+        if A_DOUBLE:
+            a = tl.where(k_ok[None, :], 2 * a + 1, 0)
+        w = _unpack_tile(b_ptr, rn, kk, n_ok, k_ok, stride_bn)
+        if B_DOUBLE:
+            w = tl.where(k_ok[:, None], 2 * w + 1, 0)
+        dot = tl.dot(a.to(tl.int8), w.to(tl.int8), out_dtype=tl.int32)
+        if GROUPED:
+            w_scale = tl.load(b_scale_ptr + rn * n_groups + k0 // BLOCK_K, mask=n_ok, other=0.0)
+            acc_f += (dot.to(tl.float32) * inv) * w_scale[None, :]
+        else:
+            acc += dot
+    a_scale = tl.load(a_scale_ptr + rm, mask=m_ok, other=0.0)
+    if GROUPED:
+        out = acc_f * a_scale[:, None]
+    else:
+        w_scale = tl.load(b_scale_ptr + rn, mask=n_ok, other=0.0)
+        out = ((acc.to(tl.float32) * inv) * a_scale[:, None]) * w_scale[None, :]
+    tl.store(
+        c_ptr + rm[:, None] * stride_cm + rn[None, :],
+        out.to(c_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@triton.jit
+def _w4a16_matmul_kernel(
+    x_ptr,
+    b_ptr,
+    b_scale_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_bn,
+    stride_cm,
+    n_groups,
+    group_len,
+    w_offset,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_ok = kk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        codes = _unpack_tile(b_ptr, rn, kk, n_ok, k_ok, stride_bn)
+        scale_offs = rn[None, :] * n_groups + (kk // group_len)[:, None]
+        w_scale = tl.load(b_scale_ptr + scale_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w = (codes.to(tl.float32) + w_offset) * w_scale
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    tl.store(
+        c_ptr + rm[:, None] * stride_cm + rn[None, :],
+        acc.to(c_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+def _check_packed(w_packed: torch.Tensor, w_scales: torch.Tensor, k: int) -> tuple[int, int]:
+    """``(n_groups, group_len)`` of packed weights for ``k`` inputs."""
+    if w_packed.dtype != torch.int32 or w_packed.dim() != 2:
+        raise TypeError(f"w_packed must be 2-D int32 (N, K / 8), got {w_packed.dtype} {tuple(w_packed.shape)}")
+    if w_packed.shape[1] * 8 != k:
+        raise ValueError(f"w_packed holds {w_packed.shape[1] * 8} inputs per row but the activations have K={k}")
+    n = w_packed.shape[0]
+    scales = w_scales.reshape(n, -1) if w_scales.numel() % max(n, 1) == 0 else None
+    if w_scales.dtype != torch.float32 or scales is None or k % scales.shape[1]:
+        raise ValueError(
+            f"w_scales must be fp32 (N,) or (N, G) with G dividing K={k}, got {w_scales.dtype} {tuple(w_scales.shape)}"
+        )
+    return scales.shape[1], k // scales.shape[1]
+
+
+def _tiles(m: int, n: int, k: int, int8: bool) -> tuple[int, int, int]:
+    """One tile config per shape (the interpreter cannot autotune): big tiles for big problems."""
+    if interpreting():
+        return 64, 64, 64
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    return block_m, 128 if n >= 128 else 64, 128 if int8 else 64
+
+
+def _offset_flag(name: str, offset: float) -> bool:
+    if offset not in (0.0, 0.5):
+        raise ValueError(
+            f"{name}={offset} is not supported; the int4 GEMM takes grid offsets 0 (integer) or 0.5 (mid-rise)"
+        )
+    return offset == 0.5
+
+
+def w4a4_matmul(
+    x_codes: torch.Tensor,
+    x_scales: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    *,
+    x_offset: float = 0.0,
+    w_offset: float = 0.0,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``((Xc + x_offset) * s_x) @ ((Wc + w_offset) * s_w).T`` on int4 codes.
+
+    Args:
+        x_codes: int8 ``(M, K)`` in ``[-8, 7]``; x_scales: fp32 ``(M,)`` or ``(M, 1)`` per token.
+        w_packed: int32 ``(N, K / 8)``; w_scales: fp32 ``(N,)``/``(N, 1)`` per channel or ``(N, G)``
+            per group (group = K / G, a multiple of 16).
+        x_offset, w_offset: ``0`` (integer grid) or ``0.5`` (mid-rise grid).
+    Returns ``(M, N)`` in ``out_dtype``.
+    """
+    if x_codes.dtype != torch.int8 or x_codes.dim() != 2:
+        raise TypeError(f"x_codes must be 2-D int8 (M, K), got {x_codes.dtype} {tuple(x_codes.shape)}")
+    m, k = x_codes.shape
+    n = w_packed.shape[0]
+    n_groups, group_len = _check_packed(w_packed, w_scales, k)
+    if x_scales.dtype != torch.float32 or x_scales.numel() != m:
+        raise ValueError(f"x_scales must be fp32 with one scale per row (M={m}), got {tuple(x_scales.shape)}")
+    grouped = n_groups > 1
+    if grouped and group_len % 16:
+        raise ValueError(
+            f"per-group weight scales need a group of at least 16 inputs (multiple of 16), got {group_len}"
+        )
+    check_device(x_codes, x_scales, w_packed, w_scales)
+    a_double, b_double = _offset_flag("x_offset", x_offset), _offset_flag("w_offset", w_offset)
+    x_codes = x_codes.contiguous()
+    out = torch.empty(m, n, dtype=out_dtype, device=x_codes.device)
+    if m == 0 or n == 0:
+        return out
+    block_m, block_n, block_k = _tiles(m, n, k, int8=True)
+    if grouped:
+        block_k = group_len
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _w4a4_matmul_kernel[grid](
+        x_codes,
+        x_scales.contiguous(),
+        w_packed.contiguous(),
+        w_scales.contiguous(),
+        out,
+        m,
+        n,
+        k,
+        x_codes.stride(0),
+        k // 8,
+        out.stride(0),
+        n_groups,
+        A_DOUBLE=a_double,
+        B_DOUBLE=b_double,
+        GROUPED=grouped,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
+    return out
+
+
+def w4a16_matmul(
+    x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, *, w_offset: float = 0.0
+) -> torch.Tensor:
+    """``x @ ((Wc + w_offset) * s_w).T`` with the weights dequantized in registers.
+
+    Args:
+        x: ``(M, K)`` fp16, bf16 or fp32.
+        w_packed: int32 ``(N, K / 8)``; w_scales: fp32 ``(N,)``/``(N, 1)`` per channel or ``(N, G)`` per group.
+        w_offset: ``0`` (integer grid) or ``0.5`` (mid-rise grid).
+    Returns ``(M, N)`` in the dtype of ``x``.
+    """
+    if x.dtype not in _ACTIVATION_DTYPES or x.dim() != 2:
+        raise TypeError(f"x must be 2-D {_ACTIVATION_DTYPES}, got {x.dtype} {tuple(x.shape)}")
+    m, k = x.shape
+    n = w_packed.shape[0]
+    n_groups, group_len = _check_packed(w_packed, w_scales, k)
+    check_device(x, w_packed, w_scales)
+    _offset_flag("w_offset", w_offset)
+    x = x.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    block_m, block_n, block_k = _tiles(m, n, k, int8=False)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _w4a16_matmul_kernel[grid](
+        x,
+        w_packed.contiguous(),
+        w_scales.contiguous(),
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        k // 8,
+        out.stride(0),
+        n_groups,
+        group_len,
+        float(w_offset),
+        DOT_FP32=x.dtype == torch.float32 or interpreting(),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
+    return out

@@ -1,0 +1,225 @@
+"""Triton kernel: fused row quantization (rotate, scale, round) for activations and weights.
+
+One kernel serves :func:`quantize_rows` (int8 codes + fp32 scales, what the int GEMM eats) and
+:func:`fake_quantize` (``Q(x)`` + straight-through mask, what QAT trains through); the torch twins
+are :func:`hf_cage.kernels.reference.quantize_rows` and :func:`~hf_cage.kernels.reference.fake_quantize`.
+
+Layout. ``x`` is viewed as ``(M, K)``. The row is cut into *segments*, the smallest spans that are
+independent for both the rotation and the scale (a group, or a Hadamard block holding several
+groups, or the whole row for per-token scales), one program per ``BLOCK_M`` rows x segment.
+Each segment is walked twice in ``CHUNK``-wide tiles: pass 1 rotates the tile (``tl.dot`` with the
+block-diagonal Hadamard ``kron(I, H)``) and accumulates the group statistic (sum of squares for the
+``mse`` rule, max magnitude for ``absmax``); pass 2 rotates again, rounds, and writes codes and/or
+``Q`` rotated back plus the mask. Recomputing the rotation is cheaper than a round trip to memory.
+
+Numerics follow the twin: fp32 throughout, IEEE division and square root (``div_rn``,
+``sqrt_rn``), round half to even. The group sums run in a different order than torch's, so scales
+may differ from the twin's by an ulp, which can move a value sitting on a rounding boundary by one
+code; the tests check codes against the twin's rounding *of the kernel's own scales*.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .spec import QuantSpec
+from .triton_common import block_diagonal_hadamard, check_device, interpreting, largest_pow2_divisor
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_CHUNK = 128
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@triton.jit
+def _round_half_even(v):
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _rotate(x, had_ptr, cols, CHUNK: tl.constexpr, HADAMARD: tl.constexpr):
+    if HADAMARD:
+        x = tl.dot(x, tl.load(had_ptr + cols[:, None] * CHUNK + cols[None, :]), input_precision="ieee")
+    return x
+
+
+@triton.jit
+def _load_rotated(x_ptr, had_ptr, rows, row_ok, cols, col0, stride_xm, CHUNK: tl.constexpr, HADAMARD: tl.constexpr):
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + (col0 + cols)[None, :], mask=row_ok[:, None], other=0.0)
+    return _rotate(x.to(tl.float32), had_ptr, cols, CHUNK, HADAMARD)
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr,
+    had_ptr,
+    codes_ptr,
+    scales_ptr,
+    q_ptr,
+    mask_ptr,
+    M,
+    segment,
+    stride_xm,
+    n_scales,
+    alpha,
+    step_divisor,
+    qmin,
+    qmax,
+    tiny,
+    CHUNK: tl.constexpr,
+    GROUPS_PER_CHUNK: tl.constexpr,
+    GROUP_LEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HADAMARD: tl.constexpr,
+    MIDRISE: tl.constexpr,
+    MSE: tl.constexpr,
+    STORE_CODES: tl.constexpr,
+    STORE_Q: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = tl.arange(0, CHUNK)
+    group_in_chunk = tl.arange(0, GROUPS_PER_CHUNK)
+    seg_start = seg * segment
+
+    # Pass 1: group statistic -> clip and step, (BLOCK_M, GROUPS_PER_CHUNK).
+    stat = tl.zeros((BLOCK_M, GROUPS_PER_CHUNK), dtype=tl.float32)
+    for c in range(0, segment, CHUNK):
+        x = _load_rotated(x_ptr, had_ptr, rows, row_ok, cols, seg_start + c, stride_xm, CHUNK, HADAMARD)
+        xg = tl.reshape(x, (BLOCK_M, GROUPS_PER_CHUNK, CHUNK // GROUPS_PER_CHUNK))
+        if MSE:
+            stat += tl.sum(xg * xg, axis=2)
+        else:
+            stat = tl.maximum(stat, tl.max(tl.abs(xg), axis=2))
+    if MSE:
+        clip = alpha * tl.sqrt_rn(tl.div_rn(stat, tl.full((BLOCK_M, GROUPS_PER_CHUNK), GROUP_LEN, tl.float32)))
+    else:
+        clip = stat
+    step = tl.maximum(tl.div_rn(clip, step_divisor), tiny)
+    clip = tl.maximum(clip, tiny)
+    scale_cols = seg * GROUPS_PER_CHUNK + group_in_chunk
+    tl.store(scales_ptr + rows[:, None] * n_scales + scale_cols[None, :], step, mask=row_ok[:, None])
+
+    # Pass 2: round, write codes and/or Q (rotated back) and the trust mask.
+    step3 = step[:, :, None]
+    clip3 = clip[:, :, None]
+    for c in range(0, segment, CHUNK):
+        x = _load_rotated(x_ptr, had_ptr, rows, row_ok, cols, seg_start + c, stride_xm, CHUNK, HADAMARD)
+        xg = tl.reshape(x, (BLOCK_M, GROUPS_PER_CHUNK, CHUNK // GROUPS_PER_CHUNK))
+        if MIDRISE:
+            code = _round_half_even(tl.div_rn(tl.minimum(tl.maximum(xg, -clip3), clip3), step3) + 0.5) - 1.0
+            value = (code + 0.5) * step3
+        else:
+            code = _round_half_even(tl.minimum(tl.maximum(tl.div_rn(xg, step3), qmin), qmax))
+            value = code * step3
+        offs = rows[:, None] * stride_xm + (seg_start + c + cols)[None, :]
+        if STORE_CODES:
+            tl.store(codes_ptr + offs, tl.reshape(code, (BLOCK_M, CHUNK)).to(tl.int8), mask=row_ok[:, None])
+        if STORE_Q:
+            trusted = tl.abs(value - xg) <= step3 * 0.5
+            tl.store(mask_ptr + offs, tl.reshape(trusted, (BLOCK_M, CHUNK)).to(tl.int8), mask=row_ok[:, None])
+            q = tl.reshape(value, (BLOCK_M, CHUNK))
+            q = _rotate(q, had_ptr, cols, CHUNK, HADAMARD)
+            tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _layout(k: int, spec: QuantSpec) -> tuple[int, int, int, int]:
+    """``(segment, chunk, groups_per_chunk, group_len)`` for rows of ``k`` inputs."""
+    group = spec.group_size or k
+    block = spec.hadamard_block or 1
+    if k % group or k % block:
+        raise ValueError(f"last dimension {k} must be a multiple of group_size={group} and hadamard_block={block}")
+    segment = max(group, block)
+    chunk = largest_pow2_divisor(segment, _MAX_CHUNK)
+    if chunk < block:
+        raise ValueError(f"hadamard_block={block} is wider than {_MAX_CHUNK}; the Triton kernel rotates up to 128")
+    if spec.hadamard_block and chunk < 16:
+        raise ValueError(f"hadamard_block={block} with {k} inputs gives a {chunk}-wide tile; tl.dot needs >= 16")
+    groups_per_chunk = chunk // group if group < chunk else 1
+    return segment, chunk, groups_per_chunk, group
+
+
+def quantize(
+    x: torch.Tensor, spec: QuantSpec, *, codes: bool = True, fake: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the fused quantizer on ``x`` ``(..., K)``.
+
+    Returns ``(codes, scales, q, mask)``: codes int8 ``(..., K)`` in the rotated basis (None unless
+    ``codes``), scales fp32 ``(..., K // group)`` (the grid step), ``q`` in the dtype and basis of
+    ``x`` and the bool trust mask in the rotated basis (both None unless ``fake``).
+    """
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"the Triton quantizer takes {_FLOAT_DTYPES} inputs, got {x.dtype}")
+    check_device(x)
+    k = x.shape[-1]
+    segment, chunk, groups_per_chunk, group = _layout(k, spec)
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    n_scales = k // group
+    scales = torch.empty(m, n_scales, dtype=torch.float32, device=x.device)
+    codes_out = torch.empty(m, k, dtype=torch.int8, device=x.device) if codes else None
+    q = torch.empty_like(x2) if fake else None
+    mask = torch.empty(m, k, dtype=torch.int8, device=x.device) if fake else None
+    had = (
+        block_diagonal_hadamard(chunk, spec.hadamard_block, x.device)
+        if spec.hadamard_block
+        else torch.empty(1, device=x.device)
+    )
+    if spec.grid == "integer" and spec.scale_rule == "absmax":
+        step_divisor = float(spec.qmax)
+    else:
+        step_divisor = (2**spec.bits - 1) / 2.0
+    block_m = 64 if interpreting() else 16
+    grid = (triton.cdiv(m, block_m), k // segment)
+    if m:
+        _quantize_kernel[grid](
+            x2,
+            had,
+            codes_out if codes else scales,
+            scales,
+            q if fake else scales,
+            mask if fake else scales,
+            m,
+            segment,
+            x2.stride(0),
+            n_scales,
+            spec.clip_alpha,
+            step_divisor,
+            float(spec.qmin),
+            float(spec.qmax),
+            _TINY,
+            CHUNK=chunk,
+            GROUPS_PER_CHUNK=groups_per_chunk,
+            GROUP_LEN=group,
+            BLOCK_M=block_m,
+            HADAMARD=bool(spec.hadamard_block),
+            MIDRISE=spec.grid == "midrise",
+            MSE=spec.scale_rule == "mse",
+            STORE_CODES=codes,
+            STORE_Q=fake,
+        )
+    lead = x.shape[:-1]
+    return (
+        codes_out.reshape(x.shape) if codes else None,
+        scales.reshape(*lead, n_scales),
+        q.reshape(x.shape) if fake else None,
+        mask.view(torch.bool).reshape(x.shape) if fake else None,
+    )
+
+
+def quantize_rows(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int8 codes, fp32 scales)``, the Triton twin of :func:`hf_cage.kernels.reference.quantize_rows`."""
+    codes, scales, _, _ = quantize(x, spec, codes=True, fake=False)
+    return codes, scales
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q(x), mask)``, the Triton twin of :func:`hf_cage.kernels.reference.fake_quantize`."""
+    _, _, q, mask = quantize(x, spec, codes=False, fake=True)
+    return q, mask
