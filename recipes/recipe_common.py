@@ -22,6 +22,11 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 METHODS = ("bf16", "ste", "cage")
+# Preset keys that describe a model trained from scratch; fine-tuning takes the shape from its checkpoint.
+MODEL_SHAPE_KEYS = frozenset(
+    {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"}
+    | {"head_dim", "tie_word_embeddings", "rope_theta", "vocab_size"}
+)
 # Short flags the issue promises, spelled as CAGEConfig's prefixed fields.
 FLAG_ALIASES = {"--w_bits": "quant_w_bits", "--a_bits": "quant_a_bits", "--quantizer": "quant_quantizer"}
 

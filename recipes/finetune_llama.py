@@ -1,0 +1,208 @@
+"""QAT fine-tuning of an existing (BF16 / full-precision) Llama checkpoint with STE or CAGE, full or with LoRA.
+
+Fine-tune a BF16 pretraining run's output to W4A4 with CAGE, every weight trainable:
+
+    python recipes/pretrain_llama.py --config tiny --method bf16 --output_dir outputs/tiny-bf16
+    python recipes/finetune_llama.py --config tiny --model_name_or_path outputs/tiny-bf16 --method cage \\
+        --max_steps 200 --output_dir outputs/tiny-ft-cage
+
+LoRA adapters on the quantized model (the quantized base is frozen, only the adapters train), then merge
+them into the weights and re-quantize, reporting the loss before and after merging:
+
+    python recipes/finetune_llama.py --config tiny --model_name_or_path outputs/tiny-bf16 --method ste \\
+        --lora --lora_r 16 --merge --output_dir outputs/tiny-ft-lora
+
+Multi-process runs work as for pretraining (``accelerate launch --multi_gpu --num_processes 2 ...``; note
+``accelerate launch --cpu --num_processes 2`` silently starts ONE process).
+
+LoRA here is peft's own: ``QATLinear`` is an ``nn.Linear`` subclass, so peft's default LoRA ``Linear``
+wraps it; the layer computes ``QATLinear(x) + B A x * alpha / r``, i.e. the frozen base is quantized
+(weights and input activations) and the adapter path stays in full precision. The correction of
+``--method cage`` acts on trainable quantized weights, so with ``--lora`` (frozen base) it has nothing
+to correct and the run equals ``--method ste``: use full fine-tuning for CAGE. ``--merge`` folds
+``B A * alpha / r`` into the base weight; the merged layer quantizes the new weight in every forward,
+so merging changes the model (full-precision adapter -> quantized weight) and ``metrics.json``
+reports ``eval_loss_unmerged``, ``eval_loss_merged`` and their difference.
+
+Outputs in ``--output_dir``: the fine-tuned model (full fine-tuning; reload with
+``hf_cage.load_qat_model``) or peft's ``adapter_model.safetensors`` + ``adapter_config.json`` (LoRA)
+and ``hf_cage_quant_config.json``; ``merged/`` with ``--merge``; the tokenizer; ``metrics.json`` (also
+``eval_loss_start``: the checkpoint quantized, before fine-tuning), ``log_history.json``,
+``loss_curve.png``. Reload LoRA adapters onto their quantized base with peft::
+
+    base = AutoModelForCausalLM.from_pretrained(BASE_DIR, dtype=torch.float32)
+    config = hf_cage.QuantConfig.from_dict(json.loads(Path(OUT, "hf_cage_quant_config.json").read_text()))
+    model = PeftModel.from_pretrained(hf_cage.quantize_model(base, config), OUT)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recipe_common import (
+    MODEL_SHAPE_KEYS,
+    DataArguments,
+    RecipeArguments,
+    RecipeInputError,
+    Stopwatch,
+    evaluate_loss,
+    load_tokenizer,
+    make_trainer,
+    parse_arguments,
+    perplexity,
+    prepare_training_args,
+    preset_name,
+    run_metrics,
+    text_files,
+    token_blocks,
+    write_outputs,
+)
+
+QUANT_CONFIG_FILE = "hf_cage_quant_config.json"
+
+
+@dataclass
+class FinetuneArguments:
+    """Which checkpoint to start from and whether to train LoRA adapters instead of every weight."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Checkpoint folder to fine-tune (e.g. the output_dir of pretrain_llama.py --method bf16)."},
+    )
+    lora: bool = field(default=False, metadata={"help": "Train peft LoRA adapters on the frozen quantized model."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scale numerator (the scale is alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules given adapters (default: the seven linears of every block)."}
+    )
+    merge: bool = field(
+        default=False, metadata={"help": "With --lora: merge the adapters into the weights, re-quantize, evaluate."}
+    )
+
+    def __post_init__(self):
+        if self.model_name_or_path is None:
+            raise RecipeInputError("pass --model_name_or_path: the checkpoint folder to fine-tune")
+        if self.merge and not self.lora:
+            raise RecipeInputError("--merge needs --lora (full fine-tuning has no adapters to merge)")
+        if self.lora_r < 1:
+            raise RecipeInputError(f"--lora_r {self.lora_r} must be at least 1")
+
+
+def check_checkpoint(path: str) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise RecipeInputError(
+            f"--model_name_or_path {path}: no config.json there; pass a folder written by save_pretrained "
+            "(e.g. the output_dir of pretrain_llama.py --method bf16)"
+        )
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, fine-tune, evaluate, write outputs; returns 0, or 2 after a one-line error on bad input."""
+    try:
+        return _run(argv)
+    except (RecipeInputError, FileNotFoundError) as err:
+        print(f"finetune_llama.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str] | None) -> int:
+    clock = Stopwatch()
+    from hf_cage import CAGEConfig
+
+    ft_args, data_args, recipe_args, training_args = parse_arguments(
+        (FinetuneArguments, DataArguments, RecipeArguments, CAGEConfig), argv, yaml_ignore=MODEL_SHAPE_KEYS
+    )
+    checkpoint = check_checkpoint(ft_args.model_name_or_path)
+    method = recipe_args.method
+    prepare_training_args(training_args, recipe_args, f"outputs/finetune-{method}{'-lora' if ft_args.lora else ''}")
+
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    import hf_cage
+
+    with training_args.main_process_first(desc="data preparation"):
+        files = text_files(data_args)
+        tokenizer = load_tokenizer(data_args, files[0], model_dir=str(checkpoint))
+        train_dataset, eval_dataset = token_blocks(files, tokenizer, data_args)
+
+    set_seed(training_args.seed)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    if len(tokenizer) > model.config.vocab_size:
+        raise RecipeInputError(
+            f"the tokenizer has {len(tokenizer)} tokens but {checkpoint} was trained with vocab_size "
+            f"{model.config.vocab_size}; use the tokenizer saved with the checkpoint"
+        )
+    quant_config = None
+    if method != "bf16":
+        quant_config = training_args.quant_config()
+        hf_cage.quantize_model(model, quant_config)
+    eval_loss_start = evaluate_loss(model, training_args, eval_dataset)
+
+    if ft_args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        from hf_cage.quant import LLAMA_TARGET_MODULES
+
+        lora_config = LoraConfig(
+            r=ft_args.lora_r,
+            lora_alpha=ft_args.lora_alpha,
+            lora_dropout=ft_args.lora_dropout,
+            target_modules=list(ft_args.lora_target_modules or LLAMA_TARGET_MODULES),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainer = make_trainer(method, model, training_args, train_dataset, eval_dataset)
+    trainer.train()
+    eval_loss = float(trainer.evaluate()["eval_loss"])
+
+    out = Path(training_args.output_dir)
+    if recipe_args.save_model:
+        trainer.save_model(str(out))
+    merged_losses = {}
+    if ft_args.merge:
+        merged = trainer.model.merge_and_unload()
+        merged_loss = evaluate_loss(merged, training_args, eval_dataset)
+        merged_losses = {
+            "eval_loss_unmerged": eval_loss,
+            "eval_loss_merged": merged_loss,
+            "merge_loss_change": merged_loss - eval_loss,
+            "eval_perplexity_merged": perplexity(merged_loss),
+        }
+        if recipe_args.save_model and trainer.is_world_process_zero():
+            merged.save_pretrained(out / "merged")
+            tokenizer.save_pretrained(out / "merged")
+
+    if trainer.is_world_process_zero():
+        if recipe_args.save_model:
+            tokenizer.save_pretrained(out)
+            if quant_config is not None and ft_args.lora:
+                (out / QUANT_CONFIG_FILE).write_text(json.dumps(quant_config.to_dict(), indent=2) + "\n")
+        metrics = run_metrics(
+            method, trainer, eval_loss, data_args.block_size, clock.seconds(), preset_name(recipe_args.config)
+        )
+        metrics.update(
+            base_model=str(checkpoint),
+            eval_loss_start=eval_loss_start,
+            lora=ft_args.lora,
+            lora_r=ft_args.lora_r if ft_args.lora else None,
+            trainable_parameters=trainable,
+            **merged_losses,
+        )
+        write_outputs(str(out), metrics, trainer.state.log_history, recipe_args.plot)
+        line = f"{method}{' + LoRA' if ft_args.lora else ''}: eval_loss {eval_loss_start:.4f} -> {eval_loss:.4f}"
+        if merged_losses:
+            line += f", merged and re-quantized {merged_losses['eval_loss_merged']:.4f}"
+        print(f"{line} after {metrics['steps']} steps; outputs in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
