@@ -6,7 +6,9 @@ import argparse
 import sys
 
 # name -> (module, help); each module has ``add_parser(subparsers)`` and ``run(args) -> int``.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {}
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("hf_cage.cli.export", "pack a trained QAT checkpoint into a 4-bit checkpoint and push it to the Hub"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

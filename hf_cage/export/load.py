@@ -1,0 +1,107 @@
+"""``load_quantized``: load an hf-cage export (either format) into packed ``Int4Linear`` layers.
+
+The model is built from ``config.json`` without transformers' quantizer, every linear that has a
+``weight_packed`` tensor becomes an :class:`~hf_cage.Int4Linear` with the weight and activation grids
+of the saved :class:`~hf_cage.QuantConfig`, and the tensors are loaded as stored. Its forward
+therefore equals the QAT model's, activation quantization included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..layers.int4_linear import Int4Linear
+from ..qat import CONFIG_KEY
+from ..quant.config import QuantConfig
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single = path / "model.safetensors"
+    if single.is_file():
+        return load_file(single)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state = {}
+        for shard in shards:
+            state.update(load_file(path / shard))
+        return state
+    raise FileNotFoundError(f"{str(path)!r} has no model.safetensors; pass a directory written by `hf-cage export`")
+
+
+def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", device: str | None = None) -> nn.Module:
+    """Load an export written by ``hf-cage export`` / :func:`hf_cage.export_model`.
+
+    Args:
+        path: the export directory (e.g. from ``huggingface_hub.snapshot_download``).
+        dtype: dtype of the dense parameters; ``"auto"`` uses the export's ``dtype``.
+        device: where to put the model (default: CPU).
+    Returns:
+        A causal LM in eval mode whose quantized linears are ``Int4Linear``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json; pass a directory written by `hf-cage export`")
+    config = AutoConfig.from_pretrained(path)
+    data = getattr(config, CONFIG_KEY, None)
+    if data is None:
+        raise ValueError(
+            f"{str(path)!r} is not an hf-cage export (config.json has no {CONFIG_KEY!r}); "
+            "load compressed-tensors checkpoints from other tools with transformers.AutoModelForCausalLM"
+        )
+    quant_config = QuantConfig.from_dict(data)
+    if quant_config.w_bits != 4:
+        raise ValueError(
+            f"load_quantized holds 4-bit weights (Int4Linear); this export has w_bits={quant_config.w_bits}: "
+            "load it with transformers.AutoModelForCausalLM.from_pretrained"
+        )
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # build the dense skeleton; the packed layers are ours
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    state = _read_state_dict(path)
+    for key in [k for k in state if k.endswith(".weight_packed")]:
+        name = key[: -len(".weight_packed")]
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{name} holds packed weights but is a {type(linear).__name__}, not a Linear")
+        shape = state.pop(f"{name}.weight_shape", None)
+        if shape is not None and shape.tolist() != [linear.out_features, linear.in_features]:
+            raise ValueError(f"{name}: weight_shape {shape.tolist()} does not match the model config")
+        layer = Int4Linear(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            quant_config.weight_spec(linear.in_features),
+            quant_config.activation_spec(linear.in_features),
+            dtype=dtype,
+        )
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = (
+        set(getattr(model, "_tied_weights_keys", None) or [])
+        if getattr(config, "tie_word_embeddings", False)
+        else set()
+    )
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(
+            f"{str(path)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    if tied:
+        model.tie_weights()
+    return model.to(device).eval() if device else model.eval()
