@@ -16,7 +16,8 @@ class Int4Linear(nn.Module):
     Buffers: ``weight_packed`` int32 ``(out, in / 8)`` (compressed-tensors layout, codes in the
     rotated basis when ``weight_spec.hadamard_block`` is set) and ``weight_scale`` fp32
     ``(out, in / group)``. Inputs are quantized per token with ``activation_spec`` when given, so
-    the output equals the QAT layer's forward.
+    the output equals the QAT layer's forward. On the Triton backend the forward multiplies the
+    packed words directly (W4A4 GEMM for 4-bit activations, W4A16 otherwise).
     """
 
     def __init__(
@@ -37,7 +38,9 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_spec, self.activation_spec = weight_spec, activation_spec
         groups = in_features // (weight_spec.group_size or in_features)
-        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer(
+            "weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device)
+        )
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
@@ -65,9 +68,37 @@ class Int4Linear(nn.Module):
         return kernels.dequantize_rows(codes, self.weight_scale, self.weight_spec, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.backend_for(x, self.weight_packed) == "triton":
+            return self._forward_packed(x)
         if self.activation_spec is not None:
             x = kernels.fake_quantize(x, self.activation_spec)[0]
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """Triton path: the GEMM reads ``weight_packed`` directly (W4A4 for 4-bit activations, else W4A16)."""
+        a_spec, w_spec = self.activation_spec, self.weight_spec
+        x2 = x.reshape(-1, self.in_features)
+        if a_spec is not None and a_spec.bits == 4 and a_spec.hadamard_block == w_spec.hadamard_block:
+            codes, scales = kernels.quantize_rows(x2, a_spec)
+            out = kernels.w4a4_matmul(
+                codes,
+                scales,
+                self.weight_packed,
+                self.weight_scale,
+                x_offset=a_spec.code_offset,
+                w_offset=w_spec.code_offset,
+                out_dtype=x.dtype,
+            )
+        else:
+            if a_spec is not None:
+                x2 = kernels.fake_quantize(x2, a_spec)[0]
+            if w_spec.hadamard_block:
+                # The codes live in the rotated basis: x @ (Wr H).T = (x H) @ Wr.T, H symmetric.
+                x2 = kernels.hadamard_rotate(x2.float(), w_spec.hadamard_block).to(x.dtype)
+            out = kernels.w4a16_matmul(x2, self.weight_packed, self.weight_scale, w_offset=w_spec.code_offset)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         a_bits = self.activation_spec.bits if self.activation_spec else None

@@ -7,12 +7,68 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels.spec import QuantSpec
 from ..quant.config import QuantConfig
 from ..quant.ste import fake_quantize_ste
 
 
+def _straight_through(grad: torch.Tensor, mask: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The STE backward of :class:`hf_cage.quant.ste.FakeQuantSTE`: mask the gradient in the rotated basis."""
+    if spec.hadamard_block:
+        rotated = kernels.hadamard_rotate(grad.float(), spec.hadamard_block) * mask
+        return kernels.hadamard_rotate(rotated, spec.hadamard_block).to(grad.dtype)
+    return grad * mask
+
+
+class _W4A4LinearSTE(torch.autograd.Function):
+    """``Qa(x) @ Qw(W).T + b`` on the int4 GEMM, with the straight-through backward of the torch path.
+
+    Forward: one fused quantizer pass per operand gives codes + scales (for the GEMM) and ``Q`` +
+    mask (kept for backward); the weight codes are packed and multiplied by the W4A4 kernel.
+    Backward: ordinary matmuls on ``Q(W)`` and ``Q(x)``, masked like :func:`fake_quantize_ste`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_spec: QuantSpec, activation_spec: QuantSpec):
+        x2 = x.reshape(-1, x.shape[-1])
+        x_codes, x_scales, x_q, x_mask = kernels.quantize_with_codes(x2, activation_spec)
+        w_codes, w_scales, w_q, w_mask = kernels.quantize_with_codes(weight, weight_spec)
+        out = kernels.w4a4_matmul(
+            x_codes,
+            x_scales,
+            kernels.pack_int4(w_codes),
+            w_scales,
+            x_offset=activation_spec.code_offset,
+            w_offset=weight_spec.code_offset,
+            out_dtype=x.dtype,
+        )
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(x_q, x_mask, w_q, w_mask)
+        ctx.specs = (weight_spec, activation_spec)
+        ctx.has_bias = bias is not None
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_q, x_mask, w_q, w_mask = ctx.saved_tensors
+        weight_spec, activation_spec = ctx.specs
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _straight_through(g @ w_q, x_mask, activation_spec).reshape(*grad.shape[:-1], -1)
+        if ctx.needs_input_grad[1]:
+            grad_w = _straight_through(g.T @ x_q, w_mask, weight_spec)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
 class QATLinear(nn.Linear):
     """An ``nn.Linear`` whose forward is ``F.linear(Qa(x), Qw(W), b)`` with straight-through gradients.
+
+    On the Triton backend (CUDA, or ``HF_CAGE_BACKEND=triton``) the quantizers are the fused Triton
+    kernels, and W4A4 layers multiply int4 codes on the W4A4 GEMM instead of ``F.linear``.
 
     The full-precision ``weight`` stays the trained parameter; ``Qw`` is recomputed every forward.
     ``weight_spec`` / ``activation_spec`` are the grids (see :class:`hf_cage.kernels.QuantSpec`).
@@ -55,7 +111,21 @@ class QATLinear(nn.Linear):
         """``Qw(weight)`` (default: this layer's weight) in the weight's basis and dtype, without autograd."""
         return kernels.fake_quantize(self.weight if weight is None else weight, self.weight_spec)[0]
 
+    def uses_int4_matmul(self, x: torch.Tensor) -> bool:
+        """True when the forward runs on the W4A4 Triton GEMM: 4-bit weights and activations on the Triton backend."""
+        a_spec, w_spec = self.activation_spec, self.weight_spec
+        return (
+            a_spec is not None
+            and a_spec.bits == 4
+            and w_spec.bits == 4
+            and a_spec.hadamard_block == w_spec.hadamard_block
+            and self.in_features % 8 == 0
+            and kernels.backend_for(x, self.weight) == "triton"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_int4_matmul(x):
+            return _W4A4LinearSTE.apply(x, self.weight, self.bias, self.weight_spec, self.activation_spec)
         x = fake_quantize_ste(x, self.activation_spec)
         return F.linear(x, fake_quantize_ste(self.weight, self.weight_spec), self.bias)
 
