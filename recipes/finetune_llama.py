@@ -116,7 +116,10 @@ def _run(argv: list[str] | None) -> int:
     from hf_cage import CAGEConfig
 
     ft_args, data_args, recipe_args, training_args = parse_arguments(
-        (FinetuneArguments, DataArguments, RecipeArguments, CAGEConfig), argv, yaml_ignore=MODEL_SHAPE_KEYS
+        (FinetuneArguments, DataArguments, RecipeArguments, CAGEConfig),
+        argv,
+        yaml_ignore=MODEL_SHAPE_KEYS,
+        description=__doc__,
     )
     checkpoint = check_checkpoint(ft_args.model_name_or_path)
     method = recipe_args.method

@@ -88,6 +88,13 @@ class ModelArguments:
         )
 
 
+def argument_types() -> tuple:
+    """The dataclasses this script's flags fill, in order: model shape, data, recipe, ``CAGEConfig``."""
+    from hf_cage import CAGEConfig
+
+    return ModelArguments, DataArguments, RecipeArguments, CAGEConfig
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, train, evaluate, write outputs; returns 0, or 2 after a one-line error on bad input."""
     try:
@@ -99,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     clock = Stopwatch()
-    from hf_cage import CAGEConfig
-
-    model_args, data_args, recipe_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, RecipeArguments, CAGEConfig), argv
-    )
+    model_args, data_args, recipe_args, training_args = parse_arguments(argument_types(), argv, description=__doc__)
     preset = preset_name(recipe_args.config)
     prepare_training_args(training_args, recipe_args, f"outputs/{preset or 'run'}-{recipe_args.method}")
 

@@ -135,15 +135,22 @@ def _yaml_to_argv(path: Path, known: set[str], ignore: set[str]) -> list[str]:
     return argv
 
 
-def parse_arguments(dataclass_types: tuple, argv: list[str] | None, yaml_ignore: set[str] = frozenset()):
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the script docstring's launch commands as written."""
+
+
+def parse_arguments(
+    dataclass_types: tuple, argv: list[str] | None, yaml_ignore: set[str] = frozenset(), description: str | None = None
+):
     """Parse ``argv`` (default ``sys.argv[1:]``) into instances of ``dataclass_types``, YAML first, flags last.
 
-    ``yaml_ignore`` names YAML keys this script does not use (the model shape, for fine-tuning).
+    ``yaml_ignore`` names YAML keys this script does not use (the model shape, for fine-tuning);
+    ``description`` heads ``--help`` (the script's docstring).
     """
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=_HelpFormatter)
     for alias, dest in FLAG_ALIASES.items():
         action = next((a for a in parser._actions if a.dest == dest), None)
         if action is not None:
