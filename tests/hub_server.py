@@ -5,7 +5,8 @@ Endpoints (what huggingface_hub 2.4 calls, with ``HF_HUB_DISABLE_XET=1``):
 ``POST /api/models/{ns}/{name}/preupload/{rev}`` (every file "regular"), ``POST
 /api/models/{ns}/{name}/commit/{rev}`` (NDJSON, files inline base64) and ``GET .../tree/{rev}``.
 Every request is recorded with its ``Authorization`` header; uploaded files are kept in ``files``.
-Set ``fail_on`` to an endpoint name (``"create"``, ``"commit"``, ...) to make it answer HTTP 500.
+Set ``fail_on`` to an endpoint name (``"create"``, ``"commit"``, ...) to make it answer ``fail_status`` (500;
+huggingface_hub retries some endpoints on 5xx with backoff, so use a 4xx for those).
 
 Run standalone for manual tries: ``python tests/hub_server.py`` prints its URL.
 """
@@ -47,8 +48,9 @@ class HubServer:
         self.files: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, revision) -> path -> bytes
         self.commits: list[dict] = []
         self.fail_on: str | None = None
+        self.fail_status = 500
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def url(self) -> str:
@@ -100,7 +102,7 @@ class HubServer:
                 if name is None:
                     return self._reply(404, {"error": f"no route for {method} {path}"})
                 if hub.fail_on == name:
-                    return self._reply(500, {"error": f"internal error in {name}"})
+                    return self._reply(hub.fail_status, {"error": f"server refused {name}"})
                 return getattr(self, f"_on_{name}")(body, **match.groupdict())
 
             def _on_create(self, body: bytes):

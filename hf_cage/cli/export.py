@@ -97,9 +97,12 @@ def _fail(message: str, code: int) -> int:
 def run(args: argparse.Namespace) -> int:
     from ..export import CardOptions, ExportError, PushError, TrainingInfo, export_model, load_checkpoint
     from ..export.api import check_output_dir
+    from ..export.formats import check_format
     from ..export.hub import push_folder, resolve_token
+    from ..export.source import check_checkpoint_dir
 
     token = None
+    format_options = dict(weights_only=args.weights_only, allow_lossy=args.allow_lossy)
     try:
         if args.push_to_hub:
             token = resolve_token(args.token)
@@ -108,7 +111,9 @@ def run(args: argparse.Namespace) -> int:
                     "--push-to-hub needs a Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`"
                 )
         check_output_dir(args.output_dir, args.overwrite)
-        model = load_checkpoint(args.checkpoint)
+        # Refuse what the format cannot hold before loading any weights.
+        check_format(check_checkpoint_dir(args.checkpoint), args.format, **format_options)
+        model = load_checkpoint(args.checkpoint, progress=not args.no_progress)
         options = CardOptions(
             repo_id=args.push_to_hub,
             base_model=args.base_model,
@@ -120,8 +125,7 @@ def run(args: argparse.Namespace) -> int:
             model,
             args.output_dir,
             format=args.format,
-            weights_only=args.weights_only,
-            allow_lossy=args.allow_lossy,
+            **format_options,
             dtype=args.dtype,
             overwrite=args.overwrite,
             training=TrainingInfo.from_dir(args.checkpoint),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..qat import CONFIG_KEY
+from ..quant.config import QuantConfig
 from .errors import ExportError
 
 WEIGHT_FILES = (
@@ -79,8 +80,8 @@ def _first_json(places: list[Path], name: str):
     return None
 
 
-def check_checkpoint_dir(path: str | os.PathLike) -> dict:
-    """Validate a QAT checkpoint directory without loading weights; returns its ``config.json`` as a dict.
+def check_checkpoint_dir(path: str | os.PathLike) -> QuantConfig:
+    """Validate a QAT checkpoint directory without loading weights; returns its :class:`~hf_cage.QuantConfig`.
 
     Raises:
         ExportError: the directory, its ``config.json``, its weights or its hf-cage config is missing
@@ -103,20 +104,31 @@ def check_checkpoint_dir(path: str | os.PathLike) -> dict:
             f"{str(path)!r} has no quantized layers (config.json has no {CONFIG_KEY!r}); "
             "export needs a model quantized with hf_cage.quantize_model and saved with save_pretrained"
         )
+    try:
+        quant_config = QuantConfig.from_dict(config[CONFIG_KEY])
+    except (TypeError, ValueError) as err:
+        raise ExportError(f"{config_file} has a malformed {CONFIG_KEY!r}: {err}") from None
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         raise ExportError(f"{str(path)!r} has no weights (none of {', '.join(WEIGHT_FILES)})")
-    return config
+    return quant_config
 
 
-def load_checkpoint(path: str | os.PathLike):
+def load_checkpoint(path: str | os.PathLike, progress: bool = True):
     """Load the QAT model saved in ``path`` (fp32, so ``Q(W)`` is computed from exact weights)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from ..qat import load_qat_model
 
     check_checkpoint_dir(path)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         return load_qat_model(path, dtype=torch.float32)
     except Exception as err:  # any loading failure is a malformed checkpoint for the user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
         raise ExportError(f"could not load the checkpoint {str(path)!r}: {reason}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
