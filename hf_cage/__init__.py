@@ -3,6 +3,7 @@
 Public API only; importing this package never imports triton or touches CUDA.
 """
 
+from .export import ExportError, export_model, load_quantized
 from .kernels.spec import QuantSpec
 from .layers import Int4Linear, QATLinear
 from .qat import load_qat_model, quant_config_of, quantize_model, quantized_layers
@@ -11,11 +12,14 @@ from .quant import QuantConfig
 __version__ = "0.1.0"
 
 __all__ = [
+    "ExportError",
     "Int4Linear",
     "QATLinear",
     "QuantConfig",
     "QuantSpec",
+    "export_model",
     "load_qat_model",
+    "load_quantized",
     "quant_config_of",
     "quantize_model",
     "quantized_layers",
