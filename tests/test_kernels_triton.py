@@ -358,3 +358,19 @@ def test_benchmark_dry_run_on_the_triton_backend(capsys):
     assert bench.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "hf-cage backend: triton" in out and "| NO |" not in out
+
+
+def test_qat_linear_w4a4_under_autocast_returns_the_autocast_dtype_like_f_linear():
+    layer = QATLinear.from_linear(nn.Linear(128, 32, device=DEVICE), QAT_CONFIGS["int-group32"])
+    x = randn(4, 128, seed=21).requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = layer(x)
+        use_backend("torch")
+        expected = layer(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    # The interpreter truncates fp32 -> bf16 where a GPU rounds: allow two bf16 ulps of the output.
+    torch.testing.assert_close(
+        out.float(), expected.float(), rtol=2**-6, atol=2**-6 * float(expected.detach().abs().max())
+    )

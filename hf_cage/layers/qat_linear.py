@@ -20,6 +20,13 @@ def _straight_through(grad: torch.Tensor, mask: torch.Tensor, spec: QuantSpec) -
     return grad * mask
 
 
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """What ``F.linear`` would return: the autocast dtype when autocast is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class _W4A4LinearSTE(torch.autograd.Function):
     """``Qa(x) @ Qw(W).T + b`` on the int4 GEMM, with the straight-through backward of the torch path.
 
@@ -40,13 +47,13 @@ class _W4A4LinearSTE(torch.autograd.Function):
             w_scales,
             x_offset=activation_spec.code_offset,
             w_offset=weight_spec.code_offset,
-            out_dtype=x.dtype,
+            out_dtype=_output_dtype(x),
         )
         if bias is not None:
-            out = out + bias
+            out = out + bias.to(out.dtype)
         ctx.save_for_backward(x_q, x_mask, w_q, w_mask)
         ctx.specs = (weight_spec, activation_spec)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -55,12 +62,14 @@ class _W4A4LinearSTE(torch.autograd.Function):
         weight_spec, activation_spec = ctx.specs
         g = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = grad_b = None
+        # Matmuls in the output gradient's dtype (bf16 under autocast, like F.linear's backward there).
         if ctx.needs_input_grad[0]:
-            grad_x = _straight_through(g @ w_q, x_mask, activation_spec).reshape(*grad.shape[:-1], -1)
+            grad_x = _straight_through((g @ w_q.to(g.dtype)).to(x_q.dtype), x_mask, activation_spec)
+            grad_x = grad_x.reshape(*grad.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
-            grad_w = _straight_through(g.T @ x_q, w_mask, weight_spec)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(0)
+            grad_w = _straight_through((g.T @ x_q.to(g.dtype)).to(w_q.dtype), w_mask, weight_spec)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
 
 
