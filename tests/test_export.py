@@ -329,3 +329,24 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(qat_model(**INT_W4), tmp_path / "out", progress=False, log=None)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (5, 64), (2, 3, 128)])
+def test_pack_int4_bytewise_matches_the_kernel_packing(shape):
+    from hf_cage.kernels import pack_int4
+
+    codes = torch.randint(-8, 8, shape, generator=torch.Generator().manual_seed(2), dtype=torch.int8)
+    assert torch.equal(pack_codes(codes, 4), pack_int4(codes))
+    assert torch.equal(unpack_codes(pack_codes(codes, 4), 4), codes)
+    with pytest.raises(ValueError, match="must lie in"):
+        pack_codes(torch.full((1, 8), 8, dtype=torch.int8), 4)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_codes(torch.zeros(1, 12, dtype=torch.int8), 4)
+
+
+def test_public_api_reexports_export():
+    import hf_cage
+    import hf_cage.export
+
+    assert hf_cage.export_model is hf_cage.export.export_model
+    assert hf_cage.load_quantized is hf_cage.export.load_quantized
