@@ -239,6 +239,8 @@ def test_launchers_reject_bad_inputs():
         triton_matmul.w4a4_matmul(random_codes(4, 128, seed=0), x_scales, w_packed, w_scales)
     with pytest.raises(ValueError, match="grid offsets 0"):
         triton_matmul.w4a4_matmul(x_codes, x_scales, w_packed, w_scales, x_offset=0.25)
+    with pytest.raises(ValueError, match="groups of a multiple of 32 inputs, got 16"):
+        triton_matmul.w4a4_matmul(x_codes, x_scales, w_packed, random_scales(8, 4, seed=3))
     with pytest.raises(ValueError, match="w_scales must be fp32"):
         triton_matmul.w4a16_matmul(randn(4, 64), w_packed, w_scales.double())
 

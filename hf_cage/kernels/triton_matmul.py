@@ -160,12 +160,16 @@ def _check_packed(w_packed: torch.Tensor, w_scales: torch.Tensor, k: int) -> tup
     return scales.shape[1], k // scales.shape[1]
 
 
-def _tiles(m: int, n: int, k: int, int8: bool) -> tuple[int, int, int]:
-    """One tile config per shape (the interpreter cannot autotune): big tiles for big problems."""
+def _tiles(m: int, n: int, k: int, int8: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)``: one config per shape (the interpreter cannot autotune).
+
+    Small M (decoding) gets thin M tiles; big problems get 128 x 128 tiles. Not yet tuned on a GPU.
+    """
     if interpreting():
-        return 64, 64, 64
+        return 64, 64, 64, 4
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    return block_m, 128 if n >= 128 else 64, 128 if int8 else 64
+    block_n = 128 if n >= 128 else 64
+    return block_m, block_n, 128 if int8 else 64, 8 if block_m * block_n >= 128 * 128 else 4
 
 
 def _offset_flag(name: str, offset: float) -> bool:
@@ -191,7 +195,7 @@ def w4a4_matmul(
     Args:
         x_codes: int8 ``(M, K)`` in ``[-8, 7]``; x_scales: fp32 ``(M,)`` or ``(M, 1)`` per token.
         w_packed: int32 ``(N, K / 8)``; w_scales: fp32 ``(N,)``/``(N, 1)`` per channel or ``(N, G)``
-            per group (group = K / G, a multiple of 16).
+            per group (group = K / G, a multiple of 32).
         x_offset, w_offset: ``0`` (integer grid) or ``0.5`` (mid-rise grid).
     Returns ``(M, N)`` in ``out_dtype``.
     """
@@ -203,17 +207,16 @@ def w4a4_matmul(
     if x_scales.dtype != torch.float32 or x_scales.numel() != m:
         raise ValueError(f"x_scales must be fp32 with one scale per row (M={m}), got {tuple(x_scales.shape)}")
     grouped = n_groups > 1
-    if grouped and group_len % 16:
-        raise ValueError(
-            f"per-group weight scales need a group of at least 16 inputs (multiple of 16), got {group_len}"
-        )
+    if grouped and group_len % 32:
+        # The K tile is one group, and an int8 tl.dot needs K >= 32 on tensor cores.
+        raise ValueError(f"per-group weight scales need groups of a multiple of 32 inputs, got {group_len}")
     check_device(x_codes, x_scales, w_packed, w_scales)
     a_double, b_double = _offset_flag("x_offset", x_offset), _offset_flag("w_offset", w_offset)
     x_codes = x_codes.contiguous()
     out = torch.empty(m, n, dtype=out_dtype, device=x_codes.device)
     if m == 0 or n == 0:
         return out
-    block_m, block_n, block_k = _tiles(m, n, k, int8=True)
+    block_m, block_n, block_k, num_warps = _tiles(m, n, k, int8=True)
     if grouped:
         block_k = group_len
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
@@ -236,6 +239,7 @@ def w4a4_matmul(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     return out
 
@@ -262,7 +266,7 @@ def w4a16_matmul(
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    block_m, block_n, block_k = _tiles(m, n, k, int8=False)
+    block_m, block_n, block_k, num_warps = _tiles(m, n, k, int8=False)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _w4a16_matmul_kernel[grid](
         x,
@@ -282,5 +286,6 @@ def w4a16_matmul(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        num_warps=num_warps,
     )
     return out
