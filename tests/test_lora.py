@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from hf_cage import QATLinear, QuantConfig, load_qat_model, quantize_model, quantized_layers
+from hf_cage import Int4Linear, QATLinear, QuantConfig, load_qat_model, quantize_model, quantized_layers
 from hf_cage.quant import LLAMA_TARGET_MODULES
 
 peft = pytest.importorskip("peft")
@@ -108,3 +108,52 @@ def test_merging_untrained_adapters_changes_nothing(token_batch):
         before = model(input_ids=token_batch).logits
         after = model.merge_and_unload()(input_ids=token_batch).logits
     torch.testing.assert_close(after, before, atol=0, rtol=0)
+
+
+def int4_model(seed: int = 0):
+    """A tiny Llama whose block linears are packed ``Int4Linear`` layers (what an exported checkpoint loads into)."""
+    model = quantize_model(make_tiny_llama(seed), QuantConfig(w_bits=4, a_bits=4))
+    for name, layer in list(quantized_layers(model)):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, Int4Linear.from_qat_linear(layer))
+    return model
+
+
+def int4_lora_config():
+    from hf_cage.lora import register_int4_lora
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(LLAMA_TARGET_MODULES), task_type="CAUSAL_LM")
+    return register_int4_lora(config)
+
+
+@pytest.mark.filterwarnings("ignore:Unsupported layer type")
+def test_lora_on_int4_linear_trains_saves_loads_and_merges(tmp_path, token_batch):
+    from hf_cage.lora import Int4LoraLinear
+
+    model = peft.get_peft_model(int4_model(), int4_lora_config())
+    wrapped = [m for m in model.modules() if isinstance(m, Int4LoraLinear)]
+    assert len(wrapped) == 2 * len(LLAMA_TARGET_MODULES)
+    packed = {n: b.clone() for n, b in model.named_buffers() if "weight_packed" in n or "weight_scale" in n}
+    train_adapters(model, token_batch)
+    assert all(torch.equal(b, packed[n]) for n, b in model.named_buffers() if n in packed)
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        expected = model(input_ids=token_batch).logits
+
+    model.save_pretrained(tmp_path)
+    reloaded = peft.PeftModel.from_pretrained(int4_model(), tmp_path, config=int4_lora_config()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=token_batch).logits, expected, atol=0, rtol=0)
+
+    layer = wrapped[0]
+    base = layer.get_base_layer()
+    target = base.dequantized_weight() + layer.get_delta_weight("default")
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, Int4LoraLinear) for m in merged.modules())
+    assert sum(isinstance(m, Int4Linear) for m in merged.modules()) == 2 * len(LLAMA_TARGET_MODULES)
+    # The merged codes are the int4 quantization of (dequantized base + adapter delta).
+    requantized = QATLinear.from_linear(torch.nn.Linear(base.in_features, base.out_features, bias=False),
+                                        QuantConfig(w_bits=4, a_bits=4)).weight_quantizer(target)  # fmt: skip
+    torch.testing.assert_close(base.dequantized_weight(), requantized, atol=0, rtol=0)
+    with torch.no_grad():
+        assert torch.isfinite(merged(input_ids=token_batch).logits).all()
