@@ -1,6 +1,6 @@
 """Export time of ``hf_cage.export_model`` against compressed-tensors' own compressor, and size on disk vs bf16.
 
-    python benchmarks/export.py                        # ~110M-parameter Llama, W4A16 group 128, 3 repeats
+    python benchmarks/export.py                        # ~110M-parameter Llama, W4A16 group 128, 5 interleaved repeats
     python benchmarks/export.py --preset tiny --repeats 1
     python benchmarks/export.py --output docs/export_bench.md
 
@@ -16,13 +16,15 @@ One randomly initialised Llama (weights rounded to bf16), quantized with the ``i
 
 Both exports are checked to hold bit-identical ``weight_packed`` / ``weight_scale`` tensors. Sizes are
 the safetensors files; "bf16" is the dense model saved with ``save_pretrained`` in bf16. Timings are
-wall clock (median of ``--repeats``) on whatever CPU runs this, so they move with machine load.
+wall clock (median of ``--repeats``, the exporters taking turns) on whatever CPU runs this, so
+they move with machine load.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="110m", help="model shape (default: 110m)")
     parser.add_argument("--group-size", type=int, default=128, help="weight group size (default: 128)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each exporter (default: 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each exporter (default: 5)")
     parser.add_argument("--output", default=None, help="also write the markdown table to this file")
     return parser.parse_args(argv)
 
@@ -79,15 +81,20 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def timed(fn, repeats: int) -> tuple[float, Path]:
-    times, last = [], None
+def interleaved(runs: dict, repeats: int) -> tuple[dict[str, float], dict[str, Path]]:
+    """Median wall time of each ``fn(out_dir)`` in ``runs``, taking turns so machine load hits all alike."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    outputs: dict[str, Path] = {}
     for _ in range(repeats):
-        out = Path(tempfile.mkdtemp(prefix="hf-cage-bench-")) / "export"
-        start = time.perf_counter()
-        fn(out)
-        times.append(time.perf_counter() - start)
-        last = out
-    return statistics.median(times), last
+        for label, fn in runs.items():
+            out = Path(tempfile.mkdtemp(prefix="hf-cage-bench-")) / "export"
+            start = time.perf_counter()
+            fn(out)
+            times[label].append(time.perf_counter() - start)
+            if label in outputs:
+                shutil.rmtree(outputs[label].parent, ignore_errors=True)
+            outputs[label] = out
+    return {label: statistics.median(t) for label, t in times.items()}, outputs
 
 
 def export_hf_cage(model, out: Path) -> None:
@@ -139,29 +146,48 @@ def main(argv=None) -> int:
     copy.deepcopy(dense).to(torch.bfloat16).save_pretrained(bf16_dir)
     bf16 = folder_bytes(bf16_dir)
 
-    ours_s, ours_dir = timed(lambda out: export_hf_cage(model, out), args.repeats)
-    ct_s, ct_dir = timed(lambda out: export_compressed_tensors(dense, scales, args.group_size, out), args.repeats)
+    layers = list(quantized_layers(model))
+    runs = {
+        "hf-cage": lambda out: export_hf_cage(model, out),
+        "compressed-tensors": lambda out: export_compressed_tensors(dense, scales, args.group_size, out),
+        "quantize_rows": lambda out: [kernels.quantize_rows(layer.weight, layer.weight_spec) for _, layer in layers],
+    }
+    seconds, outputs = interleaved(runs, args.repeats)
+    ours_dir, ct_dir = outputs["hf-cage"], outputs["compressed-tensors"]
 
     ours, theirs = load_file(ours_dir / "model.safetensors"), load_file(ct_dir / "model.safetensors")
     packed_keys = [k for k in ours if k.endswith(("weight_packed", "weight_scale"))]
     identical = all(torch.equal(ours[k], theirs[k]) for k in packed_keys) and len(packed_keys) == 2 * len(scales)
 
     rows = [
-        ("hf-cage `export_model`", ours_s, folder_bytes(ours_dir)),
-        ("compressed-tensors `ModelCompressor`", ct_s, folder_bytes(ct_dir)),
+        (
+            "hf-cage `export_model` (scales + codes, packing, safetensors, config, card)",
+            seconds["hf-cage"],
+            folder_bytes(ours_dir),
+        ),
+        ("... of which scales + codes alone (`quantize_rows`)", seconds["quantize_rows"], None),
+        (
+            "compressed-tensors `ModelCompressor` (given the scales)",
+            seconds["compressed-tensors"],
+            folder_bytes(ct_dir),
+        ),
         ("dense bf16 `save_pretrained`", None, bf16),
     ]
     lines = [
         f"Llama preset `{args.preset}` ({params / 1e6:.1f}M parameters, {len(scales)} quantized linears), "
-        f"W4A16 int, group {args.group_size}; median of {args.repeats} runs; torch threads {torch.get_num_threads()}.",
+        f"W4A16 int, group {args.group_size}; median of {args.repeats} interleaved runs; "
+        f"torch threads {torch.get_num_threads()}.",
         "",
         "| exporter | time (s) | size on disk (MB) | size vs bf16 |",
         "|---|---|---|---|",
     ]
-    for label, seconds, size in rows:
-        time_text = f"{seconds:.2f}" if seconds is not None else "-"
-        lines.append(f"| {label} | {time_text} | {size / 1e6:.1f} | {size / bf16:.1%} |")
+    for label, secs, size in rows:
+        time_text = f"{secs:.2f}" if secs is not None else "-"
+        size_text = f"{size / 1e6:.1f} | {size / bf16:.1%}" if size is not None else "- | -"
+        lines.append(f"| {label} | {time_text} | {size_text} |")
     lines += ["", f"packed tensors bit-identical between the two exports: {'yes' if identical else 'NO'}"]
+    for folder in [bf16_dir, *outputs.values()]:
+        shutil.rmtree(folder.parent, ignore_errors=True)
     table = "\n".join(lines)
     print(table)
     if args.output:

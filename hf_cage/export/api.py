@@ -159,6 +159,7 @@ def _collect_tensors(model, layers, exported_config, lossy: bool, dense_dtype: t
     from tqdm.auto import tqdm
 
     state = model.state_dict()
+    packed_weights = {f"{name}.weight" for name, _ in layers}
     bf16_bytes, seen = 0, set()
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -167,10 +168,10 @@ def _collect_tensors(model, layers, exported_config, lossy: bool, dense_dtype: t
             continue
         seen.add(ptr)
         bf16_bytes += value.numel() * (2 if value.is_floating_point() else value.element_size())
-        tensors[key] = value.to(dense_dtype) if value.is_floating_point() else value
+        if key not in packed_weights:
+            tensors[key] = value.to(dense_dtype) if value.is_floating_point() else value
     reference, converted, err_sq, ref_sq = {}, {}, 0.0, 0.0
     for name, layer in tqdm(layers, desc="packing layers", unit="layer", disable=not progress):
-        del tensors[f"{name}.weight"]
         if lossy:
             trained_q = layer.weight_quantizer().float()
             spec = exported_config.weight_spec(layer.in_features)
