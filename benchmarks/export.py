@@ -33,6 +33,7 @@ from pathlib import Path
 
 PRESETS = {
     # hidden, intermediate, layers, heads, kv heads, vocab
+    "micro": (128, 256, 2, 4, 2, 512),
     "tiny": (256, 768, 4, 4, 2, 4096),
     "110m": (1024, 2816, 8, 16, 4, 8192),
     "400m": (2048, 5632, 6, 16, 4, 32000),
