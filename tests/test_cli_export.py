@@ -177,6 +177,14 @@ def test_non_empty_output_dir_and_overwrite(tmp_path, capsys):
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
 
 
+def test_output_dir_cannot_be_the_checkpoint(tmp_path, capsys):
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
+    before = sorted(p.name for p in ckpt.iterdir())
+    assert export(str(ckpt), "-o", str(ckpt), "--overwrite") == 2
+    assert "the checkpoint itself" in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
 def test_push_without_a_token_exits_2_before_writing(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))

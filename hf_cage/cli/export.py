@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXAMPLES = """\
 examples:
@@ -110,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ExportError(
                     "--push-to-hub needs a Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`"
                 )
+        if Path(args.output_dir).resolve() == Path(args.checkpoint).resolve():
+            raise ExportError("--output-dir is the checkpoint itself; write the export to another directory")
         check_output_dir(args.output_dir, args.overwrite)
         # Refuse what the format cannot hold before loading any weights.
         check_format(check_checkpoint_dir(args.checkpoint), args.format, **format_options)
