@@ -13,7 +13,7 @@ block-diagonal Hadamard ``kron(I, H)``) and accumulates the group statistic (sum
 ``Q`` rotated back plus the mask. Recomputing the rotation is cheaper than a round trip to memory.
 
 Numerics follow the twin: fp32 throughout, IEEE division and square root (``div_rn``,
-``sqrt_rn``), round half to even. The group sums run in a different order than torch's, so scales
+``sqrt_rn``), round half to even, no FMA contraction. The group sums run in a different order than torch's, so scales
 may differ from the twin's by an ulp, which can move a value sitting on a rounding boundary by one
 code; the tests check codes against the twin's rounding *of the kernel's own scales*.
 """
@@ -203,6 +203,11 @@ def quantize(
             MSE=spec.scale_rule == "mse",
             STORE_CODES=codes,
             STORE_Q=fake,
+            # Pipelining would keep several copies of the 64 KiB Hadamard tile in shared memory
+            # (264 KiB at the default 3 stages, over H100's 227 KiB); one stage needs 72 KiB.
+            num_stages=1 if spec.hadamard_block else 3,
+            # No FMA contraction: products round as in the torch twin (the trust mask compares |q - x|).
+            enable_fp_fusion=False,
         )
     lead = x.shape[:-1]
     return (
