@@ -12,9 +12,23 @@ from .quant import QuantConfig
 
 __version__ = "0.1.0"
 
+# The trainer imports transformers.Trainer (slow): loaded on first use, not at ``import hf_cage``.
+_LAZY = {"CAGEConfig": "hf_cage.trainer", "CAGETrainer": "hf_cage.trainer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_cage' has no attribute {name!r}")
+
+
 __all__ = [
     "CAGE",
+    "CAGEConfig",
     "CAGECorrection",
+    "CAGETrainer",
     "ExportError",
     "Int4Linear",
     "QATLinear",

@@ -1,0 +1,123 @@
+"""``CAGEConfig``: ``TrainingArguments`` plus ``quant_*`` (what to quantize) and ``cage_*`` (how to train) fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..kernels.spec import SCALE_RULES, SUPPORTED_BITS
+from ..optim.schedule import SCHEDULES, VARIANTS, check_cage_hyperparameters
+from ..quant.config import GRANULARITIES, GROUP_SIZES, QUANTIZERS, QuantConfig
+
+
+@dataclass
+class CAGEConfig(TrainingArguments):
+    """Training arguments for :class:`hf_cage.CAGETrainer`.
+
+    Every ``TrainingArguments`` field keeps its meaning (``learning_rate``, ``weight_decay``,
+    ``adam_beta1/2``, ``adam_epsilon``, ``max_grad_norm``, schedulers, ...). ``optim`` is ignored:
+    the trainer always builds :class:`hf_cage.CAGE`, unless you pass your own optimizer, which is then
+    wrapped with :class:`hf_cage.CAGECorrection`. ``cage_lambda=0`` is the STE / QuEST baseline.
+    """
+
+    quant_w_bits: int = field(default=4, metadata={"help": f"Weight bits, one of {SUPPORTED_BITS}."})
+    quant_a_bits: int | None = field(
+        default=4,
+        metadata={"help": f"Input-activation bits, one of {SUPPORTED_BITS}; 0 (or None) = weight-only quantization."},
+    )
+    quant_quantizer: str = field(
+        default="quest",
+        metadata={
+            "help": "'quest' (mid-rise grid, scale alpha_b * RMS, Hadamard by default) or 'int' (integer grid, "
+            "exportable to int4 formats)."
+        },
+    )
+    quant_granularity: str = field(
+        default="channel", metadata={"help": "'channel' (one weight scale per output row) or 'group'."}
+    )
+    quant_group_size: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Inputs per weight scale with quant_granularity='group', one of {GROUP_SIZES} (default 128)."
+        },
+    )
+    quant_hadamard: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Rotate inputs by a block Hadamard (blocks up to 128). Default: true for quest, false for int."
+        },
+    )
+    quant_clip: str = field(
+        default="mse",
+        metadata={"help": "Scale rule: 'mse' (Gaussian-MSE-optimal clip alpha_b * RMS) or 'absmax'."},
+    )
+    cage_lambda: float = field(
+        default=10.0,
+        metadata={"help": "CAGE correction strength (paper: 10). 0 = the STE / QuEST baseline, no correction."},
+    )
+    cage_silence_ratio: float = field(
+        default=0.8,
+        metadata={"help": "Fraction of the optimizer steps before the correction starts, in [0, 1) (paper: 0.8)."},
+    )
+    cage_schedule: str = field(
+        default="linear_ramp",
+        metadata={"help": f"Lambda schedule after the silence period: one of {', '.join(SCHEDULES)}."},
+    )
+    cage_variant: str = field(
+        default="decoupled",
+        metadata={
+            "help": f"One of {', '.join(VARIANTS)}: decoupled = post-step pull toward Q(W) (paper's code); "
+            "coupled = lambda * (W - Q(W)) added to the gradient."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.quant_a_bits, str):
+            self.quant_a_bits = (
+                None if self.quant_a_bits.strip().lower() in ("none", "0", "") else int(self.quant_a_bits)
+            )
+        if self.quant_a_bits == 0:
+            self.quant_a_bits = None
+        _check("quant_w_bits", self.quant_w_bits, SUPPORTED_BITS)
+        _check("quant_a_bits", self.quant_a_bits, (*SUPPORTED_BITS, None), "0 or None (weight-only)")
+        _check("quant_quantizer", self.quant_quantizer, QUANTIZERS)
+        _check("quant_granularity", self.quant_granularity, GRANULARITIES)
+        _check("quant_clip", self.quant_clip, SCALE_RULES)
+        if self.quant_group_size is not None:
+            _check("quant_group_size", self.quant_group_size, GROUP_SIZES)
+        try:
+            self.quant_config()
+        except ValueError as err:
+            raise ValueError(
+                f"invalid quant_* settings: {err} (each QuantConfig field is set by quant_<name>)"
+            ) from err
+        check_cage_hyperparameters(self.cage_lambda, self.cage_silence_ratio, self.cage_schedule, self.cage_variant, 1)
+
+    def quant_config(self) -> QuantConfig:
+        """The :class:`hf_cage.QuantConfig` these ``quant_*`` fields describe (Llama block linears as targets)."""
+        return QuantConfig(
+            w_bits=self.quant_w_bits,
+            a_bits=self.quant_a_bits,
+            quantizer=self.quant_quantizer,
+            granularity=self.quant_granularity,
+            group_size=self.quant_group_size,
+            hadamard=self.quant_hadamard,
+            clip=self.quant_clip,
+        )
+
+    def cage_kwargs(self) -> dict:
+        """The ``cage_*`` hyperparameters as keyword arguments of :class:`hf_cage.CAGE` / ``CAGECorrection``."""
+        return {
+            "cage_lambda": self.cage_lambda,
+            "cage_silence_ratio": self.cage_silence_ratio,
+            "cage_schedule": self.cage_schedule,
+            "cage_variant": self.cage_variant,
+        }
+
+
+def _check(name: str, value, allowed: tuple, extra: str = "") -> None:
+    if value not in allowed:
+        shown = ", ".join(repr(a) for a in allowed if a is not None) + (f", or {extra}" if extra else "")
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {shown}")
