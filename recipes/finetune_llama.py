@@ -18,8 +18,8 @@ Multi-process runs work as for pretraining (``accelerate launch --multi_gpu --nu
 LoRA here is peft's own: ``QATLinear`` is an ``nn.Linear`` subclass, so peft's default LoRA ``Linear``
 wraps it; the layer computes ``QATLinear(x) + B A x * alpha / r``, i.e. the frozen base is quantized
 (weights and input activations) and the adapter path stays in full precision. The correction of
-``--method cage`` acts on trainable quantized weights, so with ``--lora`` (frozen base) it has nothing
-to correct and the run equals ``--method ste``: use full fine-tuning for CAGE. ``--merge`` folds
+``--method cage`` acts on trainable quantized weights; with ``--lora`` (frozen base) it would have nothing
+to correct, so ``--lora`` takes ``--method ste`` (or ``bf16``): use full fine-tuning for CAGE. ``--merge`` folds
 ``B A * alpha / r`` into the base weight; the merged layer quantizes the new weight in every forward,
 so merging changes the model (full-precision adapter -> quantized weight) and ``metrics.json``
 reports ``eval_loss_unmerged``, ``eval_loss_merged`` and their difference.
@@ -121,6 +121,12 @@ def _run(argv: list[str] | None) -> int:
         yaml_ignore=MODEL_SHAPE_KEYS,
         description=__doc__,
     )
+    if ft_args.lora and recipe_args.method == "cage":
+        raise RecipeInputError(
+            "--lora with --method cage: the CAGE correction moves trainable quantized weights, and LoRA "
+            "freezes them all, so it would equal --method ste; use --method ste --lora, or full fine-tuning "
+            "(no --lora) for CAGE"
+        )
     checkpoint = check_checkpoint(ft_args.model_name_or_path)
     method = recipe_args.method
     prepare_training_args(training_args, recipe_args, f"outputs/finetune-{method}{'-lora' if ft_args.lora else ''}")
@@ -162,7 +168,7 @@ def _run(argv: list[str] | None) -> int:
         )
         model = get_peft_model(model, lora_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainer = make_trainer(method, model, training_args, train_dataset, eval_dataset)
+    trainer = make_trainer(method, model, training_args, train_dataset, eval_dataset, plain=ft_args.lora)
     trainer.train()
     eval_loss = float(trainer.evaluate()["eval_loss"])
 

@@ -234,11 +234,15 @@ def prepare_training_args(training_args, recipe_args: RecipeArguments, default_d
     return training_args
 
 
-def make_trainer(method: str, model, training_args, train_dataset, eval_dataset):
-    """``bf16`` -> plain ``transformers.Trainer``; ``ste`` / ``cage`` -> ``hf_cage.CAGETrainer``."""
+def make_trainer(method: str, model, training_args, train_dataset, eval_dataset, plain: bool = False):
+    """``bf16`` (or ``plain``) -> ``transformers.Trainer``; ``ste`` / ``cage`` -> ``hf_cage.CAGETrainer``.
+
+    ``plain`` is for a model quantized beforehand whose quantized weights are all frozen (LoRA): STE
+    training needs no more than the model's own ``QATLinear`` forward.
+    """
     from transformers import Trainer, default_data_collator
 
-    if method == "bf16":
+    if method == "bf16" or plain:
         cls = Trainer
     else:
         from hf_cage import CAGETrainer
