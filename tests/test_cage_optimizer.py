@@ -247,6 +247,21 @@ def test_factory_groups():
         create_cage_optimizer(make_tiny_llama())
 
 
+def test_frozen_quantized_weights_are_left_out():
+    model = quantized_llama()
+    frozen = model.model.layers[0].self_attn.q_proj.weight
+    frozen.requires_grad_(False)
+    before = frozen.clone()
+    opt = create_cage_optimizer(model, cage_lambda=5.0, cage_silence_ratio=0.0, total_steps=2)
+    assert frozen not in opt.weight_quantizers and len(opt.weight_quantizers) == 13
+    wrapper = CAGECorrection(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model)
+    assert len(wrapper.weight_quantizers) == 13
+    fake_grads(model, 0)
+    frozen.grad = None
+    opt.step()
+    assert torch.equal(frozen, before)
+
+
 def test_correction_wrapper_around_sgd_by_hand():
     model = quantized_llama()
     reference = copy.deepcopy(model)
@@ -314,3 +329,22 @@ def _toy_quantized_loss(cage_lambda: float, seed: int) -> float:
 def test_cage_beats_ste_on_toy_least_squares(seed):
     ste, cage = _toy_quantized_loss(0.0, seed), _toy_quantized_loss(3.0, seed)
     assert cage < 0.97 * ste, (cage, ste)
+
+
+def test_optimizer_step_benchmark_quick_mode(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_step.py"
+    spec = importlib.util.spec_from_file_location("optimizer_step_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "result.json"
+    results = bench.main(["--quick", "--trials", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == results
+    assert sorted(results["runs"]) == ["int_w4", "quest_w4a4"]
+    for run in results["runs"].values():
+        assert sorted(run["median_s"]) == ["adamw_foreach", "cage_active", "cage_silence"]
+        assert all(t > 0 for t in run["median_s"].values())
+        assert run["active_ratio"] == run["median_s"]["cage_active"] / run["median_s"]["adamw_foreach"]

@@ -100,7 +100,8 @@ class CAGECorrection(torch.optim.Optimizer):
         if (model is None) == (weight_quantizers is None):
             raise ValueError("pass exactly one of model= (a quantized model) or weight_quantizers=")
         self.optimizer = optimizer
-        self.weight_quantizers = dict(weight_quantizers if model is None else weight_quantizers_of(model))
+        quantizers = weight_quantizers if model is None else weight_quantizers_of(model)
+        self.weight_quantizers = {p: q for p, q in quantizers.items() if p.requires_grad}
         self.cage_lambda = cage_lambda
         self.cage_silence_ratio = cage_silence_ratio
         self.cage_schedule = cage_schedule

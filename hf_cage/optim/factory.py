@@ -52,10 +52,11 @@ def create_cage_optimizer(
     Raises:
         ValueError: the model has no ``QATLinear`` layer (quantize it first with ``hf_cage.quantize_model``).
     """
-    quantizers = weight_quantizers_of(model)
-    if not quantizers:
+    every_quantizer = weight_quantizers_of(model)
+    if not every_quantizer:
         raise ValueError(
             "model has no QATLinear layers; quantize it first: hf_cage.quantize_model(model, hf_cage.QuantConfig())"
         )
+    quantizers = {p: q for p, q in every_quantizer.items() if p.requires_grad}  # frozen weights are not stepped
     groups = cage_param_groups(model, weight_decay)
     return CAGE(groups, lr=lr, weight_decay=weight_decay, weight_quantizers=quantizers, **cage_kwargs)
