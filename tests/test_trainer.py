@@ -196,3 +196,19 @@ def test_trainer_rejects_plain_training_arguments(tmp_path):
     with pytest.raises(TypeError, match="CAGEConfig"):
         CAGETrainer(make_tiny_llama(), TrainingArguments(output_dir=str(tmp_path), use_cpu=True))
     assert QATLinear  # public re-export used by users of the trainer
+
+
+def test_coupled_variant_runs_with_cage_and_is_refused_for_user_optimizers(tmp_path):
+    trainer = CAGETrainer(
+        make_tiny_llama(), config(tmp_path, max_steps=2, cage_variant="coupled"), train_dataset=Blocks()
+    )
+    trainer.train()
+    assert trainer.cage_optimizer().param_groups[0]["cage_variant"] == "coupled"
+    model = make_tiny_llama()
+    with pytest.raises(ValueError, match="cage_variant"):
+        CAGETrainer(
+            model,
+            config(tmp_path, cage_variant="coupled"),
+            train_dataset=Blocks(),
+            optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+        )
