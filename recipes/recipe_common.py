@@ -135,6 +135,11 @@ def _yaml_to_argv(path: Path, known: set[str], ignore: set[str]) -> list[str]:
     return argv
 
 
+def _bits_or_none(value: str) -> int:
+    """``--a_bits none`` (weight-only) as well as ``--a_bits 0``; CAGEConfig reads 0 as weight-only."""
+    return 0 if value.strip().lower() in ("none", "null") else int(value)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults and keep the script docstring's launch commands as written."""
 
@@ -151,6 +156,9 @@ def parse_arguments(
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types, description=description, formatter_class=_HelpFormatter)
+    for action in parser._actions:
+        if action.dest == "quant_a_bits" and action.type is int:
+            action.type = _bits_or_none
     for alias, dest in FLAG_ALIASES.items():
         action = next((a for a in parser._actions if a.dest == dest), None)
         if action is not None:

@@ -188,6 +188,9 @@ def test_flags_override_the_yaml_preset():
     assert (training_args.max_steps, training_args.quant_w_bits, data_args.block_size) == (7, 3, 64)
     assert training_args.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert recipe_args.config == "tiny"
+    for flag, value in (("--a_bits", "none"), ("--a_bits", "0"), ("--quant_a_bits", "None")):
+        args = recipe_common.parse_arguments(pretrain_llama.argument_types(), ["--config", "tiny", flag, value])
+        assert args[3].quant_config().a_bits is None  # weight-only
 
 
 @pytest.mark.parametrize("name", ["tiny", *PAPER_PRESETS])
