@@ -130,13 +130,19 @@ def export_compressed_tensors(dense, scales: dict, group_size: int, out: Path) -
 
 
 def main(argv=None) -> int:
+    import torch
+
+    with torch.no_grad():  # scoped: tests call main() in-process
+        return _main(argv)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     import torch
     from safetensors.torch import load_file
 
     from hf_cage import kernels, quantized_layers
 
-    torch.set_grad_enabled(False)
     model, dense = build_model(args.preset, args.group_size)
     params = sum(p.numel() for p in dense.parameters())
     scales = {

@@ -11,6 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Tiny tensors on a 2-core machine: intra-op threads only add contention (a tiny-Llama step went from
+# ~10 ms to seconds with 2 threads while another process was busy).
+torch.set_num_threads(1)
+
 
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig

@@ -16,15 +16,6 @@ from hf_cage.layers import QATLinear
 CONFIG = QuantConfig(w_bits=4, a_bits=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: with 2 intra-op threads on a busy 2-core machine a tiny-Llama step took ~4 s instead of ~10 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quantized_llama(seed: int = 0):
     return quantize_model(make_tiny_llama(seed), CONFIG).train()
 

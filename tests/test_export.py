@@ -12,7 +12,7 @@ from conftest import make_tiny_llama
 
 from hf_cage import Int4Linear, QuantConfig, quantize_model, quantized_layers
 from hf_cage.export import CardOptions, ExportError, TrainingInfo, export_model, load_quantized
-from hf_cage.export.pack import pack_codes, unpack_codes
+from hf_cage.kernels.packing import pack_codes, unpack_codes
 from hf_cage.qat import CONFIG_KEY
 
 INT_W4 = dict(quantizer="int", a_bits=None)

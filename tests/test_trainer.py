@@ -12,15 +12,6 @@ from conftest import make_tiny_llama
 from hf_cage import CAGE, CAGEConfig, CAGECorrection, CAGETrainer, QATLinear, quantized_layers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: 2 intra-op threads on a busy 2-core machine made each step ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Blocks(torch.utils.data.Dataset):
     def __init__(self, n: int = 32, length: int = 16):
         gen = torch.Generator().manual_seed(3)

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..kernels.packing import pack_codes
 from ..qat import CONFIG_KEY, quant_config_of, quantized_layers
 from .card import CardOptions, build_model_card, plot_loss_curve
 from .errors import ExportError
 from .formats import EXPORT_KEY, check_format, compressed_tensors_config, export_metadata, lossy_target_config
 from .lossy import logit_difference, requantize, sample_batch
-from .pack import layer_problem, pack_codes, pack_layer
+from .pack import layer_problem, pack_layer
 from .source import TrainingInfo
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
