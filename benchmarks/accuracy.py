@@ -367,25 +367,19 @@ def _plot(results, summary, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     bits_list = sorted({r["bits"] for r in results.values() if r["bits"]}, reverse=True)
+    variants = sorted({(r["cage_lambda"], r["silence"]) for r in summary["paired"]}, key=lambda v: (v[1], v[0]))
     for i, bits in enumerate(bits_list):
         ste = [r["eval_loss"] for r in results.values() if r["method"] == "ste" and r["bits"] == bits]
-        ax.scatter([i - 0.15] * len(ste), ste, color="tab:red", label="STE" if i == 0 else None)
-        for j, (lam, sil) in enumerate(
-            sorted({(r["cage_lambda"], r["silence"]) for r in summary["paired"] if r["bits"] == bits})
-        ):
+        ax.scatter([i - 0.2] * len(ste), ste, color="k", marker="o", label="STE")
+        for j, variant in enumerate(variants):
             ys = [
                 r["eval_loss"]
                 for r in summary["paired"]
-                if r["bits"] == bits and (r["cage_lambda"], r["silence"]) == (lam, sil)
+                if r["bits"] == bits and (r["cage_lambda"], r["silence"]) == variant
             ]
-            ax.scatter(
-                [i + 0.05 + 0.08 * j] * len(ys),
-                ys,
-                marker="^",
-                s=18,
-                color=f"C{j}",
-                label=f"CAGE l={lam:g} s={sil:g}" if True else None,
-            )
+            if ys:
+                label = f"CAGE lambda {variant[0]:g}, silence {variant[1]:g}"
+                ax.scatter([i - 0.1 + 0.06 * j] * len(ys), ys, marker="^", s=22, color=f"C{j}", label=label)
     if summary["fp"]:
         ax.axhline(summary["fp_mean"], color="k", ls="--", label="full precision")
     ax.set_xticks(range(len(bits_list)), [f"W{b}A{b}" for b in bits_list])

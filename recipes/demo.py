@@ -46,7 +46,7 @@ def _train(method: str, run_dir: Path, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo", help="where runs and the export go")
-    parser.add_argument("--max_steps", type=int, default=600, help="optimizer steps per run (the tiny preset's 600)")
+    parser.add_argument("--max_steps", type=int, default=300, help="optimizer steps per run (the tiny preset's 300)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run")
     parser.add_argument("--rerun_baselines", action="store_true", help="retrain BF16 and STE even if cached")
     args = parser.parse_args(argv)
