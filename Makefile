@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-triton test-slow lint bench clean
+.PHONY: setup demo test test-fast test-triton lint clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,15 +25,12 @@ test: $(STAMP)
 	$(MAKE) test-fast test-triton
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not triton_interpret"
+	$(PY) -m pytest -q -m "not triton_interpret"
 
 # Triton kernels on CPU tensors: TRITON_INTERPRET must be set before triton is imported,
 # so these tests get their own pytest process.
 test-triton: $(STAMP)
 	TRITON_INTERPRET=1 HF_CAGE_BACKEND=triton $(PY) -m pytest -q -m triton_interpret
-
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hf_cage recipes tests benchmarks

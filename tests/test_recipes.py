@@ -79,7 +79,7 @@ def test_pretrain_cage_writes_metrics_plot_and_a_reloadable_model(tmp_path, text
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     assert (metrics["method"], metrics["w_bits"], metrics["a_bits"], metrics["quantizer"]) == ("cage", 3, 3, "quest")
     assert (metrics["steps"], metrics["tokens"], metrics["preset"]) == (5, 5 * 4 * 32, "tiny")
-    assert metrics["cage_lambda"] == 65.0 and metrics["cage_silence_ratio"] == 0.5  # from the tiny preset
+    assert metrics["cage_lambda"] == 10.0 and metrics["cage_silence_ratio"] == 0.8  # from the tiny preset
     assert metrics["wall_time_s"] > 0
     history = json.loads((out / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5]
