@@ -1,4 +1,5 @@
-"""CAGE optimizer: AdamW equivalence, the update by hand, silence, resume semantics, wrapper, factory, toy case."""
+"""The CAGE correction: AdamW equivalence, the update by hand, silence, resume semantics, any optimizer, GradScaler,
+the weight-decay policy, bf16 warning, toy case."""
 
 from __future__ import annotations
 
@@ -31,23 +32,24 @@ def assert_same(a, b):
         torch.testing.assert_close(x, y, atol=0, rtol=0, msg=name)
 
 
-def counting(quantizers, calls):
-    def wrap(fn):
-        def counted(w):
-            calls.append(1)
-            return fn(w)
+@pytest.fixture
+def quantizer_calls(monkeypatch):
+    """Counts calls of ``QATLinear.weight_quantizer`` (the correction's ``Q``)."""
+    calls = []
+    original = QATLinear.weight_quantizer
 
-        return counted
+    def counted(self, weight=None):
+        calls.append(1)
+        return original(self, weight)
 
-    return {p: wrap(fn) for p, fn in quantizers.items()}
+    monkeypatch.setattr(QATLinear, "weight_quantizer", counted)
+    return calls
 
 
-def test_lambda_zero_equals_adamw_after_20_steps(token_batch):
+def test_lambda_zero_equals_adamw_after_20_steps(token_batch, quantizer_calls):
     model = quantized_llama()
     reference = copy.deepcopy(model)
-    quantize_calls = []
     cage = create_cage_optimizer(model, lr=3e-3, weight_decay=0.1, cage_lambda=0.0)
-    cage.weight_quantizers = counting(cage.weight_quantizers, quantize_calls)
     groups = [{"params": list(g["params"]), "weight_decay": g["weight_decay"]} for g in cage.param_groups]
     ref_params = dict(zip(map(id, model.parameters()), reference.parameters()))
     groups = [{**g, "params": [ref_params[id(p)] for p in g["params"]]} for g in groups]
@@ -58,7 +60,7 @@ def test_lambda_zero_equals_adamw_after_20_steps(token_batch):
             opt.step()
             opt.zero_grad()
     assert_same(model, reference)
-    assert quantize_calls == []
+    assert quantizer_calls == []
     assert cage.param_groups[0]["cage_step"] == 20
 
 
@@ -111,11 +113,10 @@ def test_coupled_step_by_hand():
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6, msg=name)
 
 
-def test_quantizer_never_called_in_silence():
+def test_quantizer_never_called_in_silence(quantizer_calls):
     model = quantized_llama()
     opt = create_cage_optimizer(model, lr=1e-3, cage_lambda=10.0, cage_silence_ratio=0.8, total_steps=10)
-    calls = []
-    opt.weight_quantizers = counting(opt.weight_quantizers, calls)
+    calls = quantizer_calls
     per_step, lambdas = [], []
     for step in range(10):
         fake_grads(model, step)
@@ -159,26 +160,24 @@ def test_state_dict_round_trip_continues_exactly():
     resumed = create_cage_optimizer(resumed_model, **kwargs)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    assert [g["cage_step"] for g in resumed.param_groups] == [3, 3, 3]
+    assert [g["cage_step"] for g in resumed.param_groups] == [3, 3]
     _run(model, opt, 3, 3)
     _run(resumed_model, resumed, 3, 3)
     assert_same(model, resumed_model)
 
 
-def test_resume_keeps_new_cage_hyperparameters_to_branch_a_run():
+def test_resume_keeps_new_cage_hyperparameters_to_branch_a_run(quantizer_calls):
     """An STE checkpoint at the end of silence, resumed with cage_lambda=10, continues as CAGE."""
     model = quantized_llama()
     ste = create_cage_optimizer(model, lr=1e-2, cage_lambda=0.0, cage_silence_ratio=0.8, total_steps=10)
     _run(model, ste, 8, 0)
     branch = create_cage_optimizer(model, lr=1e-2, cage_lambda=10.0, cage_silence_ratio=0.8, total_steps=10)
     branch.load_state_dict(ste.state_dict())
-    assert branch.param_groups[0]["cage_lambda"] == 10.0
+    assert branch.correction.cage_lambda == 10.0 and "cage_lambda" not in branch.state_dict()["param_groups"][0]
     assert branch.param_groups[0]["cage_step"] == 8
     assert branch.next_lambda() == pytest.approx(5.0)
-    calls = []
-    branch.weight_quantizers = counting(branch.weight_quantizers, calls)
     _run(model, branch, 1, 8)
-    assert len(calls) == 14
+    assert len(quantizer_calls) == 14
 
 
 def test_step_counter_inferred_from_a_plain_adamw_state():
@@ -190,7 +189,7 @@ def test_step_counter_inferred_from_a_plain_adamw_state():
     adamw.step()
     opt = create_cage_optimizer(model, lr=1e-2, cage_lambda=10.0, total_steps=10)
     opt.load_state_dict(adamw.state_dict())
-    assert [g["cage_step"] for g in opt.param_groups] == [2, 2, 2]
+    assert [g["cage_step"] for g in opt.param_groups] == [2, 2]
 
 
 @pytest.mark.parametrize(
@@ -213,8 +212,14 @@ def test_bad_hyperparameters_raise_naming_the_field(kwargs, field):
 
 
 def test_cage_needs_total_steps_for_a_scheduled_lambda():
+    model = quantized_llama()
+    opt = create_cage_optimizer(model, cage_lambda=10.0)  # total_steps may come later (CAGETrainer: start_run)
+    fake_grads(model, 0)
     with pytest.raises(ValueError, match="total_steps"):
-        create_cage_optimizer(quantized_llama(), cage_lambda=10.0)
+        opt.step()
+    opt.correction.start_run(4)
+    opt.step()
+    assert opt.correction.steps_taken == 1
 
 
 def test_cage_without_quantizers_refuses_a_positive_lambda():
@@ -222,18 +227,18 @@ def test_cage_without_quantizers_refuses_a_positive_lambda():
         CAGE([torch.nn.Parameter(torch.zeros(2, 2))], total_steps=10)
 
 
-def test_factory_groups():
+def test_factory_groups_follow_the_one_decay_policy():
+    """Weight decay on the quantized block linears only (the CAGE reference); never lm_head, embeddings, norms."""
     model = quantized_llama()
+    assert not model.config.tie_word_embeddings
     opt = create_cage_optimizer(model, lr=1e-3, weight_decay=0.1, cage_lambda=0.0)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = {g["name"]: (g["weight_decay"], sorted(names[id(p)] for p in g["params"])) for g in opt.param_groups}
     quantized = sorted(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, QATLinear))
-    assert groups["cage_quantized"] == (0.1, quantized)
-    assert groups["decay"] == (0.1, ["lm_head.weight"])
+    assert groups["decay"] == (0.1, quantized)
     assert groups["no_decay"][0] == 0.0
-    assert "model.embed_tokens.weight" in groups["no_decay"][1]
-    assert all("norm" in n or "embed" in n for n in groups["no_decay"][1])
-    assert len(quantized) + 1 + len(groups["no_decay"][1]) == len(names)
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= set(groups["no_decay"][1])
+    assert len(quantized) + len(groups["no_decay"][1]) == len(names)
     with pytest.raises(ValueError, match="quantize_model"):
         create_cage_optimizer(make_tiny_llama())
 
@@ -244,7 +249,7 @@ def test_frozen_quantized_weights_are_left_out():
     frozen.requires_grad_(False)
     before = frozen.clone()
     opt = create_cage_optimizer(model, cage_lambda=5.0, cage_silence_ratio=0.0, total_steps=2)
-    assert frozen not in opt.weight_quantizers and len(opt.weight_quantizers) == 13
+    assert frozen not in opt.correction.weight_quantizers and len(opt.correction.weight_quantizers) == 13
     wrapper = CAGECorrection(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model)
     assert len(wrapper.weight_quantizers) == 13
     fake_grads(model, 0)
@@ -253,16 +258,15 @@ def test_frozen_quantized_weights_are_left_out():
     assert torch.equal(frozen, before)
 
 
-def test_correction_wrapper_around_sgd_by_hand():
+def test_correction_on_sgd_by_hand(quantizer_calls):
     model = quantized_llama()
     reference = copy.deepcopy(model)
     lr, lam = 0.05, 4.0
-    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    opt = CAGECorrection(sgd, model, cage_lambda=lam, cage_silence_ratio=0.5, total_steps=2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)  # schedulers accept the wrapper
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    correction = CAGECorrection(opt, model, cage_lambda=lam, cage_silence_ratio=0.5, total_steps=2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     ref_sgd = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9)
-    calls = []
-    opt.weight_quantizers = counting(opt.weight_quantizers, calls)
+    calls = quantizer_calls
     for step in range(2):
         fake_grads(model, step)
         fake_grads(reference, step)
@@ -280,11 +284,118 @@ def test_correction_wrapper_around_sgd_by_hand():
             torch.testing.assert_close(w, expected, atol=1e-7, rtol=1e-6)
         else:
             torch.testing.assert_close(w, m_ref, atol=0, rtol=0)
-    assert len(calls) == 14
     state = opt.state_dict()
-    assert state["param_groups"][0]["cage_step"] == 2
-    with pytest.raises(ValueError, match="coupled"):
-        CAGECorrection(sgd, model, cage_variant="coupled", total_steps=2)
+    assert state["param_groups"][0]["cage_step"] == 2 and correction.steps_taken == 2
+    with pytest.raises(ValueError, match="already"):
+        CAGECorrection(opt, model, total_steps=2)
+    correction.remove()
+    before = [p.clone() for p in model.parameters()]
+    fake_grads(model, 7)
+    opt.step()  # detached: plain SGD, the counter stays
+    assert state["param_groups"][0]["cage_step"] == 2 and opt.param_groups[0]["cage_step"] == 2
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_coupled_correction_on_plain_sgd_by_hand():
+    model = quantized_llama()
+    reference = copy.deepcopy(model)
+    lr, lam = 0.1, 3.0
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    CAGECorrection(opt, model, cage_lambda=lam, cage_silence_ratio=0.0, cage_schedule="constant",
+                   cage_variant="coupled", total_steps=1)  # fmt: skip
+    fake_grads(model, 4)
+    fake_grads(reference, 4)
+    opt.step()
+    layers = dict(quantized_layers_of(reference))
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            layer = layers.get(name.removesuffix(".weight"))
+            grad = p.grad + lam * (p - layer.weight_quantizer(p)) if layer is not None and name.endswith("weight") else p.grad
+            p -= lr * grad
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6, msg=name)
+
+
+def quantized_layers_of(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QATLinear)]
+
+
+@pytest.mark.parametrize("variant", ["decoupled", "coupled"])
+def test_cage_is_adamw_plus_the_one_correction(variant):
+    """hf_cage.CAGE and torch.optim.AdamW + CAGECorrection are the same code: bit-identical runs."""
+    kwargs = dict(cage_lambda=6.0, cage_silence_ratio=0.25, total_steps=4, cage_variant=variant)
+    a, b = quantized_llama(), quantized_llama()
+    opt_a = CAGE(a.parameters(), lr=1e-2, weight_decay=0.1, model=a, **kwargs)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    CAGECorrection(opt_b, b, **kwargs)
+    for step in range(4):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            fake_grads(m, step)
+            opt.step()
+    assert_same(a, b)
+    plain = quantized_llama()
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for step in range(4):
+        fake_grads(plain, step)
+        opt_plain.step()
+    assert not torch.equal(plain.model.layers[0].mlp.up_proj.weight, a.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("variant", ["decoupled", "coupled"])
+def test_fused_adamw_under_grad_scaler_matches_foreach_and_skips_overflowed_steps(variant):
+    """GradScaler hands a fused optimizer still-scaled gradients and a found_inf flag instead of skipping it.
+
+    The correction must see unscaled values and a skipped step must neither pull nor advance the schedule.
+    Step 2 overflows (an inf gradient); fused and foreach runs then agree to fp32 rounding.
+    """
+    kwargs = dict(cage_lambda=20.0, cage_silence_ratio=0.0, total_steps=4, cage_variant=variant)
+    runs = {}
+    for fused in (False, True):
+        model = quantized_llama()
+        opt = create_cage_optimizer(model, lr=1e-2, fused=fused, foreach=not fused, **kwargs)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        weights = []
+        for step in range(4):
+            fake_grads(model, step)
+            scale = scaler.scale(torch.ones(()))  # what backward of scaler.scale(loss) would produce
+            for p in model.parameters():
+                p.grad.mul_(scale)
+            if step == 1:
+                model.model.layers[0].mlp.up_proj.weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            weights.append(model.model.layers[0].self_attn.q_proj.weight.detach().clone())
+        assert torch.equal(weights[0], weights[1])  # the overflowed step moved nothing
+        assert opt.correction.steps_taken == 3
+        runs[fused] = model
+    for (name, a), b in zip(runs[False].named_parameters(), runs[True].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_master_weights_warn():
+    model = quantized_llama().to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="bfloat16.*fp32 master weights"):
+        create_cage_optimizer(model, total_steps=4)
+    fp32 = quantized_llama()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_cage_optimizer(fp32, total_steps=4)
+        create_cage_optimizer(quantized_llama().to(torch.bfloat16), cage_lambda=0.0)  # STE: nothing to lose
+
+
+def test_start_run_restarts_the_schedule_of_a_new_run():
+    model = quantized_llama()
+    opt = create_cage_optimizer(model, cage_lambda=8.0, cage_silence_ratio=0.5, total_steps=2)
+    _run(model, opt, 2, 0)
+    assert opt.correction.lambda_at(opt.correction.steps_taken) == 8.0
+    opt.correction.start_run(8)
+    lambdas = []
+    for step in range(8):
+        lambdas.append(opt.next_lambda())
+        _run(model, opt, 1, step)
+    assert lambdas == [0.0] * 4 + [2.0, 4.0, 6.0, 8.0]
 
 
 def _toy_quantized_loss(cage_lambda: float, seed: int) -> float:

@@ -1,8 +1,8 @@
-"""CAGE optimizer (AdamW + correction), the optimizer-agnostic correction wrapper, lambda schedules, factory."""
+"""The CAGE correction (attached to any optimizer), AdamW + CAGE, lambda schedules, factory."""
 
 from .cage import CAGE
-from .correction import CAGECorrection, weight_quantizers_of
-from .factory import cage_param_groups, create_cage_optimizer
+from .correction import CAGECorrection, cage_correction_of, weight_quantizers_of
+from .factory import cage_param_groups, create_cage_optimizer, decay_parameter_names
 from .schedule import SCHEDULES, VARIANTS, cage_lambda, check_cage_hyperparameters
 
 __all__ = [
@@ -10,9 +10,11 @@ __all__ = [
     "SCHEDULES",
     "VARIANTS",
     "CAGECorrection",
+    "cage_correction_of",
     "cage_lambda",
     "cage_param_groups",
     "check_cage_hyperparameters",
     "create_cage_optimizer",
+    "decay_parameter_names",
     "weight_quantizers_of",
 ]

@@ -1,24 +1,52 @@
-"""The decoupled CAGE post-step, as a wrapper around any torch optimizer.
+"""The CAGE correction: one implementation, attached to any torch optimizer through its public hooks.
 
-After the wrapped optimizer's own step on the STE gradient, every quantized weight moves toward
-its quantized value::
+For every quantized weight ``W`` (the weight of a ``QATLinear``), with ``Q`` its layer's
+``QATLinear.weight_quantizer`` and ``lambda_t`` the schedule of :mod:`hf_cage.optim.schedule`:
 
-    W <- W - lr_t * lambda_t * (W - Q(W))        (computed as W.lerp_(Q(W), lr_t * lambda_t))
+- **decoupled** (default; CAGE.md section 2): after the optimizer's own step on the STE gradient,
+  ``W <- W - lr_t * lambda_t * (W - Q(W))`` (computed as ``W.lerp_(Q(W), lr_t * lambda_t)``), with
+  ``Q`` taken at the updated weight and ``lr_t`` the learning rate of ``W``'s param group. With Adam
+  this is CAGE's curvature-aware form; with SGD, Adafactor or anything else it is the
+  optimizer-agnostic form.
+- **coupled**: before the step, ``grad += lambda_t * (W - Q(W))``, so the optimizer's moments see the
+  corrected gradient; no post-step.
 
-with ``Q`` the layer's ``QATLinear.weight_quantizer`` evaluated at the updated weight and ``lr_t``
-the weight's param-group learning rate. With Adam this is CAGE's curvature-aware form; with SGD,
-Adafactor or a user's optimizer it is the optimizer-agnostic form of CAGE.md section 2.
+How it attaches (torch's public seams only, no private state or unwrapped methods):
+``optimizer.register_step_pre_hook`` (coupled term, and ``lambda_t`` of the coming step),
+``optimizer.register_step_post_hook`` (decoupled pull, schedule counter) and
+``optimizer.register_load_state_dict_post_hook`` (the counter of a state dict saved without one).
+The optimizer is used exactly as before (``opt.step()``, LR schedulers, ``Trainer``, accelerate);
+``hf_cage.CAGE`` is ``torch.optim.AdamW`` with this correction attached to itself.
 
-The weight -> quantizer mapping lives on the wrapper, never in the param groups (they hold plain
-data, so ``state_dict()`` pickles). The schedule's step counter is a plain int ``cage_step`` kept in
-every param group of the wrapped optimizer, so it travels with ``state_dict()`` and survives a
-Trainer resume. The ``cage_*`` hyperparameters are the wrapper's own: loading a state dict never
-changes them (resuming a checkpoint with a new ``cage_lambda`` branches the run with the new value).
+State: the schedule counter ``cage_step`` (optimizer steps taken in this run) is a plain int in
+every param group, so it travels with ``optimizer.state_dict()`` (also through
+``torch.distributed.checkpoint`` for FSDP2) and survives a resume. The hyperparameters
+(``cage_lambda``, ``cage_silence_ratio``, ``cage_schedule``, ``cage_variant``, ``total_steps``) belong to
+the correction, one set per optimizer, and are never read from a state dict: loading a checkpoint
+restores the counter and the moments but keeps the correction's own settings, so resuming an STE
+checkpoint with ``cage_lambda=10`` branches a CAGE run from it. :meth:`CAGECorrection.start_run`
+sets ``total_steps`` and restarts the counter (``CAGETrainer`` calls it at every ``train()``).
+
+Mixed precision: under ``torch.amp.GradScaler`` a non-fused optimizer is stepped only on unscaled,
+finite gradients, so a skipped step runs no hook. A fused optimizer (``fused=True``) is always
+stepped, with the still-scaled gradients and GradScaler's ``grad_scale`` / ``found_inf`` tensors set
+on it: the coupled term is then scaled by ``grad_scale`` like the gradient it joins, and a step with
+``found_inf`` neither pulls nor advances ``cage_step`` (the fused kernel skips it too). The weights
+should be fp32 master weights: in bf16 a pull of ``lr * lambda ~ 1e-2`` moves only about a quarter of
+the entries (the rest round back), so attaching to bf16 quantized weights warns.
+
+FSDP2 (``fully_shard``): parameters are DTensors sharded by rows. ``Q`` acts per row along the input
+dimension (per-channel and per-group scales, Hadamard blocks), which a row shard holds whole, so the
+correction runs on ``p.to_local()`` and writes into the local shard; uneven and empty shards
+included. The quantized weights are looked up in the model at every step, so the parameters
+accelerate swaps into the optimizer when it shards the model are found too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -29,51 +57,54 @@ from .schedule import check_cage_hyperparameters
 
 WeightQuantizer = Callable[[torch.Tensor], torch.Tensor]
 
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def weight_quantizers_of(model: nn.Module) -> dict[nn.Parameter, WeightQuantizer]:
     """``{QATLinear.weight: QATLinear.weight_quantizer}`` for every quantized layer of ``model``."""
     return {layer.weight: layer.weight_quantizer for _, layer in quantized_layers(model)}
 
 
-@torch.no_grad()
-def pull_toward_quantized(
-    params: Iterable[torch.Tensor], quantizers: Mapping[torch.Tensor, WeightQuantizer], weight: float
-) -> int:
-    """``W.lerp_(Q(W), weight)`` (= ``W - weight * (W - Q(W))``) for each param with a quantizer and a grad.
-
-    Params without a gradient were not stepped by the optimizer and are left alone. Returns the
-    number of weights moved (each one cost one call of its quantizer).
-    """
-    moved = 0
-    for p in params:
-        quantize = quantizers.get(p)
-        if quantize is None or p.grad is None:
-            continue
-        p.lerp_(quantize(p), weight)
-        moved += 1
-    return moved
+def cage_correction_of(optimizer) -> CAGECorrection | None:
+    """The correction attached to ``optimizer`` (or to the optimizer a wrapper such as accelerate's holds)."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        found = _ATTACHED.get(optimizer) if isinstance(optimizer, torch.optim.Optimizer) else None
+        if found is not None:
+            return found
+        optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
+    return None
 
 
-def _infer_step(optimizer: torch.optim.Optimizer, group: dict) -> int:
-    """Optimizer steps already taken by ``group``, for a state dict saved without ``cage_step``."""
-    steps = [optimizer.state.get(p, {}).get("step") for p in group["params"]]
-    steps = [int(s) for s in steps if s is not None]
-    return max(steps, default=0)
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of an FSDP2 DTensor (shares its storage), or ``t`` itself."""
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(t, DTensor):
+            return t.to_local()
+    return t
 
 
-class CAGECorrection(torch.optim.Optimizer):
-    """Wrap ``optimizer`` so that each ``step()`` is followed by the decoupled CAGE correction.
+def _skipped_by_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
+    """True when GradScaler marked this (fused) step as overflowed: the optimizer skips it internally."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    return found_inf is not None and bool(found_inf.item())
+
+
+class CAGECorrection:
+    """Attach the CAGE correction to ``optimizer`` (see the module docstring); returns the handle object.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` over the model's parameters.
-        model: the quantized model (its ``QATLinear`` layers give the weights and their quantizers);
-            or pass ``weight_quantizers`` instead.
+        optimizer: any ``torch.optim.Optimizer`` holding the quantized weights.
+        model: the quantized model; its ``QATLinear`` layers give the weights and ``Q``, looked up at
+            every step. Or pass ``weight_quantizers`` (``{weight: Q}``, fixed) instead.
         cage_lambda, cage_silence_ratio, cage_schedule, total_steps: the schedule (CAGE.md section 3);
-            ``total_steps`` counts optimizer steps and may be set later (``wrapper.total_steps = n``).
-        cage_variant: only ``"decoupled"`` (the coupled form needs Adam's moments: use ``hf_cage.CAGE``).
+            ``total_steps`` counts optimizer steps and may be given later with :meth:`start_run`.
+        cage_variant: ``"decoupled"`` or ``"coupled"``.
 
-    Behaves like the wrapped optimizer (``param_groups``, ``state``, ``state_dict``, ``zero_grad``),
-    so LR schedulers and ``transformers.Trainer`` accept it.
+    Frozen weights (``requires_grad=False``) and weights without a gradient are left alone.
+    :meth:`remove` detaches the hooks.
     """
 
     def __init__(
@@ -89,82 +120,83 @@ class CAGECorrection(torch.optim.Optimizer):
         total_steps: int | None = None,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        later = 1 if total_steps is None else total_steps  # total_steps may be filled in later
-        if cage_variant != "decoupled":
-            check_cage_hyperparameters(cage_lambda, cage_silence_ratio, cage_schedule, cage_variant, later)
-            raise ValueError(
-                f"cage_variant={cage_variant!r}: CAGECorrection only implements the 'decoupled' variant; "
-                "use hf_cage.CAGE for the coupled one"
+            raise TypeError(
+                f"the CAGE correction attaches to a torch.optim.Optimizer (through its step hooks), got "
+                f"{type(optimizer).__name__}"
             )
+        check_cage_hyperparameters(
+            cage_lambda, cage_silence_ratio, cage_schedule, cage_variant, 1 if total_steps is None else total_steps
+        )
         if (model is None) == (weight_quantizers is None):
             raise ValueError("pass exactly one of model= (a quantized model) or weight_quantizers=")
+        if cage_correction_of(optimizer) is not None:
+            raise ValueError("this optimizer already has a CAGE correction attached")
         self.optimizer = optimizer
-        quantizers = weight_quantizers if model is None else weight_quantizers_of(model)
-        self.weight_quantizers = {p: q for p, q in quantizers.items() if p.requires_grad}
-        self.cage_lambda = cage_lambda
-        self.cage_silence_ratio = cage_silence_ratio
+        self.model = model
+        self._fixed_quantizers = None if weight_quantizers is None else dict(weight_quantizers)
+        self.cage_lambda = float(cage_lambda)
+        self.cage_silence_ratio = float(cage_silence_ratio)
         self.cage_schedule = cage_schedule
         self.cage_variant = cage_variant
         self.total_steps = total_steps
-        check_cage_hyperparameters(cage_lambda, cage_silence_ratio, cage_schedule, cage_variant, later)
+        quantizers = self.weight_quantizers
         in_optimizer = {p for group in optimizer.param_groups for p in group["params"]}
-        missing = [p for p in self.weight_quantizers if p not in in_optimizer]
+        missing = [p for p in quantizers if p not in in_optimizer]
         if missing:
             raise ValueError(
-                f"{len(missing)} quantized weights are not in the optimizer's param groups; build the optimizer "
-                "on the quantized model's parameters (quantize_model shares them with the dense model)"
+                f"{len(missing)} trainable quantized weights are not in the optimizer's param groups; build the "
+                "optimizer on the quantized model's parameters (quantize_model shares them with the dense model)"
+            )
+        if self.cage_lambda > 0 and not quantizers:
+            raise ValueError(
+                "cage_lambda > 0 but the optimizer holds no trainable quantized weight: quantize the model first "
+                "(hf_cage.quantize_model) and build the optimizer with hf_cage.create_cage_optimizer(model, ...) or "
+                "pass model=; or set cage_lambda=0 for plain STE training"
+            )
+        low = sorted({str(p.dtype) for p in quantizers if p.dtype not in (torch.float32, torch.float64)})
+        if low and self.cage_lambda > 0:
+            warnings.warn(
+                f"the quantized weights are stored in {', '.join(low)}: the CAGE pull lr*lambda*(W - Q(W)) is below "
+                "that format's resolution for most entries and rounds away; keep fp32 master weights (load the "
+                "model in float32 and train with bf16 autocast)",
+                stacklevel=2,
             )
         for group in optimizer.param_groups:
             group.setdefault("cage_step", 0)
-
-    # Delegation, as accelerate's AcceleratedOptimizer does.
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, state):
-        self.optimizer.state = state
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, param_groups):
-        self.optimizer.param_groups = param_groups
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, defaults):
-        self.optimizer.defaults = defaults
-
-    def add_param_group(self, param_group: dict) -> None:
-        param_group.setdefault("cage_step", 0)
-        self.optimizer.add_param_group(param_group)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load the wrapped optimizer's state; ``cage_step`` comes back from it, the ``cage_*`` settings stay."""
-        self.optimizer.load_state_dict(state_dict)
-        for group in self.optimizer.param_groups:
-            if "cage_step" not in group:
-                group["cage_step"] = _infer_step(self.optimizer, group)
+        self._lambda_of_step = 0.0
+        self._handles = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+            optimizer.register_load_state_dict_post_hook(self._after_load),
+        ]
+        _ATTACHED[optimizer] = self
 
     def __repr__(self) -> str:
         return (
             f"CAGECorrection(cage_lambda={self.cage_lambda}, cage_silence_ratio={self.cage_silence_ratio}, "
-            f"cage_schedule={self.cage_schedule!r}, total_steps={self.total_steps}, optimizer={self.optimizer!r})"
+            f"cage_schedule={self.cage_schedule!r}, cage_variant={self.cage_variant!r}, "
+            f"total_steps={self.total_steps}, optimizer={type(self.optimizer).__name__})"
         )
+
+    @property
+    def weight_quantizers(self) -> dict[torch.Tensor, WeightQuantizer]:
+        """``{weight: Q}`` of the trainable quantized weights, as the model holds them now."""
+        quantizers = weight_quantizers_of(self.model) if self._fixed_quantizers is None else self._fixed_quantizers
+        return {p: q for p, q in quantizers.items() if p.requires_grad}
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps taken in this run (the schedule's ``t`` of the last step)."""
+        return max((int(g.get("cage_step", 0)) for g in self.optimizer.param_groups), default=0)
+
+    def start_run(self, total_steps: int | None) -> None:
+        """Begin a run of ``total_steps`` optimizer steps: set the schedule's length, restart the counter at 0."""
+        check_cage_hyperparameters(
+            self.cage_lambda, self.cage_silence_ratio, self.cage_schedule, self.cage_variant, total_steps
+        )
+        self.total_steps = total_steps
+        for group in self.optimizer.param_groups:
+            group["cage_step"] = 0
 
     def lambda_at(self, step: int) -> float:
         """``lambda_t`` at optimizer step ``step`` (1-based)."""
@@ -172,13 +204,55 @@ class CAGECorrection(torch.optim.Optimizer):
 
     def next_lambda(self) -> float:
         """The ``lambda_t`` the next ``step()`` applies."""
-        return self.lambda_at(self.optimizer.param_groups[0]["cage_step"] + 1)
+        return self.lambda_at(self.steps_taken + 1)
 
-    def step(self, closure=None):
-        loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        for group in self.optimizer.param_groups:
-            group["cage_step"] += 1
-            lam = self.lambda_at(group["cage_step"])
-            if lam:
-                pull_toward_quantized(group["params"], self.weight_quantizers, float(group["lr"]) * lam)
-        return loss
+    def remove(self) -> None:
+        """Detach the hooks; the optimizer is plain again."""
+        for handle in self._handles:
+            handle.remove()
+        _ATTACHED.pop(self.optimizer, None)
+
+    def _targets(self, params) -> Iterator[tuple[torch.Tensor, WeightQuantizer]]:
+        quantizers = self.weight_quantizers
+        for p in params:
+            quantize = quantizers.get(p)
+            if quantize is not None and p.grad is not None:
+                yield p, quantize
+
+    @torch.no_grad()
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self._lambda_of_step = lam = self.next_lambda()
+        if not lam or self.cage_variant != "coupled" or _skipped_by_grad_scaler(optimizer):
+            return
+        grad_scale = getattr(optimizer, "grad_scale", None)  # set by GradScaler on fused optimizers only
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for p, quantize in self._targets(params):
+            w, g = local_shard(p), local_shard(p.grad)
+            if w.numel() == 0:
+                continue
+            error = w - quantize(w)
+            if grad_scale is not None:
+                error.mul_(grad_scale.to(error.dtype))
+            g.add_(error.to(g.dtype), alpha=lam)
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if _skipped_by_grad_scaler(optimizer):
+            return
+        step = self.steps_taken + 1
+        lam = self._lambda_of_step
+        for group in optimizer.param_groups:
+            group["cage_step"] = step
+            if lam and self.cage_variant == "decoupled":
+                weight = float(group["lr"]) * lam
+                for p, quantize in self._targets(group["params"]):
+                    w = local_shard(p)
+                    if w.numel():
+                        w.lerp_(quantize(w), weight)
+
+    def _after_load(self, optimizer) -> None:
+        """A state dict saved without ``cage_step`` (plain AdamW): infer it from Adam's per-parameter steps."""
+        for group in optimizer.param_groups:
+            if "cage_step" not in group:
+                steps = [optimizer.state.get(p, {}).get("step") for p in group["params"]]
+                group["cage_step"] = max((int(s) for s in steps if s is not None), default=0)

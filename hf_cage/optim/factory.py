@@ -1,41 +1,37 @@
-"""``create_cage_optimizer``: sort a quantized model's parameters into CAGE's param groups.
+"""``create_cage_optimizer`` and the one weight-decay policy of hf-cage.
 
-Groups, like transformers' own grouping plus one:
+Weight-decay policy (the CAGE reference's, CAGE.md section 5): weight decay applies to the weights of
+the quantized block linears (the ``QATLinear`` layers: q, k, v, o, gate, up, down) and to nothing
+else: embeddings, ``lm_head`` (tied or not), norms and biases are not decayed.
+:func:`decay_parameter_names` is that rule; ``create_cage_optimizer`` and
+``CAGETrainer.get_decay_parameter_names`` both use it.
 
-- ``cage_quantized``: the weights of ``QATLinear`` layers (correction + weight decay);
-- ``decay``: other matrices (e.g. an untied ``lm_head``), weight decay only;
-- ``no_decay``: norms, biases and embeddings.
-
-Frozen parameters (``requires_grad=False``) are left out; empty groups are dropped.
+Frozen parameters (``requires_grad=False``) are left out of the optimizer; empty groups are dropped.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..qat import quantized_layers
 from .cage import CAGE
-from .correction import weight_quantizers_of
 
-NO_DECAY_NAME_PATTERNS = ("bias", "norm")
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names (as ``model.named_parameters()`` spells them) of the parameters that get weight decay."""
+    quantized = {id(layer.weight) for _, layer in quantized_layers(model)}
+    return [name for name, p in model.named_parameters() if id(p) in quantized]
 
 
 def cage_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """The three groups above as ``[{"params": [...], "weight_decay": ..., "name": ...}]``."""
-    quantized = {id(p) for p in weight_quantizers_of(model)}
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    groups = {"cage_quantized": [], "decay": [], "no_decay": []}
+    """``[{"params", "weight_decay", "name"}]``: ``decay`` (quantized block linears) and ``no_decay`` (the rest)."""
+    decay = set(decay_parameter_names(model))
+    groups = {"decay": [], "no_decay": []}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lowered = name.lower()
-        if id(p) in quantized:
-            groups["cage_quantized"].append(p)
-        elif p.ndim < 2 or id(p) in embeddings or any(pattern in lowered for pattern in NO_DECAY_NAME_PATTERNS):
-            groups["no_decay"].append(p)
-        else:
-            groups["decay"].append(p)
-    decay = {"cage_quantized": weight_decay, "decay": weight_decay, "no_decay": 0.0}
-    return [{"params": ps, "weight_decay": decay[name], "name": name} for name, ps in groups.items() if ps]
+        if p.requires_grad:
+            groups["decay" if name in decay else "no_decay"].append(p)
+    rates = {"decay": weight_decay, "no_decay": 0.0}
+    return [{"params": ps, "weight_decay": rates[name], "name": name} for name, ps in groups.items() if ps]
 
 
 def create_cage_optimizer(
@@ -44,19 +40,16 @@ def create_cage_optimizer(
     weight_decay: float = 0.0,
     **cage_kwargs,
 ) -> CAGE:
-    """A :class:`CAGE` optimizer over ``model``'s trainable parameters, grouped as in the module docstring.
+    """A :class:`CAGE` optimizer over ``model``'s trainable parameters, grouped by the decay policy above.
 
     ``cage_kwargs`` are any other :class:`CAGE` arguments (``betas``, ``eps``, ``cage_lambda``,
-    ``cage_silence_ratio``, ``cage_schedule``, ``cage_variant``, ``total_steps``, ``foreach``, ...).
+    ``cage_silence_ratio``, ``cage_schedule``, ``cage_variant``, ``total_steps``, ``foreach``, ``fused``).
 
     Raises:
         ValueError: the model has no ``QATLinear`` layer (quantize it first with ``hf_cage.quantize_model``).
     """
-    every_quantizer = weight_quantizers_of(model)
-    if not every_quantizer:
+    if not any(True for _ in quantized_layers(model)):
         raise ValueError(
             "model has no QATLinear layers; quantize it first: hf_cage.quantize_model(model, hf_cage.QuantConfig())"
         )
-    quantizers = {p: q for p, q in every_quantizer.items() if p.requires_grad}  # frozen weights are not stepped
-    groups = cage_param_groups(model, weight_decay)
-    return CAGE(groups, lr=lr, weight_decay=weight_decay, weight_quantizers=quantizers, **cage_kwargs)
+    return CAGE(cage_param_groups(model, weight_decay), lr=lr, weight_decay=weight_decay, model=model, **cage_kwargs)
