@@ -1,435 +1,848 @@
-"""Accuracy benchmark: full precision vs STE vs CAGE at W4A4, W3A3 and W2A2 on real text, offline, on CPU.
+"""Accuracy benchmark through the product: BF16 vs STE vs CAGE, trained with ``CAGEConfig`` + ``CAGETrainer``.
 
-A tiny Llama (hidden 64, 2 layers, 4 heads, SwiGLU 192, vocab 2048: 0.11M block parameters) is trained on
-the Shakespeare corpus for 1500 steps of 16 x 256 tokens (6.1M tokens, about 55 tokens per block parameter:
-the regime where CAGE's effect showed up in a first experiment, see issue 6), AdamW (0.9, 0.95), weight decay
-0.1 on block linears, peak LR 2e-3 with 10% warmup and cosine decay to 10%, gradient clip 1.0, QuEST W/A
-quantizer (Hadamard, RMS clip).
+Every run is a ``transformers.Trainer`` run built exactly as ``recipes/pretrain_llama.py`` and
+``recipes/finetune_llama.py`` build theirs (``CAGEConfig`` arguments; ``Trainer`` for BF16, ``CAGETrainer``
+for STE and CAGE; the tiny preset's optimizer and schedule: AdamW (0.9, 0.95), weight decay 0.1, 10% warmup,
+cosine to 10% of the peak, gradient clip 1.0). "BF16" is the recipes' unquantized baseline, trained in fp32
+on the CPU. Every CAGE run branches from the STE run of the same seed at the end of its silence period through
+``trainer.train(resume_from_checkpoint=...)``, the trainer's documented branching (weights, Adam moments, LR
+schedule, RNG and data position come from the checkpoint, ``cage_*`` from the new arguments), so every
+STE/CAGE comparison is paired and a CAGE run costs ``1 - silence`` of a run.
 
-CAGE equals STE during its silence period, so every CAGE run branches from the STE run of the same seed at
-the end of silence (weights, Adam moments and data position restored exactly) and only the remaining steps
-are trained: the comparison is paired, and each variant costs ``1 - silence`` of a run.
+Studies (one results file each under ``--results``, one JSON line per finished run; finished runs are
+skipped, so every command is resumable):
 
-    # everything (about 1.5 h on 2 CPU cores); resumable: finished runs are kept in OUT/runs.jsonl
-    python benchmarks/accuracy.py run --out outputs/accuracy --workers 2
-    # the table, the plot and docs/results.md from what has finished
-    python benchmarks/accuracy.py report --out outputs/accuracy --write-docs
-    # seconds-long smoke run of the whole pipeline (used by the test suite)
-    python benchmarks/accuracy.py run --out /tmp/acc --quick && python benchmarks/accuracy.py report --out /tmp/acc
+- ``pretrain``: the headline table. Tiny Llama (hidden 64, 2 layers, 4 heads, SwiGLU 192, vocab 2048:
+  0.11M block parameters) trained from scratch on the Shakespeare plays, 1500 steps x 16 x 256 tokens
+  (6.1M tokens, 58 tokens per block parameter), peak LR 2e-3, QuEST W4A4 and W3A3, CAGE lambda 13 with
+  silence 0.5, 3 seeds.
+- ``finetune``: QAT fine-tuning of the seed-0 BF16 model of ``pretrain`` to W4A4, W3A3 (QuEST) and
+  weight-only W4 (``int``, group 64: the largest group that divides every layer width here; the issue asked
+  for 128, which divides none of 64 / 192), 300 steps at peak LR 5e-4, full parameters, against the BF16
+  model fine-tuned the same way; lambda / silence from a sweep at W4A4, seed 0.
+- ``map``: share of the STE-to-BF16 gap closed against tokens per block parameter: a smaller Llama
+  (hidden 32, 26.6K block parameters) trained 100 / 325 / 975 steps (15 / 50 / 150 tokens per block
+  parameter), W4A4 and W3A3, CAGE (13, 0.5) and (56, 0.8), 2 seeds; the ``int`` quantizer (deployable
+  activation rule) and the coupled variant at the middle point.
+
+    # run everything that is not finished, 2 training processes at a time, in priority order
+    python benchmarks/accuracy.py run --workers 2
+    # one study only / a seconds-long smoke run of the whole pipeline
+    python benchmarks/accuracy.py run --study pretrain
+    python benchmarks/accuracy.py run --quick --results /tmp/acc --out /tmp/acc
+    # what is left and what it costs (core-minutes, from measured seconds per step)
+    python benchmarks/accuracy.py plan
+    # tables, plots and docs/results.md from the results files
+    python benchmarks/accuracy.py report --write-docs
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
 import os
+import shutil
+import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+STUDIES = ("pretrain", "finetune", "map")
+# Every STE run leaves a checkpoint at these fractions of its steps; CAGE runs branch from them.
+BRANCH_POINTS = (0.25, 0.5, 0.8)
+BATCH, BLOCK, VOCAB, EVAL_BLOCKS = 16, 256, 2048, 512
+# Seconds per optimizer step with one thread on this machine's CPU (measured through the Trainer, 60 steps).
+SECONDS_PER_STEP = {("bf16", 64): 0.26, ("qat", 64): 0.32, ("bf16", 32): 0.12, ("qat", 32): 0.16}
 
 
 @dataclass(frozen=True)
-class Setup:
-    """Everything that is held fixed across methods."""
+class Spec:
+    """One training run; ``key`` names it in the results files."""
 
+    study: str
+    method: str  # "bf16", "ste", "cage"
+    seed: int
+    steps: int
+    w_bits: int | None = None
+    a_bits: int | None = None
+    quantizer: str = "quest"
+    group: int | None = None  # weight group size (granularity "group"); None: one scale per output channel
+    lam: float = 0.0
+    silence: float = 0.0
+    variant: str = "decoupled"
     hidden: int = 64
+    ffn: int = 192
     layers: int = 2
     heads: int = 4
-    ffn: int = 192
-    vocab: int = 2048
-    block: int = 256
-    batch: int = 16
-    steps: int = 1500
     lr: float = 2e-3
-    warmup: float = 0.1
-    final_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_blocks: int = 512
-    documents: int | None = None  # use only the first N plays (the quick smoke run)
+    init: str | None = None  # key of the BF16 run a fine-tuning run starts from
+    data_seed: int | None = None  # data order (default: ``seed``)
+    save: bool = False  # keep the final model under OUT/models/<key> (fine-tuning bases, exports)
+    block: int = BLOCK
+    batch: int = BATCH
+    vocab: int = VOCAB
+    eval_blocks: int = EVAL_BLOCKS
 
-
-QUICK = Setup(hidden=32, ffn=64, vocab=300, block=32, batch=4, steps=12, eval_blocks=8, documents=4)
-
-
-@dataclass(frozen=True)
-class Run:
-    method: str  # "fp" (full precision), "ste", "cage"
-    bits: int | None  # weights and activations (WbAb); None for fp
-    seed: int
-    cage_lambda: float = 0.0
-    silence: float = 0.0
+    @property
+    def fmt(self) -> str:
+        if self.method == "bf16":
+            return "bf16"
+        acts = f"a{self.a_bits}" if self.a_bits else ""
+        return f"w{self.w_bits}{acts}-{self.quantizer}" + (f"-g{self.group}" if self.group else "")
 
     @property
     def key(self) -> str:
-        if self.method == "fp":
-            return f"fp-s{self.seed}"
-        name = f"{self.method}-w{self.bits}a{self.bits}-s{self.seed}"
-        return name if self.method == "ste" else f"{name}-l{self.cage_lambda:g}-q{self.silence:g}"
+        name = f"{self.study}-h{self.hidden}-n{self.steps}-{self.fmt}-{self.method}-s{self.seed}"
+        if self.method == "cage":
+            name += f"-l{self.lam:g}-q{self.silence:g}" + ("-coupled" if self.variant == "coupled" else "")
+        if self.lr != 2e-3:
+            name += f"-lr{self.lr:g}"
+        return name
+
+    @property
+    def parent(self) -> Spec | None:
+        """The STE run a CAGE run branches from (None: trained from its start)."""
+        if self.method != "cage" or self.silence == 0:
+            return None
+        return replace(self, method="ste", lam=0.0, silence=0.0, variant="decoupled", save=False)
+
+    @property
+    def branch_step(self) -> int:
+        return round(self.silence * self.steps)
+
+    @property
+    def block_params(self) -> int:
+        return self.layers * (4 * self.hidden * self.hidden + 3 * self.hidden * self.ffn)
+
+    @property
+    def tokens_per_block_param(self) -> float:
+        return self.steps * self.batch * self.block / self.block_params
+
+    def core_minutes(self) -> float:
+        per_step = SECONDS_PER_STEP[("bf16" if self.method == "bf16" else "qat", 64 if self.hidden > 32 else 32)]
+        trained = self.steps - (self.branch_step if self.parent else 0)
+        return (trained * per_step * self.batch / BATCH + 15) / 60
 
 
-def plan(seeds: int, quick: bool) -> list[Run]:
-    """Headline rows (W3A3, W4A4: ``seeds`` seeds), W2A2 and full precision (fewer), a lambda sweep at W3A3."""
-    if quick:
-        return [Run("fp", None, 0), Run("ste", 4, 0), Run("cage", 4, 0, 10.0, 0.5)]
-    variants = [(13.0, 0.5), (56.0, 0.8)]  # total pull sum(lr_t * lambda_t) of about 2 (CAGE.md section 3)
-    runs = [Run("fp", None, s) for s in range(min(seeds, 2))]
-    for bits, n_seeds in ((3, seeds), (4, seeds), (2, 1)):  # the W3A3 and W4A4 rows are the headline
-        for s in range(n_seeds):
-            runs.append(Run("ste", bits, s))
-            runs += [Run("cage", bits, s, lam, sil) for lam, sil in variants]
-    runs += [Run("cage", 3, 0, lam, 0.5) for lam in (4.0, 30.0)]
-    runs += [Run("cage", 3, 0, lam, 0.8) for lam in (10.0, 150.0)]
+QUICK = dict(hidden=32, ffn=64, steps=12, block=32, batch=4, vocab=300, eval_blocks=8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plans (in priority order; a plan may read finished results to choose what comes next)
+
+PRETRAIN_VARIANT = (13.0, 0.5)
+MAP_VARIANTS = ((13.0, 0.5), (56.0, 0.8))
+FT_STEPS, FT_LR = 300, 5e-4
+FT_SWEEP = ((13.0, 0.5), (50.0, 0.5), (150.0, 0.5), (50.0, 0.25))
+FT_FORMATS = ((4, 4, "quest", None), (3, 3, "quest", None), (4, None, "int", 64))
+
+
+def plan_pretrain(seeds: int = 3) -> list[Spec]:
+    runs = []
+    for seed in range(seeds):
+        base = Spec("pretrain", "bf16", seed, 1500)
+        runs.append(replace(base, save=seed == 0))
+        for bits in (4, 3):
+            ste = replace(base, method="ste", w_bits=bits, a_bits=bits)
+            runs += [ste, replace(ste, method="cage", lam=PRETRAIN_VARIANT[0], silence=PRETRAIN_VARIANT[1])]
     return runs
 
 
-def lr_at(step: int, setup: Setup) -> float:
-    """Linear warmup then cosine to ``final_lr_ratio`` of the peak; ``step`` is 1-based."""
-    warm = max(1, round(setup.warmup * setup.steps))
-    if step <= warm:
-        return setup.lr * step / warm
-    progress = (step - warm) / max(1, setup.steps - warm)
-    floor = setup.final_lr_ratio
-    return setup.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+def finetune_base() -> Spec:
+    return Spec("pretrain", "bf16", 0, 1500, save=True)
+
+
+def finetune_choice(results: dict[str, dict]) -> tuple[float, float] | None:
+    """The sweep's best (lambda, silence): lowest W4A4 eval loss on seed 0; None until the sweep is done."""
+    sweep = [results.get(s.key) for s in plan_finetune_sweep()]
+    if any(r is None for r in sweep):
+        return None
+    best = min(sweep, key=lambda r: r["eval_loss"])
+    return best["lam"], best["silence"]
+
+
+def _ft(method: str, seed: int, fmt: tuple = (4, 4, "quest", None), **kw) -> Spec:
+    w, a, quantizer, group = fmt
+    common = dict(steps=FT_STEPS, lr=FT_LR, init=finetune_base().key, data_seed=1000 + seed)
+    if method == "bf16":
+        return Spec("finetune", "bf16", seed, **common)
+    return Spec("finetune", method, seed, w_bits=w, a_bits=a, quantizer=quantizer, group=group, **common, **kw)
+
+
+def plan_finetune_sweep() -> list[Spec]:
+    return [_ft("cage", 0, lam=lam, silence=sil) for lam, sil in FT_SWEEP]
+
+
+def plan_finetune(results: dict[str, dict], seeds: int = 3) -> list[Spec]:
+    choice = finetune_choice(results)
+    runs = [_ft("bf16", 0), _ft("ste", 0), *plan_finetune_sweep()]
+    for seed in range(seeds):
+        runs.append(_ft("bf16", seed))
+        for fmt in FT_FORMATS:
+            runs.append(_ft("ste", seed, fmt))
+            if choice is not None:
+                runs.append(_ft("cage", seed, fmt, lam=choice[0], silence=choice[1]))
+    return runs
+
+
+MAP_STEPS = (100, 325, 975)
+MAP_SHAPE = dict(hidden=32, ffn=96)
+
+
+def plan_map(seeds: int = 2) -> list[Spec]:
+    runs = []
+    for seed in range(seeds):
+        for steps in MAP_STEPS:
+            base = Spec("map", "bf16", seed, steps, **MAP_SHAPE)
+            runs.append(base)
+            for bits in (4, 3):
+                ste = replace(base, method="ste", w_bits=bits, a_bits=bits)
+                runs.append(ste)
+                runs += [replace(ste, method="cage", lam=lam, silence=sil) for lam, sil in MAP_VARIANTS]
+        # the deployable int rule and the coupled variant at the middle point
+        mid = Spec("map", "ste", seed, MAP_STEPS[1], w_bits=4, a_bits=4, **MAP_SHAPE)
+        for bits in (4, 3):
+            ste = replace(mid, w_bits=bits, a_bits=bits, quantizer="int", save=True)
+            runs += [ste, replace(ste, method="cage", lam=MAP_VARIANTS[0][0], silence=MAP_VARIANTS[0][1])]
+        lam, sil = MAP_VARIANTS[0]
+        runs.append(replace(mid, method="cage", lam=lam, silence=sil, variant="coupled"))
+    return runs
+
+
+def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
+    """Priority order: pretraining seed by seed, fine-tuning seed 0 and its sweep, the map's first seed, then
+    the remaining seeds of fine-tuning and the map."""
+    pre, ft, mp = plan_pretrain(), plan_finetune(results), plan_map()
+    ordered = (
+        [r for r in pre]
+        + [r for r in ft if r.seed == 0]
+        + [r for r in mp if r.seed == 0]
+        + [r for r in ft if r.seed == 1]
+        + [r for r in mp if r.seed == 1]
+        + [r for r in ft if r.seed >= 2]
+    )
+    seen, out = set(), []
+    for r in ordered:
+        if r.study in studies and r.key not in seen:
+            seen.add(r.key)
+            out.append(r)
+    return out
+
+
+def quick_plan() -> list[Spec]:
+    base = Spec("pretrain", "bf16", 0, **QUICK, save=True)
+    ste = replace(base, method="ste", w_bits=4, a_bits=4, save=False)
+    ft = dict(study="finetune", init=base.key, steps=8, lr=1e-3, data_seed=7)
+    return [
+        base,
+        ste,
+        replace(ste, method="cage", lam=10.0, silence=0.5),
+        replace(base, save=False, **ft),
+        replace(ste, **ft),
+        replace(ste, method="cage", lam=10.0, silence=0.5, **ft),
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data and model
+# One run
 
 
-@functools.lru_cache(maxsize=2)
-def prepare_data(out: Path, setup: Setup):
-    """Token blocks of the train and validation splits (document split of the shipped corpus)."""
+def prepare_data(out: Path, spec: Spec):
+    """Tokenizer, training blocks and the first ``eval_blocks`` validation blocks (Shakespeare, split by play)."""
     from hf_cage.data import load_token_blocks, shakespeare_files, train_bpe_tokenizer, write_document_split
 
-    files = shakespeare_files()[: setup.documents]
-    train_txt, val_txt = write_document_split(files, out / "data")
-    tokenizer = train_bpe_tokenizer([train_txt], vocab_size=setup.vocab, cache_dir=out / "cache")
-    train = load_token_blocks([train_txt], tokenizer, setup.block)["input_ids"]
-    val = load_token_blocks([val_txt], tokenizer, setup.block)["input_ids"][: setup.eval_blocks]
-    return train, val
+    files = shakespeare_files()
+    if spec.vocab != VOCAB:  # the quick smoke run: a few plays
+        files = sorted(files)[:4]
+    train_txt, val_txt = write_document_split(files, out / f"data-{len(files)}")
+    tokenizer = train_bpe_tokenizer([train_txt], vocab_size=spec.vocab, cache_dir=out / "cache")
+    train = load_token_blocks([train_txt], tokenizer, spec.block)
+    val = load_token_blocks([val_txt], tokenizer, spec.block)
+    return tokenizer, train, val.select(range(min(spec.eval_blocks, len(val))))
 
 
-def build_model(run: Run, setup: Setup):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def training_args(spec: Spec, output_dir: Path):
+    """The ``CAGEConfig`` of ``spec``: the tiny preset's optimizer and schedule, no evaluation or saving."""
+    from hf_cage import CAGEConfig
 
-    import hf_cage
-
-    torch.manual_seed(run.seed)
-    config = LlamaConfig(
-        vocab_size=setup.vocab,
-        hidden_size=setup.hidden,
-        intermediate_size=setup.ffn,
-        num_hidden_layers=setup.layers,
-        num_attention_heads=setup.heads,
-        num_key_value_heads=setup.heads,
-        max_position_embeddings=setup.block,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    if run.bits is not None:
-        hf_cage.quantize_model(model, hf_cage.QuantConfig(w_bits=run.bits, a_bits=run.bits, quantizer="quest"))
-    return model
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Weight decay on the block linears only (the paper's setup); embeddings, head and norms decay-free."""
-    from hf_cage.quant import LLAMA_TARGET_MODULES
-
-    decay, other = [], []
-    for name, param in model.named_parameters():
-        is_block_linear = name.endswith(".weight") and name.split(".")[-2] in LLAMA_TARGET_MODULES
-        (decay if is_block_linear else other).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-
-
-def build_optimizer(model, run: Run, setup: Setup):
-    """AdamW for full precision and STE (CAGE with lambda 0 is AdamW exactly); hf-cage's CAGE for CAGE runs."""
-    import torch
-
-    groups = param_groups(model, setup.weight_decay)
-    if run.method != "cage":
-        return torch.optim.AdamW(groups, lr=setup.lr, betas=(0.9, 0.95), eps=1e-8)
-    from hf_cage.optim import CAGE, weight_quantizers_of
-
-    return CAGE(
-        groups,
-        lr=setup.lr,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        cage_lambda=run.cage_lambda,
-        cage_silence_ratio=run.silence,
-        cage_schedule="linear_ramp",
-        total_steps=setup.steps,
-        weight_quantizers=weight_quantizers_of(model),
+    quantized = spec.method != "bf16"
+    return CAGEConfig(
+        output_dir=str(output_dir),
+        max_steps=spec.steps,
+        per_device_train_batch_size=spec.batch,
+        per_device_eval_batch_size=32,
+        learning_rate=spec.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=0.1,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        seed=spec.seed,
+        data_seed=spec.data_seed,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=max(1, spec.steps // 20),
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        label_names=["labels"],
+        remove_unused_columns=False,
+        quant_w_bits=spec.w_bits if quantized else 4,
+        quant_a_bits=spec.a_bits if quantized else 4,
+        quant_quantizer=spec.quantizer,
+        quant_granularity="group" if spec.group else "channel",
+        quant_group_size=spec.group,
+        cage_lambda=spec.lam,
+        cage_silence_ratio=spec.silence,
+        cage_variant=spec.variant,
     )
 
 
-def batch_indices(seed: int, step: int, n_blocks: int, batch: int):
-    """The blocks of 1-based ``step``: a per-epoch permutation drawn from (seed, epoch), so any step can be
-    replayed after a branch without replaying the ones before it."""
+def checkpoint_dir(out: Path, spec: Spec, step: int) -> Path:
+    return out / "runs" / spec.key / f"checkpoint-{step}"
+
+
+def _save_at_callback(steps: set[int]):
+    from transformers import TrainerCallback
+
+    class SaveAt(TrainerCallback):
+        """Save a full Trainer checkpoint (weights, optimizer, scheduler, RNG) at the given optimizer steps."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in steps:
+                control.should_save = True
+            return control
+
+    return SaveAt()
+
+
+def train(spec: Spec, out: Path) -> dict:
+    """Train ``spec`` through the Trainer and return its result line."""
     import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        default_data_collator,
+        set_seed,
+    )
 
-    per_epoch = n_blocks // batch
-    epoch, offset = divmod(step - 1, per_epoch)
-    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[offset * batch : (offset + 1) * batch]
+    from hf_cage import CAGETrainer
 
-
-def evaluate(model, val, batch: int = 32) -> float:
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(val), batch):
-            x = val[i : i + batch]
-            total += model(input_ids=x, labels=x).loss.item() * len(x)
-            count += len(x)
-    model.train()
-    return total / count
-
-
-def train(run: Run, setup: Setup, out: Path, data) -> dict:
-    """Train ``run`` to the end; STE runs leave snapshots at the silence points CAGE runs branch from."""
-    import torch
-
-    train_blocks, val = data
-    snapshots = out / "snapshots"
-    snapshots.mkdir(parents=True, exist_ok=True)
-    model = build_model(run, setup)
-    optimizer = build_optimizer(model, run, setup)
-    start = 1
-    if run.method == "cage":
-        parent = snapshots / f"{Run('ste', run.bits, run.seed).key}-at{round(run.silence * setup.steps)}.pt"
-        state = torch.load(parent, weights_only=False)
-        model.load_state_dict(state["model"])
-        # CAGE keeps its own lambda / silence / total_steps over the saved AdamW state (moments, step count).
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"] + 1
-    branch_points = {round(s * setup.steps) for s in (0.5, 0.8)} if run.method == "ste" else set()
-    losses, t0 = [], time.perf_counter()
-    model.train()
-    for step in range(start, setup.steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, setup)
-        x = train_blocks[batch_indices(run.seed, step, len(train_blocks), setup.batch)]
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), setup.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step in branch_points:
-            target = snapshots / f"{run.key}-at{step}.pt"
-            tmp = target.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, tmp)
-            os.replace(tmp, target)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    tokenizer, train_blocks, val_blocks = prepare_data(out, spec)
+    run_dir = out / "runs" / spec.key
+    args = training_args(spec, run_dir)
+    set_seed(spec.seed)
+    if spec.init is not None:
+        model = AutoModelForCausalLM.from_pretrained(out / "models" / spec.init, dtype=torch.float32)
+    else:
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.hidden,
+            intermediate_size=spec.ffn,
+            num_hidden_layers=spec.layers,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.heads,
+            max_position_embeddings=spec.block,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = LlamaForCausalLM(config).to(torch.float32)
+    callbacks = []
+    if spec.method == "ste":
+        callbacks.append(_save_at_callback({round(f * spec.steps) for f in BRANCH_POINTS}))
+    cls = Trainer if spec.method == "bf16" else CAGETrainer
+    trainer = cls(
+        model=model,
+        args=args,
+        train_dataset=train_blocks,
+        eval_dataset=val_blocks,
+        data_collator=default_data_collator,
+        callbacks=callbacks,
+    )
+    resume = None
+    if spec.parent is not None:
+        resume = checkpoint_dir(out, spec.parent, spec.branch_step)
+        if not resume.is_dir():
+            raise FileNotFoundError(f"{resume}: the parent STE run has no checkpoint at step {spec.branch_step}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    eval_loss = float(trainer.evaluate()["eval_loss"])
+    if spec.save:
+        trainer.save_model(str(out / "models" / spec.key))
+        tokenizer.save_pretrained(str(out / "models" / spec.key))
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
-        **asdict(run),
-        "key": run.key,
-        "eval_loss": evaluate(model, val),
-        "train_loss_last50": sum(losses[-50:]) / len(losses[-50:]),
-        "steps_trained": len(losses),
-        "seconds": time.perf_counter() - t0,
-        "setup": asdict(setup),
+        **asdict(spec),
+        "key": spec.key,
+        "eval_loss": eval_loss,
+        "train_loss_last": losses[-1] if losses else None,
+        "steps_trained": spec.steps - (spec.branch_step if resume else 0),
+        "tokens_per_block_param": spec.tokens_per_block_param,
+        "seconds": round(time.perf_counter() - start, 1),
+        "final_weights_sha": _weights_digest(trainer.model),
+        "code_commit": os.environ.get("HF_CAGE_CODE_COMMIT"),
     }
 
 
+def _weights_digest(model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Orchestration
+# Orchestration: each run in its own process (one torch thread, nice), results appended as JSON lines
 
 
-def _done(out: Path) -> dict[str, dict]:
-    path = out / "runs.jsonl"
-    if not path.exists():
-        return {}
-    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+def results_path(results: Path, study: str) -> Path:
+    return results / f"{study}.jsonl"
 
 
-def _worker(args) -> dict:
-    run, setup, out = args
-    return train(run, setup, out, prepare_data(out, setup))
+def load_results(results: Path) -> dict[str, dict]:
+    done = {}
+    for study in STUDIES:
+        path = results_path(results, study)
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    done[r["key"]] = r
+    return done
 
 
-def _one_thread() -> None:
-    import torch
+def _append(results: Path, record: dict) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results_path(results, record["study"]), "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
 
-    torch.set_num_threads(1)
+
+def _ready(spec: Spec, done: dict, out: Path) -> bool:
+    if spec.parent is not None and spec.parent.key not in done:
+        return False
+    return spec.init is None or (out / "models" / spec.init / "config.json").is_file()
+
+
+def code_snapshot(out: Path) -> tuple[Path, str]:
+    """``hf_cage`` at the committed ``HEAD`` plus this file, under OUT/code/<sha>: runs use committed library code
+    (the shared working tree may be mid-edit), and every result records the commit it was trained with."""
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+    sha = sha.stdout.strip()
+    target = out / "code" / sha[:12]
+    if not (target / "hf_cage" / "__init__.py").is_file():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", "HEAD", "hf_cage"], cwd=REPO, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    shutil.copyfile(__file__, target / "accuracy_snapshot.py")
+    return target, sha[:12]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return Path(f"/proc/{pid}/stat").is_file() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def _launch(spec: Spec, out: Path, code: Path, sha: str) -> subprocess.Popen:
+    log = out / "logs" / f"{spec.key}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.update(HF_DATASETS_OFFLINE="1", PYTHONPATH=str(code), HF_CAGE_CODE_COMMIT=sha)
+    command = ["nice", "-n", "10", sys.executable, str(code / "accuracy_snapshot.py"), "one"]
+    command += [
+        "--spec",
+        json.dumps(asdict(spec)),
+        "--out",
+        str(out),
+        "--result-file",
+        str(out / "runs" / f"{spec.key}.json"),
+    ]
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    (out / "runs" / f"{spec.key}.pid").write_text(str(proc.pid))
+    return proc
 
 
 def command_run(args) -> int:
-    from concurrent.futures import ProcessPoolExecutor
+    """Launch runs in priority order, ``--workers`` at a time. Restartable at any moment: a run still going from an
+    earlier driver (its pid file) keeps its slot, and its result is collected when it appears."""
+    out, results = Path(args.out), Path(args.results)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    studies = tuple(args.study.split(",")) if args.study else STUDIES
+    code, sha = code_snapshot(out)
+    children: dict[str, subprocess.Popen] = {}
+    failed: set[str] = set()
 
-    from tqdm.auto import tqdm
+    def specs() -> list[Spec]:
+        chosen = quick_plan() if args.quick else full_plan(load_results(results), studies)
+        return [s for s in chosen if not args.only or any(part in s.key for part in args.only.split(","))]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    setup = QUICK if args.quick else replace(Setup(), steps=args.steps) if args.steps else Setup()
-    prepare_data(out, setup)  # tokenizer and split once, before the workers start
-    todo = [r for r in plan(args.seeds, args.quick) if r.key not in _done(out)]
-    if args.only:
-        todo = [r for r in todo if any(part in r.key for part in args.only.split(","))]
-    # Parents first: a CAGE run needs its STE run's snapshot.
-    waves = [[r for r in todo if r.method != "cage"], [r for r in todo if r.method == "cage"]]
-    bar = tqdm(total=len(todo), desc="accuracy runs")
-    pool = ProcessPoolExecutor(args.workers, initializer=_one_thread) if args.workers > 1 else None
-    for wave in waves:
-        jobs = [(r, setup, out) for r in wave]
-        for result in pool.map(_worker, jobs) if pool else map(_worker, jobs):
-            with open(out / "runs.jsonl", "a") as f:
-                f.write(json.dumps(result) + "\n")
-            bar.set_postfix_str(f"{result['key']}: {result['eval_loss']:.4f}")
-            bar.update()
-    if pool:
-        pool.shutdown()
-    bar.close()
+    while True:
+        done = load_results(results)
+        running = set()
+        for pid_file in (out / "runs").glob("*.pid"):
+            key = pid_file.stem
+            proc = children.get(key)
+            alive = proc.poll() is None if proc is not None else _alive(int(pid_file.read_text() or 0))
+            if alive:
+                running.add(key)
+                continue
+            pid_file.unlink()
+            children.pop(key, None)
+            result_file = out / "runs" / f"{key}.json"
+            if result_file.is_file() and key not in done:
+                record = json.loads(result_file.read_text())
+                _append(results, record)
+                done[key] = record
+                print(f"done  {key}: eval_loss {record['eval_loss']:.4f} ({record['seconds']:.0f} s)", flush=True)
+            elif key not in done:
+                failed.add(key)
+                print(f"FAILED {key}; log: {out / 'logs' / (key + '.log')}", flush=True)
+        for spec in specs():
+            if len(running) >= args.workers:
+                break
+            if spec.key in done or spec.key in running or spec.key in failed or not _ready(spec, done, out):
+                continue
+            print(f"start {spec.key} (~{spec.core_minutes():.1f} core-min)", flush=True)
+            children[spec.key] = _launch(spec, out, code, sha)
+            running.add(spec.key)
+        if not running:
+            break
+        time.sleep(0.2 if args.quick else 3)
+    missing = [s.key for s in specs() if s.key not in load_results(results)]
+    if missing:
+        print(f"{len(missing)} runs not finished (failed, or waiting on a failed parent): {', '.join(missing[:5])}")
+        return 1
     return 0
 
 
-def summarize(results: dict[str, dict]) -> dict:
-    """Mean losses per method and the share of the STE-to-fp gap each CAGE variant closes (paired by seed)."""
-    import statistics
+def command_one(args) -> int:
+    spec = Spec(**json.loads(args.spec))
+    record = train(spec, Path(args.out))
+    target = Path(args.result_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, target)
+    return 0
 
-    fp = [r["eval_loss"] for r in results.values() if r["method"] == "fp"]
-    fp_mean = statistics.mean(fp) if fp else float("nan")
-    rows = []
-    for r in sorted(results.values(), key=lambda r: (r["method"] != "ste", -(r["bits"] or 99), r["key"])):
+
+def command_plan(args) -> int:
+    done = load_results(Path(args.results))
+    specs = full_plan(done)
+    total = 0.0
+    for study in STUDIES:
+        todo = [s for s in specs if s.study == study and s.key not in done]
+        cost = sum(s.core_minutes() for s in todo)
+        total += cost
+        print(f"{study}: {len(todo)} runs left of {sum(s.study == study for s in specs)}, ~{cost:.0f} core-minutes")
+    print(f"total ~{total:.0f} core-minutes")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt_losses(values: list[float]) -> str:
+    return " / ".join(f"{v:.4f}" for v in values)
+
+
+def _mean(values):
+    return statistics.mean(values) if values else float("nan")
+
+
+def pretrain_table(done: dict[str, dict], study: str = "pretrain") -> str:
+    """BF16 / STE / CAGE per bit width, per seed, with the share of the STE-to-BF16 gap closed (paired by seed)."""
+    rows = [r for r in done.values() if r["study"] == study]
+    bf16 = {r["seed"]: r["eval_loss"] for r in rows if r["method"] == "bf16"}
+    lines = [
+        "| run | format | seeds | eval loss (mean) | per seed | STE - CAGE (per seed) | share of STE-to-BF16 gap "
+        "closed (mean, per seed) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if bf16:
+        seeds = sorted(bf16)
+        lines.append(
+            f"| BF16 | - | {len(seeds)} | {_mean(bf16.values()):.4f} | {_fmt_losses([bf16[s] for s in seeds])} | | |"
+        )
+    for fmt in sorted({r["fmt_name"] for r in map(_with_fmt, rows) if r["method"] != "bf16"}, reverse=True):
+        ste = {r["seed"]: r for r in map(_with_fmt, rows) if r["method"] == "ste" and r["fmt_name"] == fmt}
+        if ste:
+            seeds = sorted(ste)
+            vals = [ste[s]["eval_loss"] for s in seeds]
+            lines.append(f"| STE | {fmt} | {len(seeds)} | {_mean(vals):.4f} | {_fmt_losses(vals)} | | |")
+        variants = sorted({(r["lam"], r["silence"], r["variant"]) for r in rows if r["method"] == "cage"})
+        for lam, sil, variant in variants:
+            cage = [
+                r
+                for r in map(_with_fmt, rows)
+                if r["method"] == "cage"
+                and r["fmt_name"] == fmt
+                and (r["lam"], r["silence"], r["variant"]) == (lam, sil, variant)
+            ]
+            cage = sorted((r for r in cage if r["seed"] in ste), key=lambda r: r["seed"])
+            if not cage:
+                continue
+            vals = [r["eval_loss"] for r in cage]
+            diffs = [ste[r["seed"]]["eval_loss"] - r["eval_loss"] for r in cage]
+            shares = [gap_closed(ste[r["seed"]]["eval_loss"], r["eval_loss"], _mean(bf16.values())) for r in cage]
+            label = f"CAGE lambda {lam:g}, silence {sil:g}" + (", coupled" if variant == "coupled" else "")
+            lines.append(
+                f"| {label} | {fmt} | {len(cage)} | {_mean(vals):.4f} | {_fmt_losses(vals)} | "
+                f"{' / '.join(f'{d:+.4f}' for d in diffs)} | {_mean(shares):+.1%} "
+                f"({' / '.join(f'{s:+.0%}' for s in shares)}) |"
+            )
+    return "\n".join(lines)
+
+
+def _with_fmt(r: dict) -> dict:
+    return {**r, "fmt_name": Spec(**{k: r[k] for k in Spec.__dataclass_fields__}).fmt}
+
+
+def gap_closed(ste: float, cage: float, bf16: float) -> float:
+    """Share of the STE-to-BF16 gap that CAGE closes: 1 = CAGE reaches BF16, 0 = no better than STE."""
+    gap = ste - bf16
+    return (ste - cage) / gap if gap > 0 else float("nan")
+
+
+def finetune_table(done: dict[str, dict]) -> str:
+    """Fine-tuning: loss increase over the BF16 model fine-tuned the same way, and the share CAGE removes."""
+    rows = [_with_fmt(r) for r in done.values() if r["study"] == "finetune"]
+    bf16 = {r["seed"]: r["eval_loss"] for r in rows if r["method"] == "bf16"}
+    lines = [
+        "| format | method | seeds | eval loss (mean) | per seed | increase over BF16 fine-tuned (mean) | "
+        "share of STE's increase removed (mean, per seed) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if bf16:
+        seeds = sorted(bf16)
+        lines.append(
+            f"| BF16 | fine-tuned | {len(seeds)} | {_mean(bf16.values()):.4f} | "
+            f"{_fmt_losses([bf16[s] for s in seeds])} | | |"
+        )
+    for fmt in sorted({r["fmt_name"] for r in rows if r["method"] != "bf16"}, reverse=True):
+        ste = {r["seed"]: r for r in rows if r["method"] == "ste" and r["fmt_name"] == fmt and r["seed"] in bf16}
+        for method in ("ste", "cage"):
+            variants = sorted(
+                {(r["lam"], r["silence"]) for r in rows if r["method"] == method and r["fmt_name"] == fmt}
+            )
+            for lam, sil in variants:
+                group = sorted(
+                    (
+                        r
+                        for r in rows
+                        if r["method"] == method
+                        and r["fmt_name"] == fmt
+                        and (r["lam"], r["silence"]) == (lam, sil)
+                        and r["seed"] in bf16
+                        and r["seed"] in ste
+                    ),
+                    key=lambda r: r["seed"],
+                )
+                if not group:
+                    continue
+                vals = [r["eval_loss"] for r in group]
+                increases = [r["eval_loss"] - bf16[r["seed"]] for r in group]
+                removed = ""
+                label = "STE"
+                if method == "cage":
+                    label = f"CAGE lambda {lam:g}, silence {sil:g}"
+                    shares = [
+                        (ste[r["seed"]]["eval_loss"] - r["eval_loss"])
+                        / (ste[r["seed"]]["eval_loss"] - bf16[r["seed"]])
+                        for r in group
+                    ]
+                    removed = f"{_mean(shares):+.1%} ({' / '.join(f'{s:+.0%}' for s in shares)})"
+                lines.append(
+                    f"| {fmt} | {label} | {len(group)} | {_mean(vals):.4f} | {_fmt_losses(vals)} | "
+                    f"{_mean(increases):+.4f} | {removed} |"
+                )
+    return "\n".join(lines)
+
+
+def map_points(done: dict[str, dict]) -> list[dict]:
+    """Per (steps, format, CAGE setting): the share of the gap closed per seed (paired with STE and BF16)."""
+    rows = [_with_fmt(r) for r in done.values() if r["study"] == "map"]
+    bf16 = {(r["steps"], r["seed"]): r["eval_loss"] for r in rows if r["method"] == "bf16"}
+    ste = {(r["steps"], r["fmt_name"], r["seed"]): r["eval_loss"] for r in rows if r["method"] == "ste"}
+    points: dict[tuple, dict] = {}
+    for r in rows:
         if r["method"] != "cage":
             continue
-        parent = results.get(Run("ste", r["bits"], r["seed"]).key)
-        if parent is None:
+        parent, base = (r["steps"], r["fmt_name"], r["seed"]), (r["steps"], r["seed"])
+        if parent not in ste or base not in bf16:
             continue
-        gap = parent["eval_loss"] - fp_mean
-        rows.append({**r, "ste_loss": parent["eval_loss"], "gap_closed": (parent["eval_loss"] - r["eval_loss"]) / gap})
-    return {"fp_mean": fp_mean, "fp": fp, "paired": rows}
+        key = (r["steps"], r["fmt_name"], r["lam"], r["silence"], r["variant"])
+        p = points.setdefault(
+            key,
+            {
+                "steps": r["steps"],
+                "fmt": r["fmt_name"],
+                "lam": r["lam"],
+                "silence": r["silence"],
+                "variant": r["variant"],
+                "tpp": r["tokens_per_block_param"],
+                "shares": [],
+                "cage": [],
+                "ste": [],
+                "bf16": [],
+            },
+        )
+        p["shares"].append(gap_closed(ste[parent], r["eval_loss"], bf16[base]))
+        p["cage"].append(r["eval_loss"])
+        p["ste"].append(ste[parent])
+        p["bf16"].append(bf16[base])
+    return sorted(points.values(), key=lambda p: (p["fmt"], p["variant"], p["lam"], p["silence"], p["steps"]))
 
 
-def command_report(args) -> int:
-    import statistics
-
-    out = Path(args.out)
-    results = _done(out)
-    if not results:
-        print(f"no finished runs in {out}/runs.jsonl; run `python benchmarks/accuracy.py run --out {out}` first")
-        return 2
-    summary = summarize(results)
+def map_table(done: dict[str, dict]) -> str:
     lines = [
-        "| run | bits | seeds | eval loss (mean) | per seed | share of STE-to-FP gap closed (mean, per seed) |",
-        "|---|---|---|---|---|---|",
+        "| tokens / block param | format | CAGE setting | seeds | BF16 | STE | CAGE | "
+        "share of gap closed (mean, per seed) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    fp = summary["fp"]
-    if fp:
+    for p in map_points(done):
+        setting = f"lambda {p['lam']:g}, silence {p['silence']:g}" + (", coupled" if p["variant"] == "coupled" else "")
         lines.append(
-            f"| full precision | - | {len(fp)} | {statistics.mean(fp):.4f} | {' / '.join(f'{v:.4f}' for v in fp)} | |"
+            f"| {p['tpp']:.0f} | {p['fmt']} | {setting} | {len(p['shares'])} | {_mean(p['bf16']):.4f} | "
+            f"{_mean(p['ste']):.4f} | {_mean(p['cage']):.4f} | {_mean(p['shares']):+.1%} "
+            f"({' / '.join(f'{s:+.0%}' for s in p['shares'])}) |"
         )
-    by_variant: dict[tuple, list] = {}
-    for r in results.values():
-        if r["method"] == "ste":
-            by_variant.setdefault(("STE", r["bits"], None, None), []).append(r)
-    for r in summary["paired"]:
-        by_variant.setdefault(("CAGE", r["bits"], r["cage_lambda"], r["silence"]), []).append(r)
-    for (name, bits, lam, sil), rs in sorted(
-        by_variant.items(), key=lambda kv: (-kv[0][1], kv[0][0] != "STE", kv[0][3] or 0, kv[0][2] or 0)
-    ):
-        rs = sorted(rs, key=lambda r: r["seed"])
-        losses = [r["eval_loss"] for r in rs]
-        label = name if lam is None else f"CAGE lambda {lam:g}, silence {sil:g}"
-        closed = ""
-        if name == "CAGE":
-            shares = [r["gap_closed"] for r in rs]
-            closed = f"{statistics.mean(shares):+.1%} ({' / '.join(f'{s:+.0%}' for s in shares)})"
-        lines.append(
-            f"| {label} | W{bits}A{bits} | {len(rs)} | {statistics.mean(losses):.4f} | "
-            f"{' / '.join(f'{v:.4f}' for v in losses)} | {closed} |"
-        )
-    table = "\n".join(lines)
-    print(table)
-    plot = out / "accuracy.png"
-    _plot(results, summary, plot)
-    print(f"plot: {plot}")
-    if args.write_docs:
-        _write_docs(table, results, summary, plot)
-    return 0
+    return "\n".join(lines)
 
 
-def _plot(results, summary, path: Path) -> None:
+def plot_map(done: dict[str, dict], path: Path) -> bool:
+    points = [p for p in map_points(done) if p["variant"] == "decoupled" and p["fmt"].endswith("quest")]
+    if not points:
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    bits_list = sorted({r["bits"] for r in results.values() if r["bits"]}, reverse=True)
-    variants = sorted({(r["cage_lambda"], r["silence"]) for r in summary["paired"]}, key=lambda v: (v[1], v[0]))
-    for i, bits in enumerate(bits_list):
-        ste = [r["eval_loss"] for r in results.values() if r["method"] == "ste" and r["bits"] == bits]
-        ax.scatter([i - 0.2] * len(ste), ste, color="k", marker="o", label="STE")
-        for j, variant in enumerate(variants):
-            ys = [
-                r["eval_loss"]
-                for r in summary["paired"]
-                if r["bits"] == bits and (r["cage_lambda"], r["silence"]) == variant
-            ]
-            if ys:
-                label = f"CAGE lambda {variant[0]:g}, silence {variant[1]:g}"
-                ax.scatter([i - 0.1 + 0.06 * j] * len(ys), ys, marker="^", s=22, color=f"C{j}", label=label)
-    if summary["fp"]:
-        ax.axhline(summary["fp_mean"], color="k", ls="--", label="full precision")
-    ax.set_xticks(range(len(bits_list)), [f"W{b}A{b}" for b in bits_list])
-    ax.set_ylabel("validation loss")
-    ax.set_title("STE vs CAGE, tiny Llama on Shakespeare (lower is better)")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), fontsize=7)
+    series = sorted({(p["fmt"], p["lam"], p["silence"]) for p in points})
+    for i, (fmt, lam, sil) in enumerate(series):
+        ps = sorted(
+            (p for p in points if (p["fmt"], p["lam"], p["silence"]) == (fmt, lam, sil)), key=lambda p: p["tpp"]
+        )
+        xs = [p["tpp"] for p in ps]
+        ys = [100 * _mean(p["shares"]) for p in ps]
+        style = "-" if fmt.startswith("w4") else "--"
+        ax.plot(
+            xs,
+            ys,
+            style,
+            marker="o",
+            color=f"C{i % 2}",
+            label=f"{fmt.split('-')[0].upper()}, lambda {lam:g}, silence {sil:g}",
+        )
+        for p in ps:
+            ax.scatter(
+                [p["tpp"]] * len(p["shares"]), [100 * s for s in p["shares"]], s=8, color=f"C{i % 2}", alpha=0.5
+            )
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axhline(15, color="gray", ls=":", lw=0.8, label="target: 15%")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens per block parameter")
+    ax.set_ylabel("share of the STE-to-BF16 gap closed by CAGE (%)")
+    ax.set_title("Regime map: tiny Llama (hidden 32), QuEST, paired with STE")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
-def _write_docs(table: str, results, summary, plot: Path) -> None:
-    import shutil
+def command_report(args) -> int:
+    results = Path(args.results)
+    done = load_results(results)
+    if not done:
+        print(f"no finished runs in {results}; run `python benchmarks/accuracy.py run` first", file=sys.stderr)
+        return 2
+    sections = {
+        "pretrain": pretrain_table(done) if any(r["study"] == "pretrain" for r in done.values()) else "",
+        "finetune": finetune_table(done) if any(r["study"] == "finetune" for r in done.values()) else "",
+        "map": map_table(done) if any(r["study"] == "map" for r in done.values()) else "",
+    }
+    for name, table in sections.items():
+        if table:
+            print(f"## {name}\n{table}\n")
+    docs = Path(args.docs)
+    plot = docs / "regime_map.png" if args.write_docs else Path(args.out) / "regime_map.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    if plot_map(done, plot):
+        print(f"plot: {plot}")
+    if args.write_docs:
+        target = docs / "results.md"
+        text = target.read_text() if target.exists() else ""
+        for name, table in sections.items():
+            if table:
+                text = replace_block(text, name, table)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+        print(f"wrote {target}")
+    return 0
 
-    docs = REPO / "docs"
-    shutil.copyfile(plot, docs / "accuracy.png")
-    setup = next(iter(results.values()))["setup"]
-    seconds = sum(r["seconds"] for r in results.values())
-    text = (REPO / "docs" / "results.md").read_text() if (REPO / "docs" / "results.md").exists() else ""
-    marker = "<!-- accuracy-table -->"
-    block = (
-        f"{marker}\nSetup: `{json.dumps(setup)}`; {len(results)} runs, {seconds / 60:.0f} CPU-minutes of "
-        f"training.\n\n{table}\n\n![validation loss per method](accuracy.png)\n{marker}"
-    )
-    if marker in text:
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """Put ``body`` between the ``<!-- {name}-table -->`` markers of ``text`` (appended if absent)."""
+    marker = f"<!-- {name}-table -->"
+    block = f"{marker}\n{body}\n{marker}"
+    if text.count(marker) >= 2:
         head, _, rest = text.partition(marker)
         _, _, tail = rest.partition(marker)
-        text = head + block + tail
-    else:
-        text = text + "\n" + block + "\n"
-    (docs / "results.md").write_text(text)
-    print(f"wrote {docs / 'results.md'}")
+        return head + block + tail
+    return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train the runs that are not finished yet")
-    run.add_argument("--out", default="outputs/accuracy", help="run folder (default: outputs/accuracy)")
-    run.add_argument("--seeds", type=int, default=3, help="seeds per method and bit width (default: 3)")
-    run.add_argument("--workers", type=int, default=2, help="parallel training processes (default: 2)")
-    run.add_argument("--steps", type=int, default=None, help="override the number of steps (default: 1500)")
+    run.add_argument(
+        "--out", default="outputs/accuracy", help="checkpoints, models and logs (default: outputs/accuracy)"
+    )
+    run.add_argument("--results", default=str(RESULTS), help="results folder (default: benchmarks/results)")
+    run.add_argument("--workers", type=int, default=2, help="training processes at a time (default: 2)")
+    run.add_argument(
+        "--study", default=None, help=f"comma-separated studies to run (default: all: {', '.join(STUDIES)})"
+    )
     run.add_argument("--only", default=None, help="comma-separated substrings of run keys to train")
     run.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the whole pipeline")
     run.set_defaults(func=command_run)
-    report = sub.add_parser("report", help="print the table and draw the plot from finished runs")
+    one = sub.add_parser("one", help="train one run (used by `run`)")
+    one.add_argument("--spec", required=True)
+    one.add_argument("--out", required=True)
+    one.add_argument("--result-file", required=True)
+    one.set_defaults(func=command_one)
+    plan = sub.add_parser("plan", help="runs left and their cost")
+    plan.add_argument("--results", default=str(RESULTS))
+    plan.set_defaults(func=command_plan)
+    report = sub.add_parser("report", help="print the tables and draw the plot from finished runs")
+    report.add_argument("--results", default=str(RESULTS))
     report.add_argument("--out", default="outputs/accuracy")
-    report.add_argument("--write-docs", action="store_true", help="also write docs/results.md and docs/accuracy.png")
+    report.add_argument("--docs", default=str(REPO / "docs"), help="where --write-docs writes (default: docs/)")
+    report.add_argument("--write-docs", action="store_true", help="write the tables into DOCS/results.md and the plot")
     report.set_defaults(func=command_report)
     args = parser.parse_args(argv)
     return args.func(args)

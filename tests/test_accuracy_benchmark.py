@@ -1,8 +1,10 @@
-"""The accuracy benchmark's pipeline, in seconds: runs, paired CAGE branches, report."""
+"""The accuracy benchmark in seconds: product-path runs, paired CAGE branches, the report it writes."""
 
 import importlib.util
 import json
+import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,27 +21,94 @@ def accuracy():
     return module
 
 
-def test_quick_run_and_report(accuracy, tmp_path, capsys):
-    assert accuracy.main(["run", "--out", str(tmp_path), "--quick", "--workers", "1"]) == 0
-    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    assert {r["key"] for r in runs} == {"fp-s0", "ste-w4a4-s0", "cage-w4a4-s0-l10-q0.5"}
-    cage = next(r for r in runs if r["method"] == "cage")
-    assert cage["steps_trained"] == accuracy.QUICK.steps // 2  # branched at the end of silence
-    assert accuracy.main(["report", "--out", str(tmp_path)]) == 0
-    assert "CAGE lambda 10, silence 0.5" in capsys.readouterr().out
-    assert (tmp_path / "accuracy.png").stat().st_size > 0
+@pytest.fixture(scope="module")
+def quick_results(accuracy, tmp_path_factory):
+    """Every run of the quick plan (pretraining, fine-tuning from the BF16 run) plus a quick map point, in-process."""
+    out = tmp_path_factory.mktemp("accuracy")
+    results = out / "results"
+    specs = accuracy.quick_plan()
+    base = accuracy.Spec("map", "bf16", 0, **accuracy.QUICK)
+    ste = replace(base, method="ste", w_bits=4, a_bits=4)
+    specs += [base, ste, replace(ste, method="cage", lam=10.0, silence=0.5)]
+    for spec in specs:
+        accuracy._append(results, accuracy.train(spec, out))
+    return out, accuracy.load_results(results)
 
 
-def test_a_lambda_zero_branch_reproduces_the_ste_run_exactly(accuracy, tmp_path):
-    setup = accuracy.QUICK
-    data = accuracy.prepare_data(tmp_path, setup)
-    ste = accuracy.train(accuracy.Run("ste", 4, 0), setup, tmp_path, data)
-    branch = accuracy.train(accuracy.Run("cage", 4, 0, 0.0, 0.5), setup, tmp_path, data)
-    assert branch["eval_loss"] == ste["eval_loss"]
+def test_runs_go_through_the_trainer_and_cage_branches_at_the_end_of_silence(accuracy, quick_results):
+    out, done = quick_results
+    ste = accuracy.Spec("pretrain", "ste", 0, w_bits=4, a_bits=4, **accuracy.QUICK)
+    cage = replace(ste, method="cage", lam=10.0, silence=0.5)
+    assert done[cage.key]["steps_trained"] == accuracy.QUICK["steps"] // 2
+    assert (accuracy.checkpoint_dir(out, ste, cage.branch_step) / "trainer_state.json").is_file()
+    assert done[cage.key]["final_weights_sha"] != done[ste.key]["final_weights_sha"]  # lambda 10 moved the weights
+    # the fine-tuning runs start from the saved BF16 model
+    finetune = [r for r in done.values() if r["study"] == "finetune"]
+    assert len(finetune) == 3 and all(r["init"] == accuracy.quick_plan()[0].key for r in finetune)
 
 
-def test_lr_schedule_warms_up_and_decays_to_the_floor(accuracy):
-    setup = accuracy.Setup(steps=100, lr=1.0)
-    assert accuracy.lr_at(1, setup) == pytest.approx(0.1)
-    assert accuracy.lr_at(10, setup) == pytest.approx(1.0)
-    assert accuracy.lr_at(100, setup) == pytest.approx(0.1)
+def test_a_lambda_zero_branch_reproduces_the_ste_run_to_the_bit(accuracy, quick_results, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out, _ = quick_results
+    ste = accuracy.Spec("pretrain", "ste", 0, w_bits=4, a_bits=4, save=True, **accuracy.QUICK)
+    full = accuracy.train(ste, tmp_path)
+    branch = accuracy.train(replace(ste, method="cage", lam=0.0, silence=0.5), tmp_path)
+    assert branch["steps_trained"] == ste.steps - ste.steps // 2
+    assert branch["eval_loss"] == full["eval_loss"]
+    assert branch["final_weights_sha"] == full["final_weights_sha"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / ste.key).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "models" / replace(ste, method="cage", lam=0.0, silence=0.5).key
+    ).state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+
+
+def test_report_write_docs_writes_the_tables_and_the_plot(accuracy, quick_results, tmp_path, capsys):
+    out, done = quick_results
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text(
+        "# Results\n\nhand-written text\n\n<!-- pretrain-table -->\nold\n<!-- pretrain-table -->\n"
+    )
+    results = out / "results"
+    assert accuracy.main(["report", "--results", str(results), "--docs", str(docs), "--write-docs"]) == 0
+    text = (docs / "results.md").read_text()
+    assert text.startswith("# Results\n\nhand-written text\n") and "\nold\n" not in text
+    for name in ("pretrain", "finetune", "map"):
+        assert text.count(f"<!-- {name}-table -->") == 2
+    # the written shares are the paired arithmetic of the results file
+    ste = accuracy.Spec("pretrain", "ste", 0, w_bits=4, a_bits=4, **accuracy.QUICK)
+    cage = replace(ste, method="cage", lam=10.0, silence=0.5)
+    bf16 = accuracy.Spec("pretrain", "bf16", 0, **accuracy.QUICK)
+    share = accuracy.gap_closed(done[ste.key]["eval_loss"], done[cage.key]["eval_loss"], done[bf16.key]["eval_loss"])
+    row = next(line for line in text.splitlines() if line.startswith("| CAGE lambda 10, silence 0.5 | w4a4-quest | 1"))
+    assert f"{share:+.1%}" in row and f"{done[cage.key]['eval_loss']:.4f}" in row
+    ft_ste = replace(ste, study="finetune", init=bf16.key, steps=8, lr=1e-3, data_seed=7)
+    ft_bf16 = replace(bf16, study="finetune", init=bf16.key, steps=8, lr=1e-3, data_seed=7)
+    increase = done[ft_ste.key]["eval_loss"] - done[ft_bf16.key]["eval_loss"]
+    row = next(line for line in text.splitlines() if re.match(r"\| w4a4-quest \| STE \| 1 \|", line))
+    assert f"{increase:+.4f}" in row
+    assert (docs / "regime_map.png").stat().st_size > 1000
+    assert "## pretrain" in capsys.readouterr().out
+
+
+def test_report_without_results_is_one_line_and_exit_2(accuracy, tmp_path, capsys):
+    assert accuracy.main(["report", "--results", str(tmp_path), "--docs", str(tmp_path)]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_plans_pair_every_cage_run_with_an_ste_parent_in_the_plan(accuracy):
+    specs = accuracy.full_plan({})
+    keys = {s.key for s in specs}
+    for spec in specs:
+        if spec.parent is not None:
+            assert spec.parent.key in keys
+            assert spec.silence in accuracy.BRANCH_POINTS
+    pretrain = [s for s in specs if s.study == "pretrain"]
+    assert {s.seed for s in pretrain} == {0, 1, 2}
+    assert {round(s.tokens_per_block_param) for s in specs if s.study == "map"} == {15, 50, 150}
+    assert json.dumps([s.key for s in specs])  # keys are plain strings
