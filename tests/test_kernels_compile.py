@@ -36,7 +36,7 @@ W4A16_SIGNATURE = dict(
 QUANT_SIGNATURE = dict(
     x_ptr="*bf16", had_ptr="*fp32", codes_ptr="*i8", scales_ptr="*fp32", q_ptr="*bf16", mask_ptr="*i8",
     M="i32", segment="i32", stride_xm="i32", n_scales="i32",
-    alpha="fp32", step_divisor="fp32", qmin="fp32", qmax="fp32", tiny="fp32",
+    alpha="fp32", step_divisor="fp32", qmin="fp32", qmax="fp32", tiny="fp32", zero_step="fp32",
 )  # fmt: skip
 
 
@@ -83,6 +83,7 @@ def test_w4a16_compiles_for_h100(config, dot_fp32):
         (4096, triton_quant.QuantSpec(4, group_size=32, hadamard_block=128)),
         (4096, triton_quant.QuantSpec(4, "integer", "absmax", group_size=128)),
         (11008, triton_quant.QuantSpec(8)),
+        (4096, triton_quant.QuantSpec(4, "integer", "minmax")),
     ],
     ids=str,
 )

@@ -43,6 +43,8 @@ SPECS = [
     QuantSpec(4, "integer", "absmax", group_size=128, hadamard_block=32),
     QuantSpec(8, "midrise", "mse", hadamard_block=64),
     QuantSpec(2, "integer", "absmax", group_size=32),
+    QuantSpec(4, "integer", "minmax"),
+    QuantSpec(8, "integer", "minmax", hadamard_block=128),
 ]
 SHAPES = [(1, 256), (70, 256), (3, 5, 384)]
 
@@ -128,6 +130,22 @@ def test_all_zero_rows_get_the_tiny_step_like_the_twin():
         ref_codes, ref_scales = reference.quantize_rows(x, spec)
         assert torch.equal(codes, ref_codes)
         torch.testing.assert_close(scales, ref_scales, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_minmax_kernel_is_bit_for_bit_compressed_tensors(bits):
+    """The fused quantizer's minmax rule is the twin's and compressed-tensors' dynamic per-token rule, bit for bit
+    (absmax is exact in any order, so here the kernel's scales equal the twin's exactly), zeros and ties included."""
+    from test_quantizers import activations_with_ties_and_zeros, compressed_tensors_input_quantizer
+
+    x = activations_with_ties_and_zeros(bits).to(DEVICE)
+    spec = QuantSpec(bits, "integer", "minmax")
+    q, _ = kernels.fake_quantize(x, spec)
+    assert torch.equal(q.view(torch.int32), compressed_tensors_input_quantizer(x, bits).view(torch.int32))
+    codes, scales = kernels.quantize_rows(x, spec)
+    ref_codes, ref_scales = reference.quantize_rows(x, spec)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    assert scales[0, 0, 0] == torch.finfo(torch.float32).eps
 
 
 def test_a_code_on_a_tie_is_counted_not_hidden():
@@ -250,9 +268,14 @@ def test_launchers_reject_bad_inputs():
 # sums differ by ulps, so a value on a rounding tie may take another code: those are compared tie-aware.
 QAT_CONFIGS = {
     "quest": QuantConfig(),
-    "int-group32": QuantConfig(quantizer="int", granularity="group", group_size=32, clip="absmax"),
+    # absmax activations: the extreme lands on qmax = 7 exactly, away from any tie, so ulp noise upstream (the
+    # GEMM's fp32 order differs from F.linear's) cannot flip a code and whole models match across backends.
+    "int-group32": QuantConfig(quantizer="int", granularity="group", group_size=32, clip="absmax", a_clip="absmax"),
     "quest-group64-a8": QuantConfig(granularity="group", group_size=64, a_bits=8),
     "int-weight-only": QuantConfig(quantizer="int", a_bits=None, clip="absmax"),
+    # The int default: minmax activations (compressed-tensors' rule). Its negative extreme sits on a tie
+    # (-absmax / (absmax / 7.5) = -7.5), so it is compared layer by layer on identical inputs only.
+    "int-minmax": QuantConfig(quantizer="int"),
 }
 
 
@@ -268,7 +291,7 @@ def assert_all_close(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
 
 
-@pytest.mark.parametrize("name", ["quest", "int-group32"])
+@pytest.mark.parametrize("name", ["quest", "int-group32", "int-minmax"])
 def test_qat_linear_w4a4_gemm_and_backward_match_the_straight_through_path(name, monkeypatch):
     """Same Triton quantizers both ways: the W4A4 GEMM + its backward vs F.linear on Q(x), Q(W) + FakeQuantSTE."""
     layer = QATLinear.from_linear(nn.Linear(256, 48, device=DEVICE), QAT_CONFIGS[name])
@@ -280,7 +303,7 @@ def test_qat_linear_w4a4_gemm_and_backward_match_the_straight_through_path(name,
     assert_all_close(fused, run_layer(layer, x, grad_out))
 
 
-@pytest.mark.parametrize("name", ["int-group32", "int-weight-only"])
+@pytest.mark.parametrize("name", ["int-group32", "int-weight-only", "int-minmax"])
 def test_qat_linear_triton_backend_matches_torch_backend(name):
     layer = QATLinear.from_linear(nn.Linear(256, 48, device=DEVICE), QAT_CONFIGS[name])
     x = randn(2, 9, 256, seed=18).requires_grad_()

@@ -50,3 +50,30 @@ def test_dict_round_trip_and_unknown_fields():
 
 def test_weight_only_config_has_no_activation_grid():
     assert QuantConfig(a_bits=None).activation_spec(64) is None
+
+
+def test_activation_rule_defaults_to_what_the_export_format_serves_for_int():
+    assert QuantConfig(quantizer="int").a_clip == "minmax"
+    assert QuantConfig(quantizer="int").activation_spec(64).scale_rule == "minmax"
+    assert QuantConfig(quantizer="int").weight_spec(64).scale_rule == "mse"
+    assert QuantConfig().a_clip == "mse"
+    config = QuantConfig(quantizer="int", clip="absmax", a_clip="mse")
+    assert (config.weight_spec(64).scale_rule, config.activation_spec(64).scale_rule) == ("absmax", "mse")
+    with pytest.raises(ValueError, match="a_clip='percentile'.*'minmax'"):
+        QuantConfig(a_clip="percentile")
+
+
+def test_a_config_saved_before_a_clip_keeps_its_activation_rule():
+    saved = QuantConfig(quantizer="int", clip="absmax").to_dict()
+    del saved["a_clip"]
+    assert QuantConfig.from_dict(saved).a_clip == "absmax"
+    assert QuantConfig.from_dict(QuantConfig(quantizer="int").to_dict()).a_clip == "minmax"
+
+
+def test_trainer_config_passes_the_activation_rule(tmp_path):
+    from hf_cage import CAGEConfig
+
+    common = dict(output_dir=str(tmp_path), quant_quantizer="int", use_cpu=True, report_to=[])
+    assert CAGEConfig(**common).quant_config().a_clip == "minmax"
+    args = CAGEConfig(**common, quant_a_clip="absmax")
+    assert args.quant_config().activation_spec(64).scale_rule == "absmax"

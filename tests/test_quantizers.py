@@ -111,3 +111,60 @@ def test_output_keeps_input_dtype_and_zero_rows_stay_finite():
     x = torch.zeros(2, 64, dtype=torch.bfloat16)
     q, _ = fake_quantize(x, QuantSpec(4, "integer"))
     assert q.dtype == torch.bfloat16 and torch.isfinite(q.float()).all() and (q == 0).all()
+
+
+def compressed_tensors_input_quantizer(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """What compressed-tensors' forward hook does to a linear's input: dynamic, symmetric, per-token int."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, dynamic=True, strategy="token")
+    module = torch.nn.Linear(1, 1)
+    module.quantization_status = QuantizationStatus.FROZEN
+    return forward_quantize(module, x, "input", args)
+
+
+def activations_with_ties_and_zeros(bits: int) -> torch.Tensor:
+    """(batch, tokens, hidden) like a Llama linear's input: magnitudes 1e-4..1e4, a zero row, exact ties,
+    a lone outlier, negative zeros and a row whose extreme is negative."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, 40, 96, generator=g) * torch.logspace(-4, 4, 40)[None, :, None]
+    x[0, 0] = 0.0
+    x[0, 1] = -0.0
+    half = (2**bits - 1) / 2
+    x[1, 0] = (torch.arange(96) * 7) % 2**bits - 2 ** (bits - 1) + 0.5  # k + 1/2 in [-2^(b-1), 2^(b-1)]
+    x[1, 0, 0] = half  # absmax (2^b - 1) / 2 makes the step exactly 1: every value of the row is a tie
+    x[1, 0, 1] = -half  # rounds to qmin
+    x[1, 1] = torch.randn(96, generator=g) * 1e-3
+    x[1, 1, 7] = 50.0  # one outlier: most codes round to 0, many of them to -0.0
+    x[2, 0] = -torch.rand(96, generator=g)
+    x[2, 0, 5] = -2.0
+    return x
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_minmax_rule_is_bit_for_bit_compressed_tensors_dynamic_token_quantization(bits):
+    x = activations_with_ties_and_zeros(bits)
+    served = compressed_tensors_input_quantizer(x, bits)
+    trained, _ = fake_quantize(x, QuantSpec(bits, "integer", "minmax"))
+    assert served.dtype == trained.dtype == torch.float32
+    # Bit for bit, signs of zeros included (an int32 view tells -0.0 from 0.0).
+    assert torch.equal(trained.view(torch.int32), served.view(torch.int32))
+    # The ties rounded half to even (the top one, 2^(b-1) - 1/2, clamps to qmax, odd).
+    ties = trained[1, 0]
+    assert ((ties % 2 == 0) | (ties == 2 ** (bits - 1) - 1)).all() and (ties == -(2 ** (bits - 1))).any()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_minmax_codes_and_scales(bits):
+    """Independent of compressed-tensors: scale absmax / ((2^b-1)/2), round half to even, full code range."""
+    x = activations_with_ties_and_zeros(bits).reshape(-1, 96)
+    codes, scales = quantize_rows(x, QuantSpec(bits, "integer", "minmax"))
+    scales = scales.squeeze(-1)
+    expected_scales = x.abs().amax(-1) / ((2**bits - 1) / 2)
+    expected_scales[expected_scales == 0] = torch.finfo(torch.float32).eps
+    assert torch.equal(scales, expected_scales)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert torch.equal(codes.float(), torch.round(torch.clamp(x / scales[:, None], qmin, qmax)))
+    assert codes.min() == -(2 ** (bits - 1)) and codes.max() == 2 ** (bits - 1) - 1
+    assert (codes[0] == 0).all() and scales[0] == torch.finfo(torch.float32).eps

@@ -9,7 +9,8 @@ last dimension (a weight's input features, an activation's hidden size):
 2. split the row into groups (``group_size``, or the whole row) and give each group a ``step``:
    with the ``mse`` rule the clip value is ``s = alpha_b * RMS(group)``, with ``absmax`` it is the
    largest magnitude; ``step = 2 s / (2^b - 1)`` (for the integer grid with ``absmax``,
-   ``step = absmax / (2^(b-1) - 1)`` so the extreme value is representable);
+   ``step = absmax / (2^(b-1) - 1)`` so the extreme value is representable; ``minmax`` is
+   compressed-tensors' dynamic activation rule, ``step = absmax / ((2^b - 1) / 2)``, bit for bit);
 3. round to integer codes in ``[-2^(b-1), 2^(b-1) - 1]`` and map back with
    ``(code + code_offset) * step``; the mid-rise grid is exactly CAGE.md section 4:
    ``q = (round(clip(x, -s, s) / step + 1/2) - 1/2) * step``;
@@ -73,18 +74,29 @@ def _rotated_fp32(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return hadamard_rotate(x, spec.hadamard_block) if spec.hadamard_block else x
 
 
+def _divide(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor``, correctly rounded on every device (CUDA turns a division by a Python scalar into a
+    multiplication by its reciprocal, which can differ by an ulp from the Triton kernel and compressed-tensors)."""
+    return x / torch.full((), divisor, dtype=x.dtype, device=x.device)
+
+
 def _clip_and_step(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group clip value ``s`` and ``step``, shape ``(..., G, 1)``, from fp32 groups."""
     if spec.scale_rule == "mse":
         clip = spec.clip_alpha * groups.square().mean(-1, keepdim=True).sqrt()
     else:
         clip = groups.abs().amax(-1, keepdim=True)
-    if spec.grid == "integer" and spec.scale_rule == "absmax":
-        step = clip / spec.qmax
-    else:
-        step = 2 * clip / (2**spec.bits - 1)
-    # An all-zero group gets the smallest normal step instead of 0/0.
     tiny = torch.finfo(torch.float32).tiny
+    if spec.scale_rule == "minmax":
+        # compressed-tensors' calculate_qparams: absmax / (bit_range / 2), a zero scale replaced by eps.
+        step = _divide(clip, (2**spec.bits - 1) / 2)
+        step = torch.where(step == 0, torch.finfo(torch.float32).eps, step)
+        return clip.clamp_min(tiny), step
+    if spec.grid == "integer" and spec.scale_rule == "absmax":
+        step = _divide(clip, spec.qmax)
+    else:
+        step = _divide(2 * clip, 2**spec.bits - 1)
+    # An all-zero group gets the smallest normal step instead of 0/0.
     return clip.clamp_min(tiny), step.clamp_min(tiny)
 
 
@@ -92,7 +104,14 @@ def _codes(groups: torch.Tensor, clip: torch.Tensor, step: torch.Tensor, spec: Q
     """Integer codes (as fp32) in ``[qmin, qmax]``."""
     if spec.grid == "midrise":
         return torch.round(torch.clamp(groups, -clip, clip) / step + 0.5) - 1
-    return torch.clamp(torch.round(groups / step), spec.qmin, spec.qmax)
+    # compressed-tensors' order: divide, add the zero point (0; it turns -0.0 into 0.0), clamp, round.
+    return torch.round(torch.clamp(groups / step + 0.0, spec.qmin, spec.qmax))
+
+
+def _with_offset(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """``code + code_offset``; the integer grid adds nothing (``-0.0 + 0`` would lose the sign
+    compressed-tensors keeps)."""
+    return codes + spec.code_offset if spec.code_offset else codes
 
 
 def quantize_rows(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +133,7 @@ def dequantize_rows(
     codes: torch.Tensor, scales: torch.Tensor, spec: QuantSpec, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_rows`: ``(code + code_offset) * scale``, rotated back, cast to ``dtype``."""
-    values = _grouped(codes.float(), spec) + spec.code_offset
+    values = _with_offset(_grouped(codes.float(), spec), spec)
     x = (values * scales.float().unsqueeze(-1)).reshape(codes.shape)
     if spec.hadamard_block:
         x = hadamard_rotate(x, spec.hadamard_block)
@@ -131,7 +150,7 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     """
     groups = _grouped(_rotated_fp32(x, spec), spec)
     clip, step = _clip_and_step(groups, spec)
-    q = (_codes(groups, clip, step, spec) + spec.code_offset) * step
+    q = _with_offset(_codes(groups, clip, step, spec), spec) * step
     mask = ((q - groups).abs() <= step * 0.5).reshape(x.shape)
     q = q.reshape(x.shape)
     if spec.hadamard_block:

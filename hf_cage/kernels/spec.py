@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 GRIDS = ("midrise", "integer")
-SCALE_RULES = ("mse", "absmax")
+SCALE_RULES = ("mse", "absmax", "minmax")
 
 # Clip factor (in units of the row RMS) that minimises the MSE of a 2^b-level uniform grid on a
 # Gaussian. 2, 3, 4 bits: the QuEST values quoted in CAGE.md; 8 bits: the same criterion solved
@@ -32,7 +32,10 @@ class QuantSpec:
         bits: code width, one of ``SUPPORTED_BITS``.
         grid: ``"midrise"`` or ``"integer"`` (see module docstring).
         scale_rule: ``"mse"`` clips at ``alpha_b * RMS`` (Gaussian-MSE-optimal), ``"absmax"`` at
-            the largest magnitude.
+            the largest magnitude; ``"minmax"`` is compressed-tensors' dynamic rule (what stock
+            loaders and vLLM apply to activations): ``step = absmax / ((2^b - 1) / 2)``, an all-zero
+            group gets ``step = eps(fp32)``, codes ``round(clamp(x / step, qmin, qmax))``, so on the
+            integer grid the whole code range ``[-2^(b-1), 2^(b-1) - 1]`` is used.
         group_size: inputs sharing one scale along the last dimension; ``None`` = whole row.
         hadamard_block: width of the block-diagonal normalized Hadamard rotation applied to the
             last dimension before quantizing; ``None`` = no rotation.

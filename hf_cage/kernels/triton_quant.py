@@ -37,7 +37,9 @@ def _round_half_even(v):
     f = tl.floor(v)
     d = v - f
     odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    # torch.round keeps the sign of a zero result (-0.3 -> -0.0); v * 0 is a zero with v's sign.
+    return tl.where(r == 0.0, v * 0.0, r)
 
 
 @triton.jit
@@ -70,6 +72,7 @@ def _quantize_kernel(
     qmin,
     qmax,
     tiny,
+    zero_step,
     CHUNK: tl.constexpr,
     GROUPS_PER_CHUNK: tl.constexpr,
     GROUP_LEN: tl.constexpr,
@@ -101,7 +104,8 @@ def _quantize_kernel(
         clip = alpha * tl.sqrt_rn(tl.div_rn(stat, tl.full((BLOCK_M, GROUPS_PER_CHUNK), GROUP_LEN, tl.float32)))
     else:
         clip = stat
-    step = tl.maximum(tl.div_rn(clip, step_divisor), tiny)
+    step = tl.div_rn(clip, step_divisor)
+    step = tl.where(step == 0.0, zero_step, tl.maximum(step, tiny))
     clip = tl.maximum(clip, tiny)
     scale_cols = seg * GROUPS_PER_CHUNK + group_in_chunk
     tl.store(scales_ptr + rows[:, None] * n_scales + scale_cols[None, :], step, mask=row_ok[:, None])
@@ -116,7 +120,7 @@ def _quantize_kernel(
             code = _round_half_even(tl.div_rn(tl.minimum(tl.maximum(xg, -clip3), clip3), step3) + 0.5) - 1.0
             value = (code + 0.5) * step3
         else:
-            code = _round_half_even(tl.minimum(tl.maximum(tl.div_rn(xg, step3), qmin), qmax))
+            code = _round_half_even(tl.minimum(tl.maximum(tl.div_rn(xg, step3) + 0.0, qmin), qmax))
             value = code * step3
         offs = rows[:, None] * stride_xm + (seg_start + c + cols)[None, :]
         if STORE_CODES:
@@ -127,6 +131,17 @@ def _quantize_kernel(
             q = tl.reshape(value, (BLOCK_M, CHUNK))
             q = _rotate(q, had_ptr, cols, CHUNK, HADAMARD)
             tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def step_rule(spec: QuantSpec) -> tuple[float, float, float]:
+    """``(divisor, min_step, zero_step)``: ``step = clip / divisor``, then ``zero_step`` where it is 0, else at
+    least ``min_step`` (the twin's ``_clip_and_step``: fp32 ``tiny`` for ``mse``/``absmax``; compressed-tensors'
+    ``eps`` for a zero ``minmax`` step, no floor otherwise)."""
+    if spec.scale_rule == "minmax":
+        return (2**spec.bits - 1) / 2.0, 0.0, torch.finfo(torch.float32).eps
+    if spec.grid == "integer" and spec.scale_rule == "absmax":
+        return float(spec.qmax), _TINY, _TINY
+    return (2**spec.bits - 1) / 2.0, _TINY, _TINY
 
 
 def _layout(k: int, spec: QuantSpec) -> tuple[int, int, int, int]:
@@ -171,10 +186,7 @@ def quantize(
         if spec.hadamard_block
         else torch.empty(1, device=x.device)
     )
-    if spec.grid == "integer" and spec.scale_rule == "absmax":
-        step_divisor = float(spec.qmax)
-    else:
-        step_divisor = (2**spec.bits - 1) / 2.0
+    step_divisor, min_step, zero_step = step_rule(spec)
     block_m = 64 if interpreting() else 16
     grid = (triton.cdiv(m, block_m), k // segment)
     if m:
@@ -193,7 +205,8 @@ def quantize(
             step_divisor,
             float(spec.qmin),
             float(spec.qmax),
-            _TINY,
+            min_step,
+            zero_step,
             CHUNK=chunk,
             GROUPS_PER_CHUNK=groups_per_chunk,
             GROUP_LEN=group,

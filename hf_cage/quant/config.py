@@ -11,6 +11,10 @@ QUANTIZERS = ("quest", "int")
 GRANULARITIES = ("channel", "group")
 GROUP_SIZES = (32, 64, 128)
 HADAMARD_MAX_BLOCK = 128
+ACTIVATION_CLIPS = ("minmax", "mse", "absmax")
+# Activation scale rule by quantizer when ``a_clip`` is not given: ``int`` models get the rule stock loaders
+# (compressed-tensors, vLLM) apply to activations, so what is trained is what is served.
+DEFAULT_ACTIVATION_CLIP = {"int": "minmax", "quest": "mse"}
 
 # The seven linears of every Llama block (attention q/k/v/o, SwiGLU gate/up/down), as data.
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -30,8 +34,12 @@ class QuantConfig:
         group_size: inputs per weight scale when ``granularity="group"`` (32, 64, 128; default 128).
         hadamard: rotate inputs in blocks of up to 128 before quantizing (weights and activations
             alike). Default: True for ``quest``, False for ``int``.
-        clip: scale rule, ``"mse"`` (Gaussian-MSE-optimal clip ``alpha_b * RMS``) or ``"absmax"``.
-            Activations always use one scale per token.
+        clip: weight scale rule, ``"mse"`` (Gaussian-MSE-optimal clip ``alpha_b * RMS``), ``"absmax"`` or
+            ``"minmax"`` (see ``a_clip``).
+        a_clip: activation scale rule (activations always use one scale per token): ``"minmax"``
+            (compressed-tensors' dynamic per-token rule, ``scale = absmax / ((2^b - 1) / 2)``, bit for bit
+            what stock transformers and vLLM apply at load), ``"mse"`` or ``"absmax"``. Default:
+            ``"minmax"`` for ``int``, ``"mse"`` for ``quest``.
         target_modules: module names (last path component) to quantize.
         skip_modules: names never quantized, even if listed as targets.
     """
@@ -43,6 +51,7 @@ class QuantConfig:
     group_size: int | None = None
     hadamard: bool | None = None
     clip: str = "mse"
+    a_clip: str | None = None
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     skip_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES))
 
@@ -52,6 +61,9 @@ class QuantConfig:
         _check_choice("quantizer", self.quantizer, QUANTIZERS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
         _check_choice("clip", self.clip, SCALE_RULES)
+        if self.a_clip is None:
+            self.a_clip = DEFAULT_ACTIVATION_CLIP[self.quantizer]
+        _check_choice("a_clip", self.a_clip, ACTIVATION_CLIPS)
         if self.granularity == "group":
             if self.group_size is None:
                 self.group_size = 128
@@ -82,7 +94,7 @@ class QuantConfig:
         """The per-token grid of the inputs of such a linear, or ``None`` when weight-only."""
         if self.a_bits is None:
             return None
-        return QuantSpec(self.a_bits, self.grid, self.clip, None, self._hadamard_block(in_features))
+        return QuantSpec(self.a_bits, self.grid, self.a_clip, None, self._hadamard_block(in_features))
 
     def _hadamard_block(self, in_features: int) -> int | None:
         return hadamard_block_for(in_features, HADAMARD_MAX_BLOCK) if self.hadamard else None
@@ -96,6 +108,9 @@ class QuantConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown QuantConfig fields {unknown}; known fields are {sorted(known)}")
+        if "a_clip" not in data:
+            # Saved before a_clip existed: activations were quantized with the weight rule.
+            data = {**data, "a_clip": data.get("clip", "mse")}
         return cls(**data)
 
 

@@ -52,6 +52,13 @@ class CAGEConfig(TrainingArguments):
         default="mse",
         metadata={"help": "Scale rule: 'mse' (Gaussian-MSE-optimal clip alpha_b * RMS) or 'absmax'."},
     )
+    quant_a_clip: str | None = field(
+        default=None,
+        metadata={
+            "help": "Activation scale rule: 'minmax' (compressed-tensors' dynamic per-token rule, what stock loaders "
+            "serve), 'mse' or 'absmax'. Default: minmax for int, mse for quest."
+        },
+    )
     cage_lambda: float = field(
         default=10.0,
         metadata={"help": "CAGE correction strength (paper: 10). 0 = the STE / QuEST baseline, no correction."},
@@ -105,6 +112,7 @@ class CAGEConfig(TrainingArguments):
             group_size=self.quant_group_size,
             hadamard=self.quant_hadamard,
             clip=self.quant_clip,
+            a_clip=self.quant_a_clip,
         )
 
     def cage_kwargs(self) -> dict:
