@@ -3,7 +3,7 @@
 Public API only; importing this package never imports triton or touches CUDA.
 """
 
-from .export import ExportError, export_model, load_quantized
+from .export import ExportError, export_checkpoint, export_model, load_quantized
 from .kernels.spec import QuantSpec
 from .layers import Int4Linear, QATLinear
 from .optim import CAGE, CAGECorrection, cage_lambda, create_cage_optimizer, weight_quantizers_of
@@ -36,6 +36,7 @@ __all__ = [
     "QuantSpec",
     "cage_lambda",
     "create_cage_optimizer",
+    "export_checkpoint",
     "export_model",
     "load_qat_model",
     "load_quantized",

@@ -20,8 +20,8 @@ from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
-from . import kernels
 from .layers.int4_linear import Int4Linear
+from .layers.packed import pack_weight
 
 
 class Int4LoraLinear(LoraLinear):
@@ -45,9 +45,7 @@ class Int4LoraLinear(LoraLinear):
                 weight = weight + self.get_delta_weight(name).to(torch.float32)
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"NaNs or infs in the merged weight of adapters {adapter_names}; not merging them")
-        codes, scales = kernels.quantize_rows(weight, base.weight_spec)
-        base.weight_packed.copy_(kernels.pack_int4(codes))
-        base.weight_scale.copy_(scales)
+        base.load_packed(pack_weight(weight, base.weight_spec))
         self.merged_adapters.extend(name for name in adapter_names if name in self.lora_A)
 
     def unmerge(self) -> None:

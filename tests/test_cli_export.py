@@ -23,23 +23,10 @@ from test_export import (
 
 from hf_cage.cli import build_parser, main
 from hf_cage.export import load_quantized
+from hf_cage.export.served import served_eval_many
 from hf_cage.qat import CONFIG_KEY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-# Runs in a fresh interpreter: loads each export with stock transformers and saves the logits.
-PLAIN_LOAD = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-batch = torch.load(sys.argv[1])
-out = {}
-for path in sys.argv[3:]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        out[path] = model(input_ids=batch).logits
-assert not any(name == "hf_cage" or name.startswith("hf_cage.") for name in sys.modules), "hf_cage was imported"
-torch.save(out, sys.argv[2])
-"""
 
 
 def export(*argv: str) -> int:
@@ -47,33 +34,33 @@ def export(*argv: str) -> int:
 
 
 def test_exports_load_in_plain_transformers_without_hf_cage(tmp_path, token_batch):
-    """W4 int (A16) and W4A4 int exported --weights-only: stock transformers gives the QAT model's W4A16 logits."""
+    """Stock transformers (a process without hf_cage) serves each default export exactly as trained.
+
+    W4 int (A16), W4A4 int with declared activations (compressed-tensors applies the trained a_clip="minmax"
+    rule at load), the same sharded, and the W4A4 model exported --weights-only (served as W4A16).
+    """
     w4 = qat_model(1, **INT_W4)
     w4a4 = qat_model(2, **INT_W4A4_GROUP)
     assert export(str(save_checkpoint(tmp_path / "w4", w4)), "-o", str(tmp_path / "e-w4")) == 0
     ckpt = save_checkpoint(tmp_path / "w4a4", w4a4, trainer_checkpoint=False)
-    assert export(str(ckpt), "-o", str(tmp_path / "e-w4a4"), "--weights-only") == 0
+    assert export(str(ckpt), "-o", str(tmp_path / "e-w4a4")) == 0
+    assert export(str(ckpt), "-o", str(tmp_path / "e-sharded"), "--max-shard-size", "30KB") == 0
+    assert export(str(ckpt), "-o", str(tmp_path / "e-w4a16"), "--weights-only") == 0
+    assert len(list((tmp_path / "e-sharded").glob("model-*-of-*.safetensors"))) > 2
 
-    torch.save(token_batch, tmp_path / "batch.pt")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_CAGE")}
-    paths = [str(tmp_path / "e-w4"), str(tmp_path / "e-w4a4")]
-    done = subprocess.run(
-        [sys.executable, "-c", PLAIN_LOAD, str(tmp_path / "batch.pt"), str(tmp_path / "logits.pt"), *paths],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    plain = torch.load(tmp_path / "logits.pt")
-    torch.testing.assert_close(plain[paths[0]], logits(w4, token_batch), atol=1e-5, rtol=0)
+    names = ["e-w4", "e-w4a4", "e-sharded", "e-w4a16"]
+    served = served_eval_many([tmp_path / n for n in names], token_batch, logits=True)
+    plain = {n: r.logits for n, r in zip(names, served)}
+    torch.testing.assert_close(plain["e-w4"], logits(w4, token_batch), atol=0, rtol=0)
+    torch.testing.assert_close(plain["e-w4a4"], logits(w4a4, token_batch), atol=0, rtol=0)
+    torch.testing.assert_close(plain["e-sharded"], plain["e-w4a4"], atol=0, rtol=0)
     with activations_unquantized(w4a4):
-        torch.testing.assert_close(plain[paths[1]], logits(w4a4, token_batch), atol=1e-5, rtol=0)
-    # ... and load_quantized restores the trained 4-bit activation quantization as well.
-    loaded = load_quantized(tmp_path / "e-w4a4", dtype=torch.float32)
-    torch.testing.assert_close(logits(loaded, token_batch), logits(w4a4, token_batch), atol=1e-5, rtol=0)
-    assert not torch.allclose(logits(w4a4, token_batch), plain[paths[1]], atol=1e-3)
+        torch.testing.assert_close(plain["e-w4a16"], logits(w4a4, token_batch), atol=0, rtol=0)
+    assert not torch.allclose(logits(w4a4, token_batch), plain["e-w4a16"], atol=1e-3)
+    # ... and load_quantized gives the same model from the compressed-tensors and the sharded export.
+    for name in ("e-w4a4", "e-sharded", "e-w4a16"):
+        loaded = load_quantized(tmp_path / name)
+        torch.testing.assert_close(logits(loaded, token_batch), logits(w4a4, token_batch), atol=0, rtol=0)
 
 
 def test_trainer_checkpoint_gets_tokenizer_card_and_loss_curve(tmp_path, capsys):
@@ -85,27 +72,32 @@ def test_trainer_checkpoint_gets_tokenizer_card_and_loss_curve(tmp_path, capsys)
     assert expected | {"tokenizer.json", "tokenizer_config.json"} <= files
     assert "optimizer.pt" not in files and "trainer_state.json" not in files
     printed = capsys.readouterr().out
-    assert "exported 14 quantized layers" in printed and "of bf16" in printed
+    assert "exported 14 quantized layers" in printed and "compressed-tensors, dense float32" in printed
+    assert "train/serve parity: exact" in printed
     card = (out / "README.md").read_text()
-    assert "base_model: org/base" in card and "| CAGE lambda | 10 |" in card
+    assert "base_model: org/base" in card and "| CAGE lambda | 10 |" in card and "| steps | 10 |" in card
 
 
-def test_hf_cage_format_of_a_quest_model(tmp_path, token_batch):
+def test_quest_model_exports_by_default_in_the_hf_cage_format(tmp_path, token_batch, capsys):
     model = qat_model(**QUEST_W4A4)
     ckpt = save_checkpoint(tmp_path / "run", model, trainer_checkpoint=False)
-    assert export(str(ckpt), "-o", str(tmp_path / "out"), "--format", "hf-cage", "--dtype", "float32") == 0
+    capsys.readouterr()
+    assert export(str(ckpt), "-o", str(tmp_path / "out")) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("format auto: hf-cage, because") and "hf_cage.load_quantized" in printed[0]
     loaded = load_quantized(tmp_path / "out")
-    torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=0, rtol=0)
 
 
 def test_lossy_conversion_prints_the_measured_error(tmp_path, capsys):
     ckpt = save_checkpoint(tmp_path / "run", qat_model(**QUEST_W4A4), trainer_checkpoint=False)
     capsys.readouterr()
-    assert export(str(ckpt), "-o", str(tmp_path / "refused")) == 2
+    assert export(str(ckpt), "-o", str(tmp_path / "refused"), "--format", "compressed-tensors") == 2
     err = capsys.readouterr().err
-    assert "--format hf-cage" in err and len(err.strip().splitlines()) == 1
+    assert "--format hf-cage" in err and "--allow-lossy" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "refused").exists()
-    assert export(str(ckpt), "-o", str(tmp_path / "lossy"), "--allow-lossy") == 0
+    argv = ["-o", str(tmp_path / "lossy"), "--format", "compressed-tensors", "--allow-lossy"]
+    assert export(str(ckpt), *argv) == 0
     printed = capsys.readouterr().out
     assert "relative weight error" in printed and "logit difference on a sample batch max" in printed
 
@@ -139,6 +131,8 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "truncated-weights": (truncated, "could not load the checkpoint"),
         "quest-to-compressed-tensors": (quest, "--format hf-cage"),
         "unsupported-bits": (two_bit, "w_bits=2"),
+        "bad-shard-size": (good, "max_shard_size"),
+        "invalid-repo-id": (good, "not a valid repo id"),
     }
 
 
@@ -151,7 +145,14 @@ BAD = [
     "truncated-weights",
     "quest-to-compressed-tensors",
     "unsupported-bits",
+    "bad-shard-size",
+    "invalid-repo-id",
 ]
+EXTRA = {
+    "quest-to-compressed-tensors": ["--format", "compressed-tensors"],
+    "bad-shard-size": ["--max-shard-size", "lots"],
+    "invalid-repo-id": ["--push-to-hub", "not a/valid/repo id!!", "--token", "hf_x"],
+}
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -160,7 +161,7 @@ def test_bad_checkpoints_exit_2_with_one_line_and_write_nothing(tmp_path, capsys
     out = tmp_path / "out" / "export"
     before = sorted(p for p in tmp_path.rglob("*"))
     capsys.readouterr()
-    assert export(str(path), "-o", str(out)) == 2
+    assert export(str(path), "-o", str(out), *EXTRA.get(case, [])) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hf-cage export: error:") and message in lines[0], captured.err
@@ -177,12 +178,113 @@ def test_non_empty_output_dir_and_overwrite(tmp_path, capsys):
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
 
 
-def test_output_dir_cannot_be_the_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["itself", "run-folder", "inside"])
+def test_output_dir_cannot_hold_or_be_inside_the_checkpoint(tmp_path, capsys, where):
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), metrics=METRICS)
+    out = {"itself": ckpt, "run-folder": ckpt.parent, "inside": ckpt / "export"}[where]
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    assert export(str(ckpt), "-o", str(out), "--overwrite") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint" in err[0]
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+def test_dot_with_overwrite_is_refused_and_leaves_nothing(tmp_path, capsys, monkeypatch):
     ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
-    before = sorted(p.name for p in ckpt.iterdir())
-    assert export(str(ckpt), "-o", str(ckpt), "--overwrite") == 2
-    assert "the checkpoint itself" in capsys.readouterr().err
-    assert sorted(p.name for p in ckpt.iterdir()) == before
+    work = tmp_path / "work"
+    _write(work / "notes.txt", "mine")
+    monkeypatch.chdir(work)
+    capsys.readouterr()
+    assert export(str(ckpt), "-o", ".", "--overwrite") == 2
+    assert "current directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "work"] and os.listdir(work) == ["notes.txt"]
+
+
+def test_os_errors_are_one_line_with_exit_3(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import huggingface_hub
+
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
+    blocker = _write(tmp_path / "a-file", "x")
+    capsys.readouterr()
+    assert export(str(ckpt), "-o", str(blocker / "sub" / "out")) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hf-cage export: error: cannot create") and "Not a directory" in err[0]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", full_disk)
+    assert export(str(ckpt), "-o", str(tmp_path / "out")) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "run"]
+
+
+def test_ctrl_c_is_one_line_with_exit_130(tmp_path, capsys, monkeypatch):
+    import hf_cage.export.api as api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "build_model_card", interrupted)
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
+    capsys.readouterr()
+    assert export(str(ckpt), "-o", str(tmp_path / "out")) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["hf-cage export: error: interrupted; nothing was written"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+# Runs the CLI with the card step slowed down, so a signal can arrive while the staging folder exists.
+SLOW_EXPORT = """
+import sys, time
+import hf_cage.export.api as api
+card = api.build_model_card
+def slow(*args, **kwargs):
+    time.sleep(60)
+    return card(*args, **kwargs)
+api.build_model_card = slow
+from hf_cage.cli import main
+sys.exit(main(["export", *sys.argv[1:], "--no-progress"]))
+"""
+
+
+def _start_and_signal(tmp_path: Path, ckpt: Path, signum: int) -> tuple[int, str]:
+    import signal
+    import time
+
+    out = tmp_path / "exports" / "out"
+    out.parent.mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EXPORT, str(ckpt), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".out.hf-cage-staging-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert signum == signal.SIGKILL or proc.returncode == 130, err
+    return proc.returncode, err
+
+
+def test_sigterm_cleans_up_and_sigkill_leftovers_are_removed_by_the_next_export(tmp_path):
+    import signal
+
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
+    code, err = _start_and_signal(tmp_path, ckpt, signal.SIGTERM)
+    assert err.strip().splitlines()[-1] == "hf-cage export: error: interrupted; nothing was written"
+    assert os.listdir(tmp_path / "exports") == []
+    _start_and_signal(tmp_path, ckpt, signal.SIGKILL)
+    assert len(list((tmp_path / "exports").glob(".out.hf-cage-staging-*"))) == 1  # killed: nothing could clean up
+    assert export(str(ckpt), "-o", str(tmp_path / "exports" / "other")) == 0
+    assert sorted(os.listdir(tmp_path / "exports")) == ["other"]
 
 
 def test_push_without_a_token_exits_2_before_writing(tmp_path, capsys, monkeypatch):
@@ -203,13 +305,14 @@ def test_help_explains_every_flag_with_examples(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     flags = [opt for action in export_parser._actions for opt in action.option_strings if opt.startswith("--")]
-    assert len(flags) >= 17
+    assert len(flags) >= 18
     for action in export_parser._actions:
         assert action.help, action.option_strings
         for opt in action.option_strings:
             assert opt in text, opt
     assert "examples:" in text and "hf-cage export outputs/" in text and "--push-to-hub me/" in text
-    assert "exit codes" in text
+    assert "exit codes" in text and "3 OS error" in text and "130 interrupted" in text
+    assert "{auto,compressed-tensors,hf-cage}" in text
 
 
 def test_top_level_cli_lists_export(capsys):

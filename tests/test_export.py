@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -11,19 +12,32 @@ import torch
 from conftest import make_tiny_llama
 
 from hf_cage import Int4Linear, QuantConfig, quantize_model, quantized_layers
-from hf_cage.export import CardOptions, ExportError, TrainingInfo, export_model, load_quantized
+from hf_cage.export import (
+    CardOptions,
+    ExportError,
+    ExportWriteError,
+    TrainingInfo,
+    export_checkpoint,
+    export_model,
+    load_checkpoint,
+    load_quantized,
+)
 from hf_cage.kernels.packing import pack_codes, unpack_codes
 from hf_cage.qat import CONFIG_KEY
 
 INT_W4 = dict(quantizer="int", a_bits=None)
 INT_W4A4_GROUP = dict(quantizer="int", a_bits=4, granularity="group", group_size=32)
 QUEST_W4A4 = dict(quantizer="quest", a_bits=4)
+WIDE = dict(hidden_size=128, intermediate_size=256)
 
 
 # ----------------------------------------------------------------------------- helpers shared by the export tests
-def qat_model(seed: int = 0, **quant) -> torch.nn.Module:
-    """A tiny quantized Llama whose weights are bf16-representable (so a bf16 export of the dense rest is exact)."""
-    model = make_tiny_llama(seed)
+def qat_model(seed: int = 0, wide: bool = False, **quant) -> torch.nn.Module:
+    """A tiny quantized Llama whose weights are bf16-representable (so a bf16 export of the dense rest is exact).
+
+    ``wide``: hidden size 128 (every linear has >= 128 inputs, so group size 128 fits).
+    """
+    model = make_tiny_llama(seed, **(WIDE if wide else {}))
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(param.bfloat16().float())
@@ -109,15 +123,36 @@ def test_pack_int8_matches_compressed_tensors_and_round_trips():
         pack_codes(codes, 3)
 
 
+def test_one_conversion_for_int4_linear_export_and_lora(tmp_path):
+    """Int4Linear.from_qat_linear and the export store the same tensors: both are pack_weight."""
+    from safetensors.torch import load_file
+
+    from hf_cage.layers.packed import pack_weight, unpack_weight
+
+    model = qat_model(**INT_W4A4_GROUP)
+    export_model(model, tmp_path / "out", progress=False, log=None)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    for name, layer in quantized_layers(model):
+        packed = Int4Linear.from_qat_linear(layer)
+        assert torch.equal(packed.weight_packed, tensors[f"{name}.weight_packed"])
+        assert torch.equal(packed.weight_scale, tensors[f"{name}.weight_scale"])
+        expected = pack_weight(layer.weight, layer.weight_spec)
+        assert all(torch.equal(expected[k], tensors[f"{name}.{k}"]) for k in expected)
+        assert torch.equal(unpack_weight(expected, layer.weight_spec), layer.weight_quantizer())
+
+
 # ----------------------------------------------------------------------------- compressed-tensors
-def test_compressed_tensors_export_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("granularity, group_size", [("group", 32), ("group", 64), ("group", 128), ("channel", None)])
+def test_compressed_tensors_export_is_bit_exact(tmp_path, granularity, group_size):
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
 
-    model = qat_model(**INT_W4A4_GROUP)
+    quant = dict(quantizer="int", a_bits=4, granularity=granularity, group_size=group_size)
+    model = qat_model(wide=True, **quant)
     result = export_model(model, tmp_path / "out", progress=False, log=None)
     out = tmp_path / "out"
-    assert result.num_layers == 14 and result.size_bytes < result.bf16_size_bytes
+    assert result.format == "compressed-tensors" and result.num_layers == 14
+    assert result.parity["logit_max_abs_diff"] == 0 and result.dtype == "float32"
     assert {"config.json", "model.safetensors", "README.md", "generation_config.json"} <= set(result.files)
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
@@ -129,36 +164,60 @@ def test_compressed_tensors_export_is_bit_exact(tmp_path):
         "num_bits": 4,
         "type": "int",
         "symmetric": True,
-        "strategy": "group",
-        "group_size": 32,
+        "strategy": granularity,
+        "group_size": group_size,
         "dynamic": False,
     }
-    assert group["input_activations"]["num_bits"] == 4 and group["input_activations"]["dynamic"] is True
-    assert group["input_activations"]["strategy"] == "token"
-    assert config["dtype"] == "bfloat16" and config[CONFIG_KEY]["quantizer"] == "int"
+    assert group["input_activations"] == {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "token",
+        "group_size": None,
+        "dynamic": True,
+    }
+    assert config["dtype"] == "float32" and config[CONFIG_KEY]["quantizer"] == "int"
+    assert config[CONFIG_KEY]["a_clip"] == "minmax"
 
     tensors = load_file(out / "model.safetensors")
-    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
-    assert tensors["lm_head.weight"].dtype == torch.bfloat16
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
     for name, layer in quantized_layers(model):
+        group = group_size or layer.in_features
         assert f"{name}.weight" not in tensors
         packed, scale = tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"]
         assert packed.dtype == torch.int32 and packed.shape == (layer.out_features, layer.in_features // 8)
-        assert scale.dtype == torch.float32 and scale.shape == (layer.out_features, layer.in_features // 32)
+        assert scale.dtype == torch.float32 and scale.shape == (layer.out_features, layer.in_features // group)
         assert tensors[f"{name}.weight_shape"].tolist() == [layer.out_features, layer.in_features]
-        codes = unpack_codes(packed, 4).float().reshape(layer.out_features, -1, 32)
+        codes = unpack_codes(packed, 4).float().reshape(layer.out_features, -1, group)
         dequantized = (codes * scale.unsqueeze(-1)).reshape(layer.out_features, layer.in_features)
         torch.testing.assert_close(dequantized, layer.weight_quantizer(), atol=0, rtol=0)
 
 
-def test_weights_only_drops_activations_and_channel_scales(tmp_path):
+def test_bf16_dense_parts_are_measured_not_claimed_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    model = make_tiny_llama(3)  # fp32 weights that bf16 cannot hold
+    quantize_model(model, QuantConfig(**INT_W4A4_GROUP))
+    lines = []
+    result = export_model(model, tmp_path / "out", dtype="bfloat16", progress=False, log=lines.append)
+    assert load_file(tmp_path / "out" / "model.safetensors")["lm_head.weight"].dtype == torch.bfloat16
+    assert result.parity["logit_max_abs_diff"] > 0
+    assert len(lines) == 1 and lines[0].startswith("served model differs from the trained one")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "**Train/serve parity: not exact.**" in card and "stored in bfloat16 (trained in float32)" in card
+
+
+def test_weights_only_drops_activations_and_prints_the_difference(tmp_path):
     model = qat_model(quantizer="int", a_bits=4)
-    export_model(model, tmp_path / "out", weights_only=True, progress=False, log=None)
+    lines = []
+    result = export_model(model, tmp_path / "out", weights_only=True, progress=False, log=lines.append)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     group = config["quantization_config"]["config_groups"]["group_0"]
     assert group["input_activations"] is None
     assert group["weights"]["strategy"] == "channel" and group["weights"]["group_size"] is None
     assert config["hf_cage_export"]["weights_only"] is True
+    assert result.parity["logit_max_abs_diff"] > 0
+    assert "served unquantized (W4A16)" in lines[0]
 
 
 def test_int8_export_loads_in_transformers_exactly(tmp_path, token_batch):
@@ -168,7 +227,7 @@ def test_int8_export_loads_in_transformers_exactly(tmp_path, token_batch):
     export_model(model, tmp_path / "out", progress=False, log=None)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     # compressed-tensors unpacks the weights on the first forward pass
-    torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=0, rtol=0)
     for name, layer in quantized_layers(model):
         torch.testing.assert_close(loaded.get_submodule(name).weight, layer.weight_quantizer(), atol=0, rtol=0)
     with pytest.raises(ValueError, match="w_bits=8"):
@@ -178,20 +237,32 @@ def test_int8_export_loads_in_transformers_exactly(tmp_path, token_batch):
 # ----------------------------------------------------------------------------- load_quantized
 @pytest.mark.parametrize(
     "quant, fmt",
-    [(INT_W4A4_GROUP, "compressed-tensors"), (QUEST_W4A4, "hf-cage"), (dict(quantizer="int", a_bits=8), "hf-cage")],
-    ids=["int-group-ct", "quest-hadamard-hfcage", "int-w4a8-hfcage"],
+    [
+        (INT_W4A4_GROUP, "compressed-tensors"),
+        (QUEST_W4A4, "hf-cage"),
+        (dict(quantizer="int", a_bits=8), "hf-cage"),
+        (dict(quantizer="int", a_bits=4, a_clip="mse"), "auto"),
+    ],
+    ids=["int-group-ct", "quest-hadamard-hfcage", "int-w4a8-hfcage", "int-mse-activations-auto"],
 )
 def test_load_quantized_reproduces_the_qat_model(tmp_path, token_batch, quant, fmt):
     model = qat_model(**quant)
-    export_model(model, tmp_path / "out", format=fmt, dtype="float32", progress=False, log=None)
-    loaded = load_quantized(tmp_path / "out", dtype=torch.float32)
+    result = export_model(model, tmp_path / "out", format=fmt, progress=False, log=None)
+    assert result.parity["logit_max_abs_diff"] == 0
+    loaded = load_quantized(tmp_path / "out")
     names = [name for name, _ in quantized_layers(model)]
     assert names and all(isinstance(loaded.get_submodule(n), Int4Linear) for n in names)
     for name, layer in quantized_layers(model):
         packed = loaded.get_submodule(name)
         torch.testing.assert_close(packed.dequantized_weight(), layer.weight_quantizer(), atol=0, rtol=0)
         assert packed.activation_spec == layer.activation_spec
-    torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=0, rtol=0)
+
+
+def test_load_quantized_refuses_a_dense_qat_checkpoint(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
+    with pytest.raises(ValueError, match="not a packed export.*load_qat_model.*hf-cage export"):
+        load_quantized(ckpt)
 
 
 def test_hf_cage_format_carries_its_metadata_and_no_transformers_quantizer(tmp_path):
@@ -201,49 +272,127 @@ def test_hf_cage_format_carries_its_metadata_and_no_transformers_quantizer(tmp_p
     meta = config["hf_cage_export"]
     assert meta["format"] == "hf-cage" and meta["weight_grid"] == "midrise" and meta["code_offset"] == 0.5
     assert meta["hadamard"] is True and config[CONFIG_KEY]["quantizer"] == "quest"
+    assert meta["parity"]["logit_max_abs_diff"] == 0
 
 
 def test_tied_embeddings_are_stored_once_and_retied(tmp_path, token_batch):
     model = make_tiny_llama(0, tie_word_embeddings=True)
     quantize_model(model, QuantConfig(**INT_W4))
-    export_model(model, tmp_path / "out", dtype="float32", progress=False, log=None)
-    loaded = load_quantized(tmp_path / "out", dtype=torch.float32)
+    export_model(model, tmp_path / "out", progress=False, log=None)
+    loaded = load_quantized(tmp_path / "out")
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
-    torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=0, rtol=0)
 
 
-# ----------------------------------------------------------------------------- lossy or loud
-def test_quest_model_to_compressed_tensors_is_refused_naming_hf_cage(tmp_path):
-    with pytest.raises(ExportError, match="--format hf-cage"):
-        export_model(qat_model(**QUEST_W4A4), tmp_path / "out", progress=False, log=None)
+# ----------------------------------------------------------------------------- shards
+def test_sharded_export_loads_to_the_same_logits(tmp_path, token_batch):
+    from safetensors.torch import load_file
+
+    model = qat_model(**INT_W4A4_GROUP)
+    single = export_model(model, tmp_path / "single", progress=False, log=None)
+    sharded = export_model(model, tmp_path / "sharded", max_shard_size="40KB", progress=False, log=None)
+    assert single.num_shards == 1 and sharded.num_shards > 2
+    files = set(sharded.files)
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    n = sharded.num_shards
+    assert {f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)} <= files
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    whole = load_file(tmp_path / "single" / "model.safetensors")
+    assert set(index["weight_map"]) == set(whole)
+    for key, file in index["weight_map"].items():
+        assert torch.equal(load_file(tmp_path / "sharded" / file)[key], whole[key])
+    reference = logits(load_quantized(tmp_path / "single"), token_batch)
+    torch.testing.assert_close(logits(load_quantized(tmp_path / "sharded"), token_batch), reference, atol=0, rtol=0)
+    with pytest.raises(ExportError, match="max_shard_size"):
+        export_model(model, tmp_path / "bad", max_shard_size="lots", progress=False, log=None)
+
+
+# ----------------------------------------------------------------------------- formats: exact, or measured and loud
+def test_auto_format_picks_hf_cage_for_quest_and_says_why(tmp_path):
+    lines = []
+    result = export_model(qat_model(**QUEST_W4A4), tmp_path / "out", progress=False, log=lines.append)
+    assert result.format == "hf-cage"
+    assert lines[0].startswith("format auto: hf-cage, because") and "hf_cage.load_quantized" in lines[0]
+    assert lines[1].startswith("train/serve parity: exact")
+
+
+@pytest.mark.parametrize(
+    "quant, match",
+    [
+        (QUEST_W4A4, "QuEST mid-rise grid"),
+        (dict(quantizer="int", a_bits=4, hadamard=True), "Hadamard"),
+        (dict(quantizer="int", a_bits=4, a_clip="absmax"), "a_clip='absmax'"),
+    ],
+    ids=["quest", "int-hadamard", "int-absmax-activations"],
+)
+def test_compressed_tensors_refuses_what_it_would_serve_differently(tmp_path, quant, match):
+    with pytest.raises(ExportError, match=match) as info:
+        export_model(qat_model(**quant), tmp_path / "out", format="compressed-tensors", progress=False, log=None)
+    assert "--allow-lossy" in str(info.value) and "--format hf-cage" in str(info.value)
     assert not (tmp_path / "out").exists()
 
 
-def test_allowed_lossy_conversion_reports_its_error(tmp_path):
+@pytest.mark.parametrize("quant", [QUEST_W4A4, dict(quantizer="int", a_bits=4, a_clip="mse")], ids=["quest", "mse"])
+def test_allowed_lossy_conversion_reports_its_measured_error(tmp_path, quant):
     lines = []
-    model = qat_model(**QUEST_W4A4)
-    result = export_model(model, tmp_path / "out", allow_lossy=True, progress=False, log=lines.append)
+    model = qat_model(**quant)
+    result = export_model(
+        model, tmp_path / "out", format="compressed-tensors", allow_lossy=True, progress=False, log=lines.append
+    )
     report = result.lossy
-    assert 0 < report["weight_rel_error"] < 0.5
     assert report["logit_max_abs_diff"] > 0 and report["logit_mean_abs_diff"] > 0
-    assert len(lines) == 1 and "relative weight error" in lines[0] and "logit difference" in lines[0]
+    assert len(lines) == 1 and "logit difference on a sample batch max" in lines[0]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config[CONFIG_KEY]["quantizer"] == "int" and config[CONFIG_KEY]["hadamard"] is False
-    assert config["hf_cage_export"]["lossy_conversion_from"]["quantizer"] == "quest"
-    assert "Lossy conversion" in (tmp_path / "out" / "README.md").read_text()
+    assert config[CONFIG_KEY]["a_clip"] == "minmax"
+    assert config["hf_cage_export"]["lossy_conversion_from"]["quantizer"] == quant["quantizer"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "**Lossy conversion.**" in card and "**Train/serve parity: not exact.**" in card
+    if quant["quantizer"] == "quest":
+        assert 0 < report["weight_rel_error"] < 0.5 and "relative weight error" in lines[0]
+    else:
+        assert report["weight_rel_error"] is None and "a_clip='mse'" in lines[0]
 
 
 # ----------------------------------------------------------------------------- model card
+def _card(tmp_path, name, quant, **kwargs) -> str:
+    export_model(qat_model(**quant), tmp_path / name, progress=False, log=None, **kwargs)
+    return (tmp_path / name / "README.md").read_text()
+
+
+def test_card_notes_per_format(tmp_path):
+    served = _card(tmp_path, "w4a4", INT_W4A4_GROUP)
+    assert "**Train/serve parity: exact.**" in served and "stored in float32 as trained" in served
+    assert "the rule this model was trained with" in served and "clamp to `[-8, 7]`" in served
+    assert "**vLLM.**" in served and "SM80-SM89" in served and "Hopper" in served and "no GPU" in served
+    assert "from vllm import LLM" in served and "dtype=torch.float32" in served
+
+    weights_only = _card(tmp_path, "w4a16", INT_W4A4_GROUP, weights_only=True)
+    assert "declares weights only, so transformers and vLLM run it as W4A16" in weights_only
+    assert "**vLLM.**" not in weights_only and "w4a16" in weights_only
+
+    w8a8 = _card(tmp_path, "w8a8", dict(quantizer="int", w_bits=8, a_bits=8))
+    assert "to 8 bits" in w8a8 and "clamp to `[-128, 127]`" in w8a8
+
+    quest = _card(tmp_path, "quest", QUEST_W4A4)
+    assert "only `hf_cage.load_quantized` loads it" in quest and "no `transform_config`" in quest
+    assert "from vllm import LLM" not in quest and "library_name: hf-cage" in quest
+    assert "the QuEST mid-rise grid with Hadamard rotations" in quest
+
+    lossy = _card(tmp_path, "lossy", QUEST_W4A4, format="compressed-tensors", allow_lossy=True)
+    assert "**Hadamard.**" in lossy and "not the rule this model was trained with" in lossy
+
+
 def test_card_has_metadata_training_summary_and_loss_curve(tmp_path):
     from huggingface_hub import ModelCard
 
-    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4A4_GROUP), metrics=METRICS)
-    from hf_cage.export import load_checkpoint
-
-    model = load_checkpoint(ckpt)
+    run = tmp_path / "run"
+    save_checkpoint(run, qat_model(**INT_W4A4_GROUP), trainer_checkpoint=False, metrics=METRICS)
+    history = [{"step": s, "loss": 5.0 - 0.3 * s} for s in range(1, 11)] + [{"step": 10, "eval_loss": 2.5}]
+    (run / "log_history.json").write_text(json.dumps(history))  # a recipe run folder: no trainer_state.json
     options = CardOptions(repo_id="me/tiny-cage", base_model="meta-llama/Llama-3.2-1B", datasets=["allenai/c4"])
     result = export_model(
-        model, tmp_path / "out", training=TrainingInfo.from_dir(ckpt), card=options, progress=False, log=None
+        load_checkpoint(run), tmp_path / "out", training=TrainingInfo.from_dir(run), card=options, log=None
     )
     out = tmp_path / "out"
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -251,7 +400,7 @@ def test_card_has_metadata_training_summary_and_loss_curve(tmp_path):
     card = ModelCard.load(out / "README.md")
     data = card.data.to_dict()
     assert data["library_name"] == "transformers" and data["base_model"] == "meta-llama/Llama-3.2-1B"
-    assert {"hf-cage", "cage", "qat", "int4"} <= set(data["tags"])
+    assert {"hf-cage", "cage", "qat", "int4", "w4a4", "compressed-tensors"} <= set(data["tags"])
     assert data["license"] == "apache-2.0" and data["pipeline_tag"] == "text-generation"
     assert data["datasets"] == ["allenai/c4"]
     text = card.text
@@ -259,12 +408,12 @@ def test_card_has_metadata_training_summary_and_loss_curve(tmp_path):
         "| Weights | 4-bit, integer grid, per group (group size 32) |",
         "| CAGE lambda | 10 |",
         "| CAGE silence ratio | 0.8 |",
-        "| final eval loss | 2.5 |",
-        "| final eval perplexity | 12.18 |",
+        "| eval loss | 2.5 |",
+        "| eval perplexity | 12.18 |",
         "| training tokens | 81,920 |",
         "| ste | 2.61 |",
         "![loss curve](loss_curve.png)",
-        'AutoModelForCausalLM.from_pretrained("me/tiny-cage")',
+        'AutoModelForCausalLM.from_pretrained("me/tiny-cage", dtype=torch.float32)',
         "from vllm import LLM",
         "hf_cage.load_quantized",
         "arXiv:2510.18784",
@@ -272,11 +421,34 @@ def test_card_has_metadata_training_summary_and_loss_curve(tmp_path):
         assert expected in text, expected
 
 
-def test_card_without_training_logs_has_no_training_section(tmp_path):
-    export_model(qat_model(**INT_W4), tmp_path / "out", progress=False, log=None)
+def test_card_of_an_earlier_checkpoint_describes_that_checkpoint(tmp_path):
+    """run/checkpoint-10 of a run whose final metrics.json says 500 steps: the card gives step 10 and its losses."""
+    final = dict(METRICS, steps=500, max_steps=500, eval_loss=1.9, tokens=4_096_000)
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4A4_GROUP), metrics=final)
+    info = TrainingInfo.from_dir(ckpt)
+    assert info.metrics["steps"] == 10 and info.metrics["eval_loss"] == 2.5
+    assert info.metrics["train_loss"] == pytest.approx(2.0) and "tokens" not in info.metrics
+    assert info.metrics["cage_lambda"] == 10.0 and "baselines" not in info.metrics
+    export_model(load_checkpoint(ckpt), tmp_path / "out", training=info, progress=False, log=None)
     text = (tmp_path / "out" / "README.md").read_text()
+    assert "| steps | 10 |" in text and "| eval loss | 2.5 |" in text and "| train loss | 2 |" in text
+    assert "500" not in text and "1.9" not in text and "ste | 2.61" not in text
+    assert "![loss curve](loss_curve.png)" in text
+
+
+def test_card_without_training_logs_has_no_training_section(tmp_path):
+    text = _card(tmp_path, "out", INT_W4)
     assert "## Training" not in text and "loss_curve" not in text
     assert not (tmp_path / "out" / "loss_curve.png").exists()
+
+
+def test_card_template_is_package_data():
+    from importlib import resources
+
+    from hf_cage.export.card import template_text
+
+    assert (resources.files("hf_cage.export") / "templates" / "model_card.md").is_file()
+    assert "{{ card_data }}" in template_text()
 
 
 # ----------------------------------------------------------------------------- bad inputs, nothing written
@@ -289,7 +461,35 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     export_model(qat_model(**INT_W4), out, overwrite=True, progress=False, log=None)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directories left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old folders left
+
+
+@pytest.mark.parametrize("where", ["the-checkpoint", "its-parent", "inside-it"])
+def test_output_dir_that_is_contains_or_is_inside_the_checkpoint_is_refused(tmp_path, where):
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), metrics=METRICS)
+    out = {"the-checkpoint": ckpt, "its-parent": ckpt.parent, "inside-it": ckpt / "export"}[where]
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    with pytest.raises(ExportError, match="checkpoint"):
+        export_checkpoint(ckpt, out, overwrite=True, progress=False, log=None)
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+
+
+def test_output_dir_containing_the_current_directory_is_refused(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    monkeypatch.chdir(out / "sub")
+    with pytest.raises(ExportError, match="current directory"):
+        export_model(qat_model(**INT_W4), ".", overwrite=True, progress=False, log=None)
+    with pytest.raises(ExportError, match="current directory"):
+        export_model(qat_model(**INT_W4), "..", overwrite=True, progress=False, log=None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "sub").is_dir()
+
+
+def test_invalid_repo_id_is_refused_before_anything_is_written(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
+    with pytest.raises(ExportError, match="not a valid repo id"):
+        export_checkpoint(ckpt, tmp_path / "out", push_to_hub="not a/valid/repo id!!", token="x", log=None)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -298,12 +498,12 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path):
         (lambda: make_tiny_llama(0), "no quantized layers"),
         (lambda: qat_model(quantizer="int", w_bits=2, a_bits=None), "w_bits=2"),
         (lambda: qat_model(quantizer="int", w_bits=3, a_bits=None), "w_bits=3"),
-        (lambda: qat_model(quantizer="int", a_bits=3), "a_bits=3"),
+        (lambda: qat_model(quantizer="int", w_bits=8, a_bits=3), "a_bits=3"),
         (lambda: quantize_model(make_tiny_llama(0, intermediate_size=100), QuantConfig(**INT_W4)), "multiple of 8"),
     ],
-    ids=["dense", "w2", "w3", "a3", "in-features-100"],
+    ids=["dense", "w2", "w3", "w8a3", "in-features-100"],
 )
-def test_models_the_format_cannot_hold_are_refused(tmp_path, build, match):
+def test_models_no_format_can_hold_are_refused(tmp_path, build, match):
     with pytest.raises(ExportError, match=match):
         export_model(build(), tmp_path / "out", progress=False, log=None)
     assert list(tmp_path.iterdir()) == []
@@ -331,6 +531,53 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_os_error_while_writing_is_one_export_write_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import huggingface_hub
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", full_disk)
+    with pytest.raises(ExportWriteError, match="No space left on device") as info:
+        export_model(qat_model(**INT_W4), tmp_path / "out", progress=False, log=None)
+    assert info.value.errno == errno.ENOSPC and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_staging_folders_of_dead_exports_are_removed_and_nothing_else(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = [
+        tmp_path / f".out.hf-cage-staging-{dead_pid}-0badf00d",
+        tmp_path / f".old.hf-cage-old-{dead_pid}-12345678",
+    ]
+    kept = [
+        tmp_path / f".out.hf-cage-staging-{os.getpid()}-0badf00d",  # a live export
+        tmp_path / ".out.tmp-abc123",  # not this tool's name
+        tmp_path / f"out.hf-cage-staging-{dead_pid}-0badf00d",  # not hidden: not ours
+    ]
+    for folder in stale + kept:
+        (folder / "model.safetensors").parent.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    export_model(qat_model(**INT_W4), tmp_path / "out", progress=False, log=None)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)])
+def test_export_folder_mode_follows_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        export_model(qat_model(**INT_W4), tmp_path / "out", progress=False, log=None)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == mode
+
+
 @pytest.mark.parametrize("shape", [(3, 8), (5, 64), (2, 3, 128)])
 def test_pack_int4_bytewise_matches_the_kernel_packing(shape):
     from hf_cage.kernels import pack_int4
@@ -349,6 +596,7 @@ def test_public_api_reexports_export():
     import hf_cage.export
 
     assert hf_cage.export_model is hf_cage.export.export_model
+    assert hf_cage.export_checkpoint is hf_cage.export.export_checkpoint
     assert hf_cage.load_quantized is hf_cage.export.load_quantized
 
 

@@ -1,40 +1,52 @@
 """``hf-cage export``: turn a trained QAT checkpoint into a packed 4-bit checkpoint, optionally published.
 
-Exit codes: 0 done; 2 bad input (nothing written); 1 the push failed (the local export is kept).
+The command parses its flags, makes one library call (:func:`hf_cage.export_checkpoint`) and reports.
+Exit codes: 0 done; 2 bad input (nothing written); 3 the operating system refused a write (nothing left
+behind); 1 the push failed (the local export is kept); 130 interrupted (Ctrl-C or SIGTERM; nothing left
+behind).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from pathlib import Path
 
 EXAMPLES = """\
 examples:
-  # W4 int model -> compressed-tensors (loads in transformers and vLLM)
+  # default (--format auto): compressed-tensors when stock loaders serve the model as trained
+  # (int quantizer, a_clip minmax, no Hadamard), else the hf-cage format, with one line saying why
   hf-cage export outputs/run/checkpoint-500 --output-dir exports/run-w4
 
-  # QuEST / Hadamard model -> hf-cage format (lossless, loads with hf_cage.load_quantized)
+  # QuEST / Hadamard model -> hf-cage format (exact, loads with hf_cage.load_quantized)
   hf-cage export outputs/quest-run --output-dir exports/quest --format hf-cage
 
-  # W4A4 model, declare weights only (transformers / vLLM run it as W4A16)
+  # W4A4 model, declare weights only (transformers / vLLM run it as W4A16; the difference is printed)
   hf-cage export outputs/run --output-dir exports/run-w4a16 --weights-only
+
+  # shards of at most 2 GB plus model.safetensors.index.json
+  hf-cage export outputs/run --output-dir exports/run --max-shard-size 2GB
 
   # export and publish in one commit (token from --token, HF_TOKEN or `hf auth login`)
   hf-cage export outputs/run --output-dir exports/run --push-to-hub me/llama-cage-w4 --private
 
-exit codes: 0 success; 2 bad input, nothing written; 1 push failed, local export kept.
+exit codes: 0 success; 2 bad input, nothing written; 3 OS error while writing (permissions, disk full),
+nothing left behind; 1 push failed, local export kept; 130 interrupted, nothing left behind.
 """
 
 
 def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
+    from ..export.api import DEFAULT_MAX_SHARD_SIZE, DTYPE_CHOICES
+    from ..export.formats import FORMAT_CHOICES, FORMATS
+
     parser = subparsers.add_parser(
         name,
         help=help,
         description=(
-            "Pack the quantized linears of a trained hf-cage QAT model (4-bit codes, 8 per int32, plus fp32 "
-            "scales), write config, tokenizer and model card into --output-dir, and optionally push to the Hub. "
-            "The export is written to a temporary directory and renamed at the end."
+            "Pack the quantized linears of a trained hf-cage QAT model (integer codes packed into int32 words, "
+            "plus fp32 scales), write config, tokenizer and model card into --output-dir, measure and print how "
+            "the served model compares with the trained one, and optionally push to the Hub. The export is "
+            "written to a staging folder and renamed into place at the end."
         ),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -46,10 +58,10 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", "-o", required=True, help="where to write the export (must be empty)")
     parser.add_argument(
         "--format",
-        choices=("compressed-tensors", "hf-cage"),
-        default="compressed-tensors",
-        help="compressed-tensors (default): pack-quantized, loads in transformers/vLLM, int quantizer only; "
-        "hf-cage: any hf-cage grid (QuEST mid-rise, Hadamard), loads with hf_cage.load_quantized",
+        choices=FORMAT_CHOICES,
+        default="auto",
+        help="auto (default): compressed-tensors when stock loaders serve the model exactly as trained, else "
+        "hf-cage (printed with the reason); " + "; ".join(f"{name}: {fmt.summary}" for name, fmt in FORMATS.items()),
     )
     parser.add_argument(
         "--weights-only",
@@ -59,14 +71,21 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-lossy",
         action="store_true",
-        help="let compressed-tensors re-quantize a QuEST/Hadamard model to the int grid; prints the measured "
-        "weight error and logit difference",
+        help="let compressed-tensors hold a model stock loaders cannot serve as trained (QuEST grid, Hadamard, "
+        "another activation rule); prints the measured weight error and logit difference",
     )
     parser.add_argument(
         "--dtype",
-        choices=("bfloat16", "float16", "float32"),
-        default="bfloat16",
-        help="dtype of the tensors left dense: embeddings, norms, lm_head (default: bfloat16)",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="dtype of the tensors left dense: embeddings, norms, lm_head (default auto: the checkpoint's own "
+        "dtype, so the served model equals the trained one; bfloat16 halves them, the difference is printed)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help="largest weight file, as transformers' save_pretrained (default 50GB): bigger models are split into "
+        "model-0000i-of-0000n.safetensors plus model.safetensors.index.json",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar over layers")
@@ -95,66 +114,60 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..export import CardOptions, ExportError, PushError, TrainingInfo, export_model, load_checkpoint
-    from ..export.api import check_output_dir
-    from ..export.formats import check_format
-    from ..export.hub import push_folder, resolve_token
-    from ..export.source import check_checkpoint_dir
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the export's cleanup runs."""
 
-    token = None
-    format_options = dict(weights_only=args.weights_only, allow_lossy=args.allow_lossy)
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import CardOptions, ExportError, ExportWriteError, PushError, export_checkpoint
+
+    card = CardOptions(
+        base_model=args.base_model,
+        license=args.license,
+        datasets=list(args.dataset),
+        model_name=args.model_name,
+    )
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if args.push_to_hub:
-            token = resolve_token(args.token)
-            if not token:
-                raise ExportError(
-                    "--push-to-hub needs a Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`"
-                )
-        if Path(args.output_dir).resolve() == Path(args.checkpoint).resolve():
-            raise ExportError("--output-dir is the checkpoint itself; write the export to another directory")
-        check_output_dir(args.output_dir, args.overwrite)
-        # Refuse what the format cannot hold before loading any weights.
-        check_format(check_checkpoint_dir(args.checkpoint), args.format, **format_options)
-        model = load_checkpoint(args.checkpoint, progress=not args.no_progress)
-        options = CardOptions(
-            repo_id=args.push_to_hub,
-            base_model=args.base_model,
-            license=args.license,
-            datasets=list(args.dataset),
-            model_name=args.model_name,
-        )
-        result = export_model(
-            model,
+        result = export_checkpoint(
+            args.checkpoint,
             args.output_dir,
             format=args.format,
-            **format_options,
+            weights_only=args.weights_only,
+            allow_lossy=args.allow_lossy,
             dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
-            training=TrainingInfo.from_dir(args.checkpoint),
-            card=options,
+            card=card,
+            push_to_hub=args.push_to_hub,
+            token=args.token,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
             progress=not args.no_progress,
             log=print,
         )
     except ExportError as err:
         return _fail(str(err), 2)
-    ratio = result.size_bytes / result.bf16_size_bytes if result.bf16_size_bytes else float("nan")
-    print(
-        f"exported {result.num_layers} quantized layers to {result.output_dir} ({result.format}, "
-        f"{result.size_bytes / 1e6:.2f} MB, {ratio:.1%} of bf16)"
-    )
-    if not args.push_to_hub:
-        return 0
-    try:
-        url = push_folder(
-            result.output_dir,
-            args.push_to_hub,
-            token=token,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.commit_message,
-        )
+    except ExportWriteError as err:
+        return _fail(str(err.strerror or err), 3)
     except PushError as err:
-        return _fail(f"push to {args.push_to_hub} failed ({err}); the export is kept in {result.output_dir}", 1)
-    print(f"pushed to {args.push_to_hub}: {url}")
+        where = err.result.output_dir if err.result is not None else args.output_dir
+        return _fail(f"push to {args.push_to_hub} failed ({err}); the export is kept in {where}", 1)
+    except (KeyboardInterrupt, _Terminated):
+        return _fail("interrupted; nothing was written", 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    ratio = result.size_bytes / result.bf16_size_bytes if result.bf16_size_bytes else float("nan")
+    shards = f", {result.num_shards} shards" if result.num_shards > 1 else ""
+    print(
+        f"exported {result.num_layers} quantized layers to {result.output_dir} ({result.format}, dense "
+        f"{result.dtype}, {result.size_bytes / 1e6:.2f} MB{shards}, {ratio:.1%} of bf16)"
+    )
+    if result.commit_url:
+        print(f"pushed to {args.push_to_hub}: {result.commit_url}")
     return 0

@@ -1,20 +1,23 @@
 """The model card (``README.md``) and loss curve of an export.
 
-The card is rendered from the Jinja template in ``model_cards/`` with huggingface_hub's
-``ModelCard.from_template``; its YAML metadata comes from a ``ModelCardData``. Training details are
-taken from the recipes' ``metrics.json`` and the Trainer's ``log_history`` when they exist.
+The card is rendered from the Jinja template ``hf_cage/export/templates/model_card.md`` (package data,
+read with ``importlib.resources``) by huggingface_hub's ``ModelCard.from_template``; its YAML metadata
+comes from a ``ModelCardData``. What each format says about serving comes from the format object
+(:mod:`hf_cage.export.formats`); training details from :class:`~hf_cage.export.source.TrainingInfo`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from ..quant.config import QuantConfig
+from .formats import Conversion, ExportFormat
 from .source import TrainingInfo
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "model_cards" / "hf_cage_model_card.md"
+TEMPLATE = ("templates", "model_card.md")  # package data of hf_cage.export
 CITATION_TAGS = ["hf-cage", "cage", "qat"]
 
 
@@ -44,13 +47,14 @@ def training_rows(metrics: dict) -> list[tuple[str, str]]:
         ("method", "method"),
         ("w_bits", "weight bits"),
         ("a_bits", "activation bits"),
-        ("max_steps", "steps"),
         ("steps", "steps"),
+        ("max_steps", "steps"),
         ("tokens", "training tokens"),
         ("cage_lambda", "CAGE lambda"),
         ("cage_silence_ratio", "CAGE silence ratio"),
-        ("eval_loss", "final eval loss"),
-        ("eval_perplexity", "final eval perplexity"),
+        ("train_loss", "train loss"),
+        ("eval_loss", "eval loss"),
+        ("eval_perplexity", "eval perplexity"),
     ]
     seen = set()
     for key, label in labels:
@@ -58,7 +62,7 @@ def training_rows(metrics: dict) -> list[tuple[str, str]]:
             seen.add(label)
             rows.append((label, _fmt(metrics[key])))
     if "eval_loss" in metrics and "eval_perplexity" not in metrics and isinstance(metrics["eval_loss"], (int, float)):
-        rows.append(("final eval perplexity", _fmt(math.exp(metrics["eval_loss"]))))
+        rows.append(("eval perplexity", _fmt(math.exp(metrics["eval_loss"]))))
     return rows
 
 
@@ -88,30 +92,50 @@ def plot_loss_curve(log_history: list[dict], path: Path) -> bool:
     return True
 
 
+def parity_sentence(parity: dict, dense_dtype: str, trained_dtype: str) -> str:
+    """One sentence: does the served model compute what was trained, as measured."""
+    dense = f"embeddings, norms and `lm_head` are stored in {dense_dtype}" + (
+        " as trained" if dense_dtype == trained_dtype else f" (trained in {trained_dtype})"
+    )
+    measured = (
+        f"max {_fmt(parity['logit_max_abs_diff'])}, mean {_fmt(parity['logit_mean_abs_diff'])} "
+        f"(mean |logit| {_fmt(parity['logit_scale'])}) on a seeded batch of {parity['tokens']} tokens, float32 compute"
+    )
+    if parity["logit_max_abs_diff"] == 0:
+        return f"**Train/serve parity: exact.** The served logits equal the trained model's ({measured}); {dense}."
+    return f"**Train/serve parity: not exact.** Served minus trained logits: {measured}; {dense}."
+
+
 def build_model_card(
     config: QuantConfig,
-    fmt: str,
+    fmt: ExportFormat,
     *,
+    trained_config: QuantConfig,
+    conversion: Conversion,
+    parity: dict,
     num_layers: int,
     dense_dtype: str,
+    trained_dtype: str,
     size_bytes: int,
     bf16_size_bytes: int,
     training: TrainingInfo,
     options: CardOptions,
     weights_only: bool = False,
-    lossy: dict | None = None,
+    weight_rel_error: float | None = None,
     loss_curve: str | None = None,
 ):
-    """Render the card; returns a ``huggingface_hub.ModelCard`` (save it as ``README.md``)."""
+    """Render the card; returns a ``huggingface_hub.ModelCard`` (save it as ``README.md``).
+
+    ``config`` is what the export stores, ``trained_config`` what the model was trained with.
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     base_model = options.base_model or training.metrics.get("base_model")
     datasets = options.datasets or ([training.metrics["dataset"]] if training.metrics.get("dataset") else [])
-    bits_tag = f"int{config.w_bits}"
-    scheme_tag = f"w{config.w_bits}a{config.a_bits or 16}"
-    tags = [*CITATION_TAGS, bits_tag, scheme_tag, fmt]
+    served_a_bits = None if weights_only and fmt.name == "compressed-tensors" else config.a_bits
+    tags = [*CITATION_TAGS, f"int{config.w_bits}", f"w{config.w_bits}a{served_a_bits or 16}", fmt.name]
     card_data = ModelCardData(
-        library_name="transformers" if fmt == "compressed-tensors" else "hf-cage",
+        library_name=fmt.library_name,
         base_model=base_model,
         tags=tags,
         license=options.license,
@@ -119,51 +143,62 @@ def build_model_card(
         datasets=datasets or None,
         model_name=options.model_name,
     )
-    if config.a_bits is None:
+    if trained_config.a_bits is None:
         activations = "not quantized (16-bit)"
     else:
-        activations = f"{config.a_bits}-bit per token, {'integer' if config.quantizer == 'int' else 'mid-rise'} grid"
-    activation_note = None
-    if fmt == "compressed-tensors" and config.a_bits is not None:
-        if weights_only:
-            activation_note = (
-                f"The model was trained with {config.a_bits}-bit activations; this export declares weights only, "
-                "so transformers and vLLM run it as W{0}A16. `hf_cage.load_quantized` restores the trained "
-                "activation quantization.".format(config.w_bits)
-            )
-        else:
-            activation_note = (
-                f"transformers and vLLM quantize activations to {config.a_bits} bits with their own dynamic "
-                "per-token absmax rule, which differs from the training-time rule; `hf_cage.load_quantized` "
-                "reproduces the trained activation quantization exactly."
-            )
+        grid = "integer" if trained_config.quantizer == "int" else "mid-rise"
+        activations = f"{trained_config.a_bits}-bit per token, {grid} grid, `a_clip={trained_config.a_clip!r}`"
+    notes = fmt.card_notes(trained_config, conversion, weights_only=weights_only)
     metrics = training.metrics
     baselines = metrics.get("baselines") if isinstance(metrics.get("baselines"), dict) else {}
     name = options.model_name or (options.repo_id.split("/")[-1] if options.repo_id else "hf-cage quantized model")
+    repo_id = options.repo_id or "path/to/this/export"
+    lossy = None
+    if conversion.lossy:
+        lossy = {
+            "why": "; ".join(w for w in (conversion.weights, conversion.activations) if w),
+            "weight_rel_error": _fmt(weight_rel_error) if weight_rel_error is not None else None,
+        }
     return ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATE),
+        template_str=template_text(),
         model_name=name,
-        repo_id=options.repo_id or "path/to/this/export",
-        format=fmt,
+        repo_id=repo_id,
+        format=fmt.name,
         w_bits=config.w_bits,
-        a_bits=config.a_bits if not weights_only or fmt == "hf-cage" else None,
-        weight_grid="integer" if config.quantizer == "int" else "mid-rise (QuEST)",
+        weight_grid="integer" if trained_config.quantizer == "int" else "mid-rise (QuEST)",
         granularity="per channel" if config.granularity == "channel" else "per group",
         group_size=config.group_size,
         activations=activations,
-        quantizer=config.quantizer,
-        hadamard=config.hadamard,
+        quantizer=trained_config.quantizer,
+        hadamard=trained_config.hadamard,
         num_layers=num_layers,
         target_modules=", ".join(config.target_modules),
         dense_dtype=dense_dtype,
         size_mb=f"{size_bytes / 1e6:.2f}",
         bf16_size_mb=f"{bf16_size_bytes / 1e6:.2f}",
         size_ratio=f"{size_bytes / bf16_size_bytes:.1%}" if bf16_size_bytes else "n/a",
-        lossy={k: _fmt(v) for k, v in lossy.items()} if lossy else None,
-        activation_note=activation_note,
+        lossy=lossy,
+        parity=parity_sentence(parity, dense_dtype, trained_dtype),
+        notes=notes,
         training=training_rows(metrics),
         baselines=[(m, _fmt(v)) for m, v in baselines.items()],
         loss_curve=loss_curve,
         base_model=base_model,
+        usage=fmt.usage(repo_id),
+        hf_cage_usage=_hf_cage_usage(repo_id, config.a_bits),
     )
+
+
+def _hf_cage_usage(repo_id: str, a_bits) -> str:
+    what = f", {a_bits}-bit activations as stored in the export's config" if a_bits else ""
+    return (
+        f"With hf-cage (packed `Int4Linear` layers{what}):\n\n```python\nimport hf_cage\n"
+        "from huggingface_hub import snapshot_download\n\n"
+        f'model = hf_cage.load_quantized(snapshot_download("{repo_id}"))\n```\n'
+    )
+
+
+def template_text() -> str:
+    """The card's Jinja template, read as package data (works from a wheel, an sdist or a checkout)."""
+    return resources.files(__package__).joinpath(*TEMPLATE).read_text(encoding="utf-8")

@@ -1,128 +1,351 @@
-"""Which quantized models each export format can hold, and the metadata each writes into ``config.json``.
+"""The export formats: one object per format owns its checks, its config, its card notes and its loader.
 
-- ``compressed-tensors`` (``pack-quantized``): the format transformers and vLLM load. It holds the
-  ``int`` quantizer's integer grid (``code * scale``) without rotation, 4 or 8 bits, per channel or
-  per group. Its ``quantization_config`` is what transformers reads to rebuild the packed layers.
-- ``hf-cage``: the same tensors plus hf-cage's own metadata, for any grid hf-cage trains (the QuEST
-  mid-rise grid ``(code + 1/2) * scale``, Hadamard rotations); loaded by :func:`hf_cage.load_quantized`.
+- ``compressed-tensors`` (``pack-quantized``): what stock transformers and vLLM load. It stores the
+  ``int`` quantizer's integer grid (``code * scale``) without rotation, 4 or 8 bits, per channel or per
+  group, and may declare dynamic per-token activations, which the loader then quantizes with
+  compressed-tensors' own rule (``scale = absmax / ((2^b - 1) / 2)``, round, clamp): hf-cage's
+  ``a_clip="minmax"``. Anything else (QuEST mid-rise grid, Hadamard rotation, another activation rule)
+  is served differently from how it was trained, so it is exported only with ``allow_lossy`` and a
+  printed, measured difference.
+- ``hf-cage``: the same tensors plus hf-cage's own metadata, for any 4-bit grid hf-cage trains;
+  :func:`hf_cage.load_quantized` reproduces the trained model (activation rule and rotation included).
+  Stock loaders cannot apply its grids: transformers 5.24's compressed-tensors quantizer applies
+  ``quantization_config`` only, never a ``transform_config`` (no Hadamard at load).
+- ``auto`` (:func:`choose_format`): compressed-tensors when it serves the model as trained, else hf-cage.
 
-Both keep the model's :class:`~hf_cage.QuantConfig` under ``hf_cage_quantization`` and describe the
-export under :data:`EXPORT_KEY`.
+Both keep the model's :class:`~hf_cage.QuantConfig` under ``hf_cage_quantization`` (the grid actually
+stored) and describe the export under :data:`EXPORT_KEY`.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
+from ..kernels.spec import QuantSpec
 from ..quant.config import QuantConfig
 from .errors import ExportError
 
-FORMATS = ("compressed-tensors", "hf-cage")
 EXPORT_KEY = "hf_cage_export"
-FORMAT_VERSION = 1
-COMPRESSED_TENSORS_BITS = (4, 8)
-HF_CAGE_BITS = (4,)
+FORMAT_VERSION = 2
 PACKING = "pack-quantized: code + 2^(bits-1), 32/bits codes per int32 along inputs, lowest bits first"
+VLLM_NOTE = (
+    "Not tested here (no GPU was available). vLLM picks a kernel from the declared scheme and the GPU. "
+    "For int4 weights with dynamic int4 activations it runs real INT4 activations only on SM80-SM89 (Ampere, "
+    "Ada); on Hopper it falls back to higher-precision activations, so the served numbers differ from the "
+    "trained ones there. Weight-only int4 (W4A16) runs on its Marlin/Machete kernels."
+)
 
 
-def check_format(config: QuantConfig, fmt: str, *, weights_only: bool = False, allow_lossy: bool = False) -> bool:
-    """Raise :class:`ExportError` if ``fmt`` cannot hold a model quantized with ``config``.
+@dataclass
+class Conversion:
+    """What changes between the trained model and the model a format's loader serves, and why."""
 
-    Returns True when the export is a lossy conversion (only with ``allow_lossy``), else False.
-    """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "hf-cage":
-        if config.w_bits not in HF_CAGE_BITS:
+    weights: str | None = None  # why the weights are re-quantized (None: stored exactly)
+    activations: str | None = None  # why served activations differ (None: as trained, or not declared)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lossy(self) -> bool:
+        return bool(self.weights or self.activations)
+
+
+class ExportFormat:
+    """Base class: a format knows what it can hold, what it writes, what the card says and how to load it."""
+
+    name = ""
+    library_name = ""
+    summary = ""
+
+    def problem(self, config: QuantConfig, *, weights_only: bool = False) -> str | None:
+        """Why this format cannot hold the model at all (one clause), or ``None``."""
+        raise NotImplementedError
+
+    def conversion(self, config: QuantConfig, *, weights_only: bool = False) -> Conversion:
+        """What the format's loader serves differently from the trained model."""
+        return Conversion()
+
+    def check(self, config: QuantConfig, *, weights_only: bool = False, allow_lossy: bool = False) -> Conversion:
+        """Raise :class:`ExportError` if the model cannot be exported as asked; returns the :class:`Conversion`."""
+        problem = self.problem(config, weights_only=weights_only)
+        if problem:
+            raise ExportError(problem)
+        conversion = self.conversion(config, weights_only=weights_only)
+        if conversion.lossy and not allow_lossy:
+            why = "; ".join(w for w in (conversion.weights, conversion.activations) if w)
             raise ExportError(
-                f"--format hf-cage holds {HF_CAGE_BITS} -bit weights (hf_cage.Int4Linear), the model has "
-                f"w_bits={config.w_bits}; for 8-bit int weights use --format compressed-tensors"
+                f"--format {self.name} would not serve the model as trained: {why}; use --format hf-cage "
+                "(or auto) for an exact export, or --allow-lossy to convert and print the measured difference"
             )
-        return False
-    if config.w_bits not in COMPRESSED_TENSORS_BITS:
-        raise ExportError(
-            f"w_bits={config.w_bits} cannot be exported: --format compressed-tensors holds "
-            f"{' or '.join(map(str, COMPRESSED_TENSORS_BITS))}-bit weights"
-        )
-    if not weights_only and config.a_bits is not None and config.a_bits not in COMPRESSED_TENSORS_BITS:
-        raise ExportError(
-            f"a_bits={config.a_bits}: compressed-tensors only declares 4- or 8-bit dynamic activations; "
-            "pass --weights-only to export the weights alone, or use --format hf-cage"
-        )
-    lossless = config.quantizer == "int" and not config.hadamard
-    if lossless:
-        return False
-    what = "the QuEST mid-rise grid" if config.quantizer == "quest" else "a Hadamard rotation"
-    if config.quantizer == "quest" and config.hadamard:
-        what += " and a Hadamard rotation"
-    if not allow_lossy:
-        raise ExportError(
-            f"compressed-tensors cannot hold {what} losslessly (quantizer={config.quantizer!r}, "
-            f"hadamard={config.hadamard}); use --format hf-cage for a lossless export, "
-            "or --allow-lossy to re-quantize to the int grid and see the measured error"
-        )
-    return True
+        return conversion
+
+    def exported_config(self, config: QuantConfig, conversion: Conversion, *, weights_only: bool) -> QuantConfig:
+        """The :class:`QuantConfig` of what is stored (the trained one unless converted)."""
+        return config
+
+    def served_activation_spec(self, config: QuantConfig, in_features: int, *, weights_only: bool) -> QuantSpec | None:
+        """The activation grid the format's loader applies to a linear's inputs (``config``: exported)."""
+        return config.activation_spec(in_features)
+
+    def quantization_config(self, config: QuantConfig, ignore: list[str], *, weights_only: bool) -> dict | None:
+        """The ``quantization_config`` entry of ``config.json`` (``None``: none is written)."""
+        return None
+
+    def card_notes(self, trained: QuantConfig, conversion: Conversion, *, weights_only: bool) -> list[str]:
+        """Paragraphs the model card prints about how this export is served."""
+        return []
+
+    def usage(self, repo_id: str) -> str:
+        """Markdown: how to load the export (the card's Usage section)."""
+        raise NotImplementedError
+
+    def load(self, path, **kwargs):
+        """Load an export of this format with its loader."""
+        raise NotImplementedError
 
 
-def lossy_target_config(config: QuantConfig) -> QuantConfig:
-    """The ``int`` grid (absmax, no rotation, same bits and groups) a lossy conversion re-quantizes ``Q(W)`` to."""
-    return replace(config, quantizer="int", hadamard=False, clip="absmax")
+class CompressedTensorsFormat(ExportFormat):
+    name = "compressed-tensors"
+    library_name = "transformers"
+    summary = "pack-quantized; loads in stock transformers (with compressed-tensors) and vLLM"
+    weight_bits = (4, 8)
+    activation_bits = (4, 8)
 
+    @staticmethod
+    def declares_activations(config: QuantConfig, weights_only: bool) -> bool:
+        return config.a_bits is not None and not weights_only
 
-def compressed_tensors_config(config: QuantConfig, ignore: list[str], *, weights_only: bool = False) -> dict:
-    """``quantization_config`` of a ``pack-quantized`` checkpoint, as ``compressed-tensors`` writes it.
+    @staticmethod
+    def loader_activation_spec(bits: int) -> QuantSpec:
+        """What compressed-tensors applies to declared dynamic per-token int activations at load."""
+        return QuantSpec(bits, "integer", "minmax", None, None)
 
-    One config group targets every ``Linear`` but those in ``ignore`` (the linears left dense:
-    ``lm_head`` for the default targets). Activations are declared (per-token, dynamic, symmetric)
-    when the model was trained with quantized activations, unless ``weights_only``.
-    """
-    weights = {
-        "num_bits": config.w_bits,
-        "type": "int",
-        "symmetric": True,
-        "strategy": config.granularity,
-        "group_size": config.group_size if config.granularity == "group" else None,
-        "dynamic": False,
-    }
-    activations = None
-    if config.a_bits is not None and not weights_only:
-        activations = {
-            "num_bits": config.a_bits,
+    def problem(self, config, *, weights_only=False):
+        if config.w_bits not in self.weight_bits:
+            return (
+                f"w_bits={config.w_bits} cannot be exported: --format compressed-tensors holds "
+                f"{' or '.join(map(str, self.weight_bits))}-bit weights"
+            )
+        if self.declares_activations(config, weights_only) and config.a_bits not in self.activation_bits:
+            return (
+                f"a_bits={config.a_bits}: compressed-tensors declares only 4- or 8-bit dynamic activations; "
+                "pass --weights-only to export the weights alone, or use --format hf-cage"
+            )
+        return None
+
+    def conversion(self, config, *, weights_only=False):
+        weights = None
+        if config.quantizer != "int" or config.hadamard:
+            what = []
+            if config.quantizer == "quest":
+                what.append("the QuEST mid-rise grid")
+            if config.hadamard:
+                what.append("a Hadamard rotation (stock loaders apply no transform_config)")
+            weights = f"compressed-tensors cannot hold {' and '.join(what)}"
+        activations = None
+        if self.declares_activations(config, weights_only):
+            # Compare with an input width no rotation applies to: only the rule itself matters here.
+            trained = replace(config, hadamard=False).activation_spec(8)
+            if trained != self.loader_activation_spec(config.a_bits) or config.hadamard:
+                activations = (
+                    f"activations trained with quantizer={config.quantizer!r}, a_clip={config.a_clip!r}"
+                    f"{', Hadamard' if config.hadamard else ''} are served with compressed-tensors' dynamic "
+                    "per-token rule (a_clip='minmax' on the int grid)"
+                )
+        notes = []
+        if config.a_bits is not None and weights_only:
+            notes.append(f"activations are served unquantized (W{config.w_bits}A16), trained at {config.a_bits} bits")
+        return Conversion(weights=weights, activations=activations, notes=notes)
+
+    def exported_config(self, config, conversion, *, weights_only):
+        if conversion.weights:
+            config = replace(config, quantizer="int", hadamard=False, clip="absmax")
+        if conversion.activations or conversion.weights:
+            config = replace(config, a_clip="minmax")
+        return config
+
+    def served_activation_spec(self, config, in_features, *, weights_only):
+        if not self.declares_activations(config, weights_only):
+            return None
+        return self.loader_activation_spec(config.a_bits)
+
+    def quantization_config(self, config, ignore, *, weights_only):
+        """``quantization_config`` of a ``pack-quantized`` checkpoint, as ``compressed-tensors`` writes it."""
+        weights = {
+            "num_bits": config.w_bits,
             "type": "int",
             "symmetric": True,
-            "strategy": "token",
-            "group_size": None,
-            "dynamic": True,
+            "strategy": config.granularity,
+            "group_size": config.group_size if config.granularity == "group" else None,
+            "dynamic": False,
         }
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": activations,
-                "output_activations": None,
-                "format": "pack-quantized",
+        activations = None
+        if self.declares_activations(config, weights_only):
+            activations = {
+                "num_bits": config.a_bits,
+                "type": "int",
+                "symmetric": True,
+                "strategy": "token",
+                "group_size": None,
+                "dynamic": True,
             }
-        },
-        "ignore": sorted(ignore),
-        "kv_cache_scheme": None,
-        "global_compression_ratio": None,
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": _compressed_tensors_version(),
-    }
+        return {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": weights,
+                    "input_activations": activations,
+                    "output_activations": None,
+                    "format": "pack-quantized",
+                }
+            },
+            "ignore": sorted(ignore),
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": _compressed_tensors_version(),
+        }
+
+    def card_notes(self, trained, conversion, *, weights_only):
+        notes = []
+        a_bits = trained.a_bits
+        if a_bits is not None and weights_only:
+            notes.append(
+                f"**Activations.** The model was trained with {a_bits}-bit activations; this export declares "
+                f"weights only, so transformers and vLLM run it as W{trained.w_bits}A16. `hf_cage.load_quantized` "
+                "restores the trained activation quantization."
+            )
+        elif a_bits is not None and conversion.activations:
+            notes.append(
+                f"**Activations.** transformers and vLLM quantize activations to {a_bits} bits with "
+                "compressed-tensors' dynamic per-token rule (`scale = absmax / ((2^b - 1) / 2)`), which is not "
+                f"the rule this model was trained with ({conversion.activations}); the measured difference is "
+                "below."
+            )
+        elif a_bits is not None:
+            notes.append(
+                f"**Activations.** transformers and vLLM quantize activations to {a_bits} bits with "
+                "compressed-tensors' dynamic per-token rule (`scale = absmax / ((2^b - 1) / 2)`, round, clamp to "
+                f"`[-{2 ** (a_bits - 1)}, {2 ** (a_bits - 1) - 1}]`): the rule this model was trained with "
+                '(`a_clip="minmax"`), so the served model computes what was trained.'
+            )
+        if trained.hadamard:
+            notes.append(
+                "**Hadamard.** The model was trained with Hadamard rotations; stock transformers (5.24) and this "
+                "format apply none at load (no `transform_config`), so the weights were re-quantized without it."
+            )
+        if a_bits is not None and not weights_only:
+            notes.append(f"**vLLM.** {VLLM_NOTE}")
+        return notes
+
+    def usage(self, repo_id):
+        return (
+            "With transformers (needs `compressed-tensors`; compute in float32 to reproduce the trained "
+            "numbers):\n\n```python\nimport torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype=torch.float32)\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
+            "With vLLM:\n\n```python\nfrom vllm import LLM\n\n"
+            f'llm = LLM("{repo_id}")\nprint(llm.generate("To be, or not to be")[0].outputs[0].text)\n```\n'
+        )
+
+    def load(self, path, **kwargs):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        kwargs.setdefault("dtype", torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def export_metadata(config: QuantConfig, fmt: str, *, weights_only: bool, lossy_from: QuantConfig | None) -> dict:
+class HfCageFormat(ExportFormat):
+    name = "hf-cage"
+    library_name = "hf-cage"
+    summary = "any 4-bit hf-cage grid (QuEST, Hadamard, any activation rule); loads with hf_cage.load_quantized"
+    weight_bits = (4,)
+
+    def problem(self, config, *, weights_only=False):
+        if config.w_bits not in self.weight_bits:
+            return (
+                f"--format hf-cage holds 4-bit weights (hf_cage.Int4Linear), the model has w_bits={config.w_bits}; "
+                "for 8-bit int weights use --format compressed-tensors"
+            )
+        return None
+
+    def card_notes(self, trained, conversion, *, weights_only):
+        grid = "the QuEST mid-rise grid" if trained.quantizer == "quest" else "hf-cage's integer grid"
+        rotation = " with Hadamard rotations" if trained.hadamard else ""
+        return [
+            f"**Format.** This export stores {grid}{rotation} as trained; only `hf_cage.load_quantized` loads it "
+            "(stock transformers and vLLM cannot: transformers 5.24 applies no `transform_config` at load, and "
+            "compressed-tensors has no mid-rise grid). `load_quantized` reproduces the trained forward, activation "
+            "quantization included."
+        ]
+
+    def usage(self, repo_id):
+        return ""
+
+    def load(self, path, **kwargs):
+        from .load import load_quantized
+
+        return load_quantized(path, **kwargs)
+
+
+FORMATS: dict[str, ExportFormat] = {f.name: f for f in (CompressedTensorsFormat(), HfCageFormat())}
+FORMAT_CHOICES = ("auto", *FORMATS)
+
+
+def get_format(name: str) -> ExportFormat:
+    if name not in FORMATS:
+        raise ExportError(f"unknown format {name!r}; choose one of {', '.join(FORMAT_CHOICES)}")
+    return FORMATS[name]
+
+
+def choose_format(config: QuantConfig, *, weights_only: bool = False) -> tuple[ExportFormat, str | None]:
+    """``auto``: compressed-tensors when it serves the model as trained, else hf-cage with the reason why.
+
+    Raises :class:`ExportError` when neither format holds the model without loss.
+    """
+    ct, hf = FORMATS["compressed-tensors"], FORMATS["hf-cage"]
+    why = ct.problem(config, weights_only=weights_only)
+    if why is None:
+        conversion = ct.conversion(config, weights_only=weights_only)
+        if not conversion.lossy:
+            return ct, None
+        why = "; ".join(w for w in (conversion.weights, conversion.activations) if w)
+    if hf.problem(config, weights_only=weights_only) is None:
+        return hf, (
+            f"format auto: hf-cage, because {why}; load it with hf_cage.load_quantized(path) "
+            "(--format compressed-tensors --allow-lossy converts it for stock loaders, with the difference printed)"
+        )
+    raise ExportError(
+        f"no format serves this model as trained: {why}; {hf.problem(config, weights_only=weights_only)}; "
+        "pass --format compressed-tensors --allow-lossy to convert it and print the measured difference"
+    )
+
+
+def resolve_format(
+    name: str, config: QuantConfig, *, weights_only: bool = False, allow_lossy: bool = False
+) -> tuple[ExportFormat, Conversion, str | None]:
+    """``(format, conversion, note)`` for ``--format name`` (``auto`` or a format name); raises ExportError."""
+    note = None
+    if name == "auto":
+        fmt, note = choose_format(config, weights_only=weights_only)
+    else:
+        fmt = get_format(name)
+    return fmt, fmt.check(config, weights_only=weights_only, allow_lossy=allow_lossy), note
+
+
+def export_metadata(
+    config: QuantConfig, fmt: ExportFormat, *, weights_only: bool, lossy_from: QuantConfig | None, parity: dict
+) -> dict:
     """hf-cage's description of the export (stored under :data:`EXPORT_KEY`)."""
     from .. import __version__
 
     spec = config.weight_spec(config.group_size or 128)
     data = {
-        "format": fmt,
+        "format": fmt.name,
         "format_version": FORMAT_VERSION,
         "hf_cage_version": __version__,
         "weight_grid": spec.grid,
@@ -131,6 +354,7 @@ def export_metadata(config: QuantConfig, fmt: str, *, weights_only: bool, lossy_
         "hadamard_max_block": 128 if config.hadamard else None,
         "packing": PACKING,
         "weights_only": weights_only,
+        "parity": parity,
     }
     if lossy_from is not None:
         data["lossy_conversion_from"] = lossy_from.to_dict()

@@ -18,6 +18,7 @@ from torch import nn
 from ..layers.int4_linear import Int4Linear
 from ..qat import CONFIG_KEY
 from ..quant.config import QuantConfig
+from .formats import EXPORT_KEY
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -58,6 +59,11 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", d
             f"{str(path)!r} is not an hf-cage export (config.json has no {CONFIG_KEY!r}); "
             "load compressed-tensors checkpoints from other tools with transformers.AutoModelForCausalLM"
         )
+    if getattr(config, EXPORT_KEY, None) is None:
+        raise ValueError(
+            f"{str(path)!r} is a QAT checkpoint with dense weights, not a packed export (config.json has no "
+            f"{EXPORT_KEY!r}): load it with hf_cage.load_qat_model, or pack it first with `hf-cage export`"
+        )
     quant_config = QuantConfig.from_dict(data)
     if quant_config.w_bits != 4:
         raise ValueError(
@@ -73,6 +79,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", d
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     state = _read_state_dict(path)
+    if not any(k.endswith(".weight_packed") for k in state):
+        raise ValueError(f"{str(path)!r} holds no packed weights (no *.weight_packed tensor); re-run `hf-cage export`")
     for key in [k for k in state if k.endswith(".weight_packed")]:
         name = key[: -len(".weight_packed")]
         linear = model.get_submodule(name)

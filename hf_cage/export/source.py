@@ -2,8 +2,8 @@
 
 A directory saved by ``save_pretrained`` / ``CAGETrainer.save_model`` holds ``config.json`` (with
 ``hf_cage_quantization``) and the dense weights; a Trainer ``checkpoint-N/`` adds optimizer state and
-``trainer_state.json`` (``log_history``: the loss curve). Tokenizer files, ``generation_config.json``,
-``trainer_state.json`` and the recipes' ``metrics.json`` are looked up in the directory, then its parent.
+``trainer_state.json`` (``log_history``: the loss curve); a recipe run folder holds ``metrics.json`` and
+``log_history.json``. See :meth:`TrainingInfo.from_dir` for what is read from where.
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ TOKENIZER_FILES = (
 )
 
 
+# Settings of the whole run: true of every checkpoint of it, so they may come from the run folder's metrics.json.
+RUN_SETTINGS = (
+    "method", "w_bits", "a_bits", "quantizer", "cage_lambda", "cage_silence_ratio", "dataset", "base_model"
+)  # fmt: skip
+
+
 @dataclass
 class TrainingInfo:
     """What training left beside a checkpoint; every field may be missing."""
@@ -46,13 +52,28 @@ class TrainingInfo:
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike | None) -> TrainingInfo:
-        """Collect training info from ``path`` and its parent (missing or unreadable files are skipped)."""
+        """Collect what describes the checkpoint in ``path`` (missing or unreadable files are skipped).
+
+        Results (steps, losses, the loss curve) come only from ``path`` itself: its ``metrics.json``, its
+        Trainer ``trainer_state.json`` (a ``checkpoint-N`` folder: ``global_step``, the last logged losses)
+        or the recipes' ``log_history.json``. The run folder above a ``checkpoint-N`` describes the final
+        model, so only run settings (method, bits, CAGE lambda, ...), the tokenizer and the generation
+        config are taken from it.
+        """
         if path is None:
             return cls()
         path = Path(path)
         places = [path, path.parent]
-        metrics = _first_json(places, "metrics.json")
-        state = _first_json(places, "trainer_state.json")
+        own = _read_json(path / "metrics.json")
+        state = _read_json(path / "trainer_state.json")
+        history = state.get("log_history") if isinstance(state, dict) else _read_json(path / "log_history.json")
+        history = [h for h in history if isinstance(h, dict)] if isinstance(history, list) else []
+        if isinstance(own, dict):
+            metrics = own
+        else:
+            parent = _read_json(path.parent / "metrics.json")
+            metrics = {k: parent[k] for k in RUN_SETTINGS if isinstance(parent, dict) and k in parent}
+            metrics.update(_results_from_history(state, history))
         tokenizer_dir = next((p for p in places if (p / "tokenizer_config.json").is_file()), None)
         tokenizer_files = [
             tokenizer_dir / f for f in TOKENIZER_FILES if tokenizer_dir and (tokenizer_dir / f).is_file()
@@ -60,24 +81,45 @@ class TrainingInfo:
         generation = next(
             (p / "generation_config.json" for p in places if (p / "generation_config.json").is_file()), None
         )
-        history = state.get("log_history", []) if isinstance(state, dict) else []
         return cls(
-            metrics=metrics if isinstance(metrics, dict) else {},
-            log_history=[h for h in history if isinstance(h, dict)],
+            metrics=metrics,
+            log_history=history,
             tokenizer_files=tokenizer_files,
             generation_config=generation,
         )
 
 
-def _first_json(places: list[Path], name: str):
-    for place in places:
-        file = place / name
-        if file.is_file():
-            try:
-                return json.loads(file.read_text())
-            except (OSError, ValueError):
-                return None
+def _results_from_history(state, history: list[dict]) -> dict:
+    """Steps and the last logged train / eval loss of a checkpoint, from its own Trainer state."""
+    results = {}
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if step is None and history:
+        step = max((h["step"] for h in history if isinstance(h.get("step"), int)), default=None)
+    if step is not None:
+        results["steps"] = step
+    for key, name in (("loss", "train_loss"), ("eval_loss", "eval_loss")):
+        values = [h[key] for h in history if isinstance(h.get(key), (int, float))]
+        if values:
+            results[name] = values[-1]
+    return results
+
+
+def _read_json(file: Path):
+    if file.is_file():
+        try:
+            return json.loads(file.read_text())
+        except (OSError, ValueError):
+            return None
     return None
+
+
+def checkpoint_dtype(path: str | os.PathLike) -> str | None:
+    """The dtype the checkpoint's weights are stored in (``config.json``'s ``dtype``), or ``None``."""
+    config = _read_json(Path(path) / "config.json")
+    if not isinstance(config, dict):
+        return None
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if isinstance(value, str) else None
 
 
 def check_checkpoint_dir(path: str | os.PathLike) -> QuantConfig:

@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels.spec import QuantSpec
+from .packed import pack_weight
 
 
 class Int4Linear(nn.Module):
@@ -56,12 +57,19 @@ class Int4Linear(nn.Module):
             device=layer.weight.device,
             dtype=layer.weight.dtype,
         )
-        codes, scales = kernels.quantize_rows(layer.weight.detach(), layer.weight_spec)
-        new.weight_packed.copy_(kernels.pack_int4(codes))
-        new.weight_scale.copy_(scales)
+        new.load_packed(pack_weight(layer.weight, layer.weight_spec))
         if layer.bias is not None:
             new.bias.data.copy_(layer.bias.detach())
         return new
+
+    @torch.no_grad()
+    def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy in the tensors of :func:`hf_cage.layers.packed.pack_weight` (shapes checked)."""
+        shape = tensors.get("weight_shape")
+        if shape is not None and shape.tolist() != [self.out_features, self.in_features]:
+            raise ValueError(f"weight_shape {shape.tolist()} != [{self.out_features}, {self.in_features}]")
+        self.weight_packed.copy_(tensors["weight_packed"])
+        self.weight_scale.copy_(tensors["weight_scale"])
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = kernels.unpack_int4(self.weight_packed)

@@ -1,0 +1,105 @@
+"""Train/serve parity, measured: the trained QAT model against what an export's loader computes.
+
+The served model is emulated in place: every quantized layer is temporarily replaced by a linear
+holding the weight dequantized from the exported tensors and quantizing its inputs with the rule the
+format's loader applies (compressed-tensors' dynamic rule, the trained rule for ``load_quantized``, or
+none for a weights-only export), and every dense parameter is rounded through the exported dtype (a
+loader computing in float32 upcasts what was stored). Both models then run the same seeded batch in
+the model's dtype and the logits are compared. ``tests/test_parity.py`` checks the emulation against
+stock transformers loading the export in a process that never imports hf_cage.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from ..kernels.spec import QuantSpec
+from ..layers.packed import unpack_weight
+
+
+class _ServedLinear(nn.Module):
+    """``F.linear(Qa(x), W, b)`` with ``W`` dequantized from the exported tensors: a layer as a loader rebuilds it."""
+
+    def __init__(self, packed: dict, weight_spec: QuantSpec, bias, activation_spec: QuantSpec | None):
+        super().__init__()
+        self.packed, self.weight_spec, self.activation_spec = packed, weight_spec, activation_spec
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation_spec is not None:
+            x = kernels.fake_quantize(x, self.activation_spec)[0]
+        packed = {k: v.to(x.device) for k, v in self.packed.items()}
+        weight = unpack_weight(packed, self.weight_spec, torch.float32).to(x.dtype)
+        return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+
+ServedLayers = dict[str, tuple[dict, QuantSpec, "QuantSpec | None"]]
+
+
+@contextmanager
+def served_model(model: nn.Module, served: ServedLayers, dense_dtype: torch.dtype):
+    """Temporarily turn ``model`` into the served model.
+
+    Args:
+        served: quantized layer name -> (exported tensors of :func:`~hf_cage.layers.packed.pack_weight`,
+            their weight grid, the activation grid the loader applies or ``None``).
+        dense_dtype: dtype the dense tensors are stored in; parameters are rounded through it.
+    """
+    swapped, rounded = [], []
+    try:
+        for name, (packed, weight_spec, activation_spec) in served.items():
+            layer = model.get_submodule(name)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _ServedLinear(packed, weight_spec, layer.bias, activation_spec))
+            swapped.append((parent, child, layer))
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dense_dtype:
+                rounded.append((param, param.data))
+                param.data = param.data.to(dense_dtype).to(param.dtype)
+        yield model
+    finally:
+        for param, data in rounded:
+            param.data = data
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer)
+
+
+def sample_batch(model: nn.Module, batch_size: int = 2, seq_len: int = 64) -> torch.Tensor:
+    """Seeded random token ids ``(batch_size, seq_len)`` within the model's vocabulary and context."""
+    config = model.config
+    seq_len = min(seq_len, getattr(config, "max_position_embeddings", seq_len))
+    generator = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    return torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
+
+
+@torch.no_grad()
+def measure_parity(
+    model: nn.Module,
+    served: ServedLayers,
+    dense_dtype: torch.dtype,
+    batch: torch.Tensor | None = None,
+) -> dict:
+    """``{"logit_max_abs_diff", "logit_mean_abs_diff", "tokens"}`` between the trained and the served model."""
+    batch = sample_batch(model) if batch is None else batch
+    was_training = model.training
+    model.eval()
+    try:
+        trained = model(input_ids=batch).logits.float()
+        with served_model(model, served, dense_dtype):
+            out = model(input_ids=batch).logits.float()
+    finally:
+        model.train(was_training)
+    diff = (out - trained).abs()
+    return {
+        "logit_max_abs_diff": diff.max().item(),
+        "logit_mean_abs_diff": diff.mean().item(),
+        "logit_scale": trained.abs().mean().item(),
+        "tokens": batch.numel(),
+    }
