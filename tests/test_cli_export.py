@@ -318,3 +318,27 @@ def test_help_explains_every_flag_with_examples(capsys):
 def test_top_level_cli_lists_export(capsys):
     assert main([]) == 0
     assert "export" in capsys.readouterr().out
+
+
+def test_the_readme_pretrain_then_export_flow_runs_with_defaults(tmp_path, capsys, token_batch):
+    """README: `pretrain_llama.py --config tiny --method cage --output_dir outputs/tiny-cage`, then
+    `hf-cage export outputs/tiny-cage --output-dir exports/tiny-w4` (fewer steps and a small text here)."""
+    from test_recipes import pretrain_argv, pretrain_llama, write_text
+
+    import hf_cage
+
+    text = (write_text(tmp_path / "A.txt", 0, 200), write_text(tmp_path / "B.txt", 1, 60))
+    run = tmp_path / "outputs" / "tiny-cage"
+    assert pretrain_llama.main(pretrain_argv(text, run, "cage", steps=2)) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--output-dir", str(tmp_path / "exports" / "tiny-w4")]) == 0
+    printed = capsys.readouterr().out
+    trained = hf_cage.load_qat_model(run, dtype=torch.float32)
+    config = hf_cage.quant_config_of(trained)
+    expected = "compressed-tensors" if config.quantizer == "int" and not config.hadamard else "hf-cage"
+    assert f"({expected}, dense float32" in printed and "train/serve parity: exact" in printed
+    if expected == "hf-cage":
+        assert printed.startswith("format auto: hf-cage, because") and "hf_cage.load_quantized(path)" in printed
+    loaded = load_quantized(tmp_path / "exports" / "tiny-w4")
+    batch = token_batch % trained.config.vocab_size
+    torch.testing.assert_close(logits(loaded, batch), logits(trained, batch), atol=0, rtol=0)

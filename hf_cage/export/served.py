@@ -37,7 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-export_dirs, inputs_file, out_dir, want_logits, want_loss, batch_size = json.loads(sys.argv[1])
+export_dirs, inputs_file, out_dir, want_logits, want_loss, batch_size, threads = json.loads(sys.argv[1])
+if threads:
+    torch.set_num_threads(threads)
 inputs = load_file(inputs_file)
 input_ids, labels = inputs["input_ids"], inputs.get("labels")
 for index, export_dir in enumerate(export_dirs):
@@ -84,6 +86,7 @@ def served_eval_many(
     logits: bool = True,
     loss: bool = False,
     batch_size: int = 8,
+    num_threads: int | None = None,
     timeout: float = 1800,
 ) -> list[ServedResult]:
     """:func:`served_eval` of several exports in one child process (one interpreter start-up); same order."""
@@ -100,7 +103,8 @@ def served_eval_many(
             tensors["labels"] = labels.detach().to(torch.int64).cpu().contiguous()
         save_file(tensors, Path(tmp) / "inputs.safetensors")
         dirs = [os.path.abspath(d) for d in export_dirs]
-        job = json.dumps([dirs, str(Path(tmp) / "inputs.safetensors"), tmp, logits, loss, int(batch_size)])
+        threads = torch.get_num_threads() if num_threads is None else num_threads
+        job = json.dumps([dirs, str(Path(tmp) / "inputs.safetensors"), tmp, logits, loss, int(batch_size), threads])
         done = subprocess.run(
             [sys.executable, "-c", _CHILD, job], cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout
         )
@@ -123,7 +127,8 @@ def served_eval(export_dir: str | os.PathLike, input_ids: torch.Tensor, **kwargs
 
     Keyword args (also of :func:`served_eval_many`): ``labels`` ``(B, T)`` targets for the loss (default
     ``input_ids``; ``-100`` ignored); ``logits`` / ``loss``: what to return (default logits only);
-    ``batch_size``: rows per forward pass in the child; ``timeout`` in seconds.
+    ``batch_size``: rows per forward pass in the child; ``num_threads``: torch threads in the child (default:
+    this process's, so both sides sum in the same order); ``timeout`` in seconds.
 
     Raises:
         RuntimeError: the child failed (its last stderr lines are in the message).
