@@ -101,7 +101,9 @@ def interleaved(runs: dict, repeats: int) -> tuple[dict[str, float], dict[str, P
 def export_hf_cage(model, out: Path) -> None:
     from hf_cage.export import export_model
 
-    export_model(model, out, progress=False, log=None)
+    # bf16 dense parts like the compressed-tensors reference (the default, "auto", keeps the trained fp32);
+    # the time includes hf-cage's train/serve parity measurement (two forward passes on a sample batch).
+    export_model(model, out, dtype="bfloat16", progress=False, log=None)
 
 
 def export_compressed_tensors(dense, scales: dict, group_size: int, out: Path) -> None:
