@@ -137,8 +137,9 @@ QUICK = dict(hidden=32, ffn=64, steps=12, block=32, batch=4, vocab=300, eval_blo
 PRETRAIN_VARIANT = (13.0, 0.5)
 MAP_VARIANTS = ((13.0, 0.5), (56.0, 0.8))
 FT_STEPS, FT_LR = 300, 5e-4
-FT_SWEEP = ((13.0, 0.5), (50.0, 0.5), (150.0, 0.5), (50.0, 0.25))
+FT_SWEEP = ((13.0, 0.5), (50.0, 0.5))
 FT_FORMATS = ((4, 4, "quest", None), (3, 3, "quest", None), (4, None, "int", 64))
+FT_W4A4 = "w4a4-quest"
 
 
 def plan_pretrain(seeds: int = 3) -> list[Spec]:
@@ -214,16 +215,30 @@ def plan_map(seeds: int = 2) -> list[Spec]:
 
 
 def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
-    """Priority order: pretraining seed by seed, fine-tuning seed 0 and its sweep, the map's first seed, then
-    the remaining seeds of fine-tuning and the map."""
+    """Priority order (compute is scarce on a shared 2-core machine: what comes first is what the report needs
+    most): pretraining seeds 0 and 1 (BF16 seed 0 only), fine-tuning seed 0 with its sweep, the map's first seed
+    with one CAGE setting (QuEST, then the int quantizer and the coupled variant), then BF16 seed 1, pretraining
+    seed 2, and the remaining seeds and settings."""
     pre, ft, mp = plan_pretrain(), plan_finetune(results), plan_map()
+
+    def first(r: Spec) -> bool:  # BF16, STE and the first CAGE setting of the map
+        return r.method != "cage" or (r.lam, r.silence) == MAP_VARIANTS[0]
+
     ordered = (
-        [r for r in pre]
+        [r for r in pre if r.seed == 0]
+        + [r for r in pre if r.seed == 1 and r.method != "bf16"]
+        + [r for r in ft if r.seed == 0 and r.fmt in ("bf16", FT_W4A4)]
         + [r for r in ft if r.seed == 0]
-        + [r for r in mp if r.seed == 0]
+        + [r for r in mp if r.seed == 0 and r.quantizer == "quest" and r.variant == "decoupled" and first(r)]
+        + [r for r in mp if r.seed == 0 and first(r)]
+        + [r for r in pre if r.seed == 1]
+        + [r for r in pre if r.seed == 2 and r.method != "bf16"]
         + [r for r in ft if r.seed == 1]
-        + [r for r in mp if r.seed == 1]
+        + [r for r in mp if r.seed == 1 and first(r)]
+        + [r for r in mp if r.seed == 0]
+        + [r for r in pre if r.seed == 2]
         + [r for r in ft if r.seed >= 2]
+        + [r for r in mp if r.seed == 1]
     )
     seen, out = set(), []
     for r in ordered:
@@ -438,17 +453,21 @@ def _ready(spec: Spec, done: dict, out: Path) -> bool:
     return spec.init is None or (out / "models" / spec.init / "config.json").is_file()
 
 
-def code_snapshot(out: Path) -> tuple[Path, str]:
-    """``hf_cage`` at the committed ``HEAD`` plus this file, under OUT/code/<sha>: runs use committed library code
-    (the shared working tree may be mid-edit), and every result records the commit it was trained with."""
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+def code_snapshot(out: Path, commit: str = "HEAD") -> tuple[Path, str]:
+    """``hf_cage`` at a commit (default ``HEAD``) plus this file, under OUT/code/<sha>: runs use committed library
+    code (the shared working tree may be mid-edit), and every result records the commit it was trained with."""
+    sha = subprocess.run(["git", "rev-parse", commit], cwd=REPO, capture_output=True, text=True, check=True)
     sha = sha.stdout.strip()
     target = out / "code" / sha[:12]
     if not (target / "hf_cage" / "__init__.py").is_file():
         target.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "archive", "HEAD", "hf_cage"], cwd=REPO, capture_output=True, check=True)
+        archive = subprocess.run(["git", "archive", sha, "hf_cage"], cwd=REPO, capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
     shutil.copyfile(__file__, target / "accuracy_snapshot.py")
+    check = "import hf_cage, hf_cage.export; from hf_cage import CAGEConfig, CAGETrainer"
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    if subprocess.run([sys.executable, "-c", check], env=env, cwd=target, capture_output=True).returncode != 0:
+        raise SystemExit(f"hf_cage at {sha[:12]} does not import (see {target}); pass --code-commit with a good one")
     return target, sha[:12]
 
 
@@ -486,7 +505,8 @@ def command_run(args) -> int:
     out, results = Path(args.out), Path(args.results)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     studies = tuple(args.study.split(",")) if args.study else STUDIES
-    code, sha = code_snapshot(out)
+    commits = dict(part.split("=", 1) if "=" in part else ("*", part) for part in args.code_commit.split(","))
+    snapshots = {study: code_snapshot(out, commits.get(study, commits.get("*", "HEAD"))) for study in studies}
     children: dict[str, subprocess.Popen] = {}
     failed: set[str] = set()
 
@@ -521,7 +541,7 @@ def command_run(args) -> int:
             if spec.key in done or spec.key in running or spec.key in failed or not _ready(spec, done, out):
                 continue
             print(f"start {spec.key} (~{spec.core_minutes():.1f} core-min)", flush=True)
-            children[spec.key] = _launch(spec, out, code, sha)
+            children[spec.key] = _launch(spec, out, *snapshots[spec.study])
             running.add(spec.key)
         if not running:
             break
@@ -555,6 +575,96 @@ def command_plan(args) -> int:
         print(f"{study}: {len(todo)} runs left of {sum(s.study == study for s in specs)}, ~{cost:.0f} core-minutes")
     print(f"total ~{total:.0f} core-minutes")
     return 0
+
+
+def served_record(record: dict, out: Path) -> dict:
+    """Export a saved QAT run with ``hf-cage export``'s defaults and evaluate the export as a user serves it.
+
+    A compressed-tensors export is loaded by stock transformers in a separate process that never imports hf_cage
+    (``hf_cage.export.served``); an hf-cage-format export (QuEST, Hadamard: what stock loaders cannot express)
+    by :func:`hf_cage.load_quantized`. Both on the validation blocks the training-time loss was measured on.
+    """
+    import torch
+
+    from hf_cage.export import export_checkpoint, load_quantized
+    from hf_cage.export.served import served_loss
+
+    spec = Spec(**{k: record[k] for k in Spec.__dataclass_fields__})
+    export_dir = out / "exports" / spec.key
+    result = export_checkpoint(out / "models" / spec.key, export_dir, overwrite=True, progress=False, log=None)
+    ids = prepare_data(out, spec)[2]["input_ids"]
+    if result.format == "compressed-tensors":
+        loss, loader = served_loss(export_dir, ids, batch_size=32), "stock transformers (no hf_cage)"
+    else:
+        model = load_quantized(export_dir, dtype=torch.float32)
+        with torch.no_grad():
+            loss = sum(model(input_ids=b, labels=b).loss.item() for b in ids.split(32)) / len(ids.split(32))
+        loader = "hf_cage.load_quantized"
+    return {
+        "key": spec.key,
+        "study": spec.study,
+        "method": spec.method,
+        "fmt": spec.fmt,
+        "seed": spec.seed,
+        "steps": spec.steps,
+        "hidden": spec.hidden,
+        "lam": spec.lam,
+        "silence": spec.silence,
+        "export_format": result.format,
+        "loader": loader,
+        "eval_loss_trained": record["eval_loss"],
+        "eval_loss_served": loss,
+        "served_minus_trained": loss - record["eval_loss"],
+        "code_commit": os.environ.get("HF_CAGE_CODE_COMMIT"),
+    }
+
+
+def command_served(args) -> int:
+    out, results = Path(args.out), Path(args.results)
+    done = load_results(results)
+    served_file = results / "served.jsonl"
+    measured = set()
+    if served_file.exists():
+        measured = {json.loads(line)["key"] for line in served_file.read_text().splitlines() if line.strip()}
+    todo = [
+        r
+        for r in done.values()
+        if r.get("save")
+        and r["method"] != "bf16"
+        and r["key"] not in measured
+        and (out / "models" / r["key"]).is_dir()
+    ]
+    for record in sorted(todo, key=lambda r: r["key"]):
+        row = served_record(record, out)
+        with open(served_file, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        print(
+            f"{row['key']}: trained {row['eval_loss_trained']:.4f}, served {row['eval_loss_served']:.4f} "
+            f"({row['export_format']}, {row['loader']})",
+            flush=True,
+        )
+    return 0
+
+
+def load_served(results: Path) -> list[dict]:
+    path = results / "served.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def served_table(rows: list[dict]) -> str:
+    lines = [
+        "| run | format | export | loaded by | eval loss, trained model | eval loss, served export | "
+        "served - trained |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["fmt"], r["method"] != "ste", r["seed"], r["key"])):
+        label = "STE" if r["method"] == "ste" else f"CAGE lambda {r['lam']:g}, silence {r['silence']:g}"
+        lines.append(
+            f"| {label}, seed {r['seed']} ({r['study']}, {r['steps']} steps) | {r['fmt']} | {r['export_format']} | "
+            f"{r['loader']} | {r['eval_loss_trained']:.4f} | {r['eval_loss_served']:.4f} | "
+            f"{r['served_minus_trained']:+.4f} |"
+        )
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -782,6 +892,7 @@ def command_report(args) -> int:
         "pretrain": pretrain_table(done) if any(r["study"] == "pretrain" for r in done.values()) else "",
         "finetune": finetune_table(done) if any(r["study"] == "finetune" for r in done.values()) else "",
         "map": map_table(done) if any(r["study"] == "map" for r in done.values()) else "",
+        "served": served_table(load_served(results)) if load_served(results) else "",
     }
     for name, table in sections.items():
         if table:
@@ -829,12 +940,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--only", default=None, help="comma-separated substrings of run keys to train")
     run.add_argument("--quick", action="store_true", help="a seconds-long smoke run of the whole pipeline")
+    run.add_argument(
+        "--code-commit",
+        default="HEAD",
+        help="train with hf_cage at this commit (default: HEAD), or per study: pretrain=SHA,map=SHA",
+    )
     run.set_defaults(func=command_run)
     one = sub.add_parser("one", help="train one run (used by `run`)")
     one.add_argument("--spec", required=True)
     one.add_argument("--out", required=True)
     one.add_argument("--result-file", required=True)
     one.set_defaults(func=command_one)
+    served = sub.add_parser("served", help="export the saved QAT runs and measure the served loss")
+    served.add_argument("--out", default="outputs/accuracy")
+    served.add_argument("--results", default=str(RESULTS))
+    served.set_defaults(func=command_served)
     plan = sub.add_parser("plan", help="runs left and their cost")
     plan.add_argument("--results", default=str(RESULTS))
     plan.set_defaults(func=command_plan)
