@@ -6,24 +6,43 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..optim.correction import local_shard
 from ..qat import quantized_layers
 
 
 @torch.no_grad()
 def quantization_metrics(model: nn.Module) -> dict[str, float]:
-    """``cage/quant_error``: mean over quantized weights of ``||W - Q(W)|| / ||W||``;
-    ``cage/clip_fraction``: fraction of all quantized weight entries outside the clip range.
+    """``cage/quant_error``: mean over quantized layers of ``||W - Q(W)||_F / ||W||_F``;
+    ``cage/clip_fraction``: fraction of all quantized weight entries outside the clip range (where the
+    straight-through mask is off: ``|Q - W| > step / 2`` in the quantizer's basis).
 
-    One ``Q(W)`` per quantized layer: call it at logging steps, not every step.
+    One ``Q(W)`` per quantized layer: call it at logging steps, not every step. Under FSDP2 each rank
+    measures its row shards and the sums are all-reduced (every rank must call it, as ``Trainer.log`` does).
     """
-    errors, clipped, total = [], 0, 0
+    stats, sharded = [], False
     for _, layer in quantized_layers(model):
-        w = layer.weight.detach()
+        weight = layer.weight.detach()
+        w = local_shard(weight)
+        sharded = sharded or w is not weight
+        if w.numel() == 0:
+            stats.append(torch.zeros(4, dtype=torch.float64))
+            continue
         q, mask = kernels.fake_quantize(w, layer.weight_spec)
         w32 = w.float()
-        errors.append(((w32 - q.float()).norm() / w32.norm().clamp_min(1e-30)).item())
-        clipped += int((~mask).sum())
-        total += mask.numel()
-    if not errors:
+        error_sq = (w32 - q.float()).square().sum()
+        norm_sq = w32.square().sum()
+        clipped = (~mask).sum()
+        stats.append(torch.stack([error_sq, norm_sq, clipped, torch.tensor(mask.numel())]).double().cpu())
+    if not stats:
         return {}
-    return {"cage/quant_error": sum(errors) / len(errors), "cage/clip_fraction": clipped / total}
+    totals = torch.stack(stats)
+    if sharded:
+        device = layer.weight.device
+        totals = totals.to(device)
+        torch.distributed.all_reduce(totals)
+        totals = totals.cpu()
+    errors = (totals[:, 0] / totals[:, 1].clamp_min(1e-60)).sqrt()
+    return {
+        "cage/quant_error": errors.mean().item(),
+        "cage/clip_fraction": (totals[:, 2].sum() / totals[:, 3].sum()).item(),
+    }

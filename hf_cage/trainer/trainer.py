@@ -1,41 +1,51 @@
 """``CAGETrainer``: ``transformers.Trainer`` that quantizes the model and trains it with CAGE.
 
-What it adds to ``Trainer`` (everything else is Trainer's own code path):
+What it adds to ``Trainer`` (everything else, the optimizer included, is Trainer's own code path):
 
 - at construction, a model without ``QATLinear`` layers is quantized with ``args.quant_config()``;
-- ``create_optimizer`` builds :class:`hf_cage.CAGE` from the config (``learning_rate``,
-  ``weight_decay``, ``adam_beta1/2``, ``adam_epsilon`` and the ``cage_*`` fields), with
-  ``total_steps`` = the Trainer's own number of optimizer steps; a user optimizer
-  (``optimizers=(opt, sched)`` or ``optimizer_cls_and_kwargs``) is wrapped with
-  :class:`hf_cage.CAGECorrection` instead (decoupled variant);
-- ``training_step`` records the lambda of the coming optimizer step; ``log`` adds ``cage/lambda``
-  (the lambda of the last optimizer step), ``cage/quant_error`` and ``cage/clip_fraction`` to the
-  training logs.
+- ``create_optimizer`` is ``Trainer.create_optimizer`` (``--optim``, ``optim_args``,
+  ``optimizer_cls_and_kwargs``, Trainer's device-mesh-aware param groups) with the CAGE correction
+  (:class:`hf_cage.CAGECorrection`) attached to the optimizer it builds, or to a user optimizer
+  passed with ``optimizers=(opt, sched)``. ``--optim adamw_torch`` (the default) and
+  ``adamw_torch_fused`` give AdamW + CAGE, i.e. :class:`hf_cage.CAGE`, in either variant; any other
+  torch optimizer gets the decoupled correction (``cage_variant='coupled'`` is refused with it); an
+  ``--optim`` that is not a ``torch.optim.Optimizer`` is refused;
+- weight decay follows hf-cage's one policy (:func:`hf_cage.optim.decay_parameter_names`): only the
+  quantized block linears are decayed, not embeddings, ``lm_head``, norms or biases;
+- ``create_scheduler(num_training_steps)``: the number of optimizer steps Trainer passes on at every
+  ``train()`` (also after an ``auto_find_batch_size`` retry) starts the correction's schedule
+  (``total_steps``, counter back to 0); a resumed run then loads its counter from the checkpoint;
+- ``log`` adds ``cage/lambda`` (the lambda of the last optimizer step), ``cage/quant_error`` and
+  ``cage/clip_fraction`` (:func:`hf_cage.trainer.quantization_metrics`) to the training logs.
 
-The schedule advances inside ``optimizer.step()``, so it counts optimizer steps, not micro-batches.
-On ``resume_from_checkpoint`` the schedule counter and the moments come from the checkpoint and the
-``cage_*`` settings from ``args`` (see :mod:`hf_cage.optim.cage`): a resumed run continues exactly,
-and resuming an STE checkpoint with ``cage_lambda > 0`` branches a CAGE run from it.
+FSDP2 (``fsdp_version: 2``) is supported: the correction works on the local row shards. FSDP1 (flat
+parameters) is refused.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from transformers import Trainer
 
-from ..optim.cage import CAGE
-from ..optim.correction import CAGECorrection
-from ..optim.factory import create_cage_optimizer
+from ..optim.correction import CAGECorrection, cage_correction_of
+from ..optim.factory import decay_parameter_names
 from ..qat import quant_config_of, quantize_model
 from .config import CAGEConfig
 from .metrics import quantization_metrics
 
 logger = logging.getLogger(__name__)
 
+COUPLED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+
 
 class CAGETrainer(Trainer):
-    """A ``Trainer`` for CAGE quantization-aware training; ``args`` must be a :class:`hf_cage.CAGEConfig`."""
+    """A ``Trainer`` for CAGE quantization-aware training; ``args`` must be a :class:`hf_cage.CAGEConfig`.
+
+    ``self.cage_correction`` is the :class:`hf_cage.CAGECorrection` attached to the optimizer (``None``
+    until the optimizer exists).
+    """
 
     def __init__(self, model=None, args: CAGEConfig | None = None, *positional, **kwargs):
         if not isinstance(args, CAGEConfig):
@@ -49,63 +59,53 @@ class CAGETrainer(Trainer):
                 quantize_model(model, args.quant_config())
             elif existing != args.quant_config():
                 logger.warning("model is already quantized with %s; the quant_* fields of args are ignored", existing)
-        self._cage_lambdas: list[float] = []
+        self.cage_correction: CAGECorrection | None = None
         super().__init__(model, args, *positional, **kwargs)
-        if self.optimizer is not None and not isinstance(self.optimizer, (CAGE, CAGECorrection)):
-            self.optimizer = CAGECorrection(self.optimizer, self.model, **self._correction_kwargs())
-
-    def _total_steps(self) -> int | None:
-        steps = self.state.max_steps or self.args.max_steps
-        return steps if steps and steps > 0 else None
-
-    def _correction_kwargs(self) -> dict:
-        kwargs = self.args.cage_kwargs()
-        if kwargs["cage_variant"] != "decoupled":
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError(
-                f"cage_variant={kwargs['cage_variant']!r} needs hf_cage.CAGE; a user-supplied optimizer can only "
-                "get the decoupled correction (set cage_variant='decoupled' or drop the custom optimizer)"
+                "CAGE does not support FSDP1 (flat parameters); use FSDP2: fsdp_version: 2 in the accelerate config "
+                "(recipes/accelerate_configs/fsdp.yaml, fsdp2_cpu.yaml) or --fsdp_config '{\"fsdp_version\": 2}'"
             )
-        return {**kwargs, "total_steps": self._total_steps()}
+        if self.optimizer is not None:
+            self._attach_correction(self.optimizer)
 
-    def cage_optimizer(self) -> CAGE | CAGECorrection | None:
-        """The CAGE optimizer or correction wrapper under accelerate's wrapping, if one was built."""
-        opt = self.optimizer
-        while opt is not None and not isinstance(opt, (CAGE, CAGECorrection)):
-            opt = getattr(opt, "optimizer", None)
-        return opt
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """hf-cage's weight-decay policy: the quantized block linears' weights only."""
+        return decay_parameter_names(model)
 
     def create_optimizer(self, model=None):
-        opt_model = self.model if model is None else model
-        if self.optimizer is None and self.optimizer_cls_and_kwargs is not None:
-            super().create_optimizer(model)
-            self.optimizer = CAGECorrection(self.optimizer, opt_model, **self._correction_kwargs())
-        elif self.optimizer is None:
-            args = self.args
-            self.optimizer = create_cage_optimizer(
-                opt_model,
-                lr=args.learning_rate,
-                weight_decay=args.weight_decay,
-                betas=(args.adam_beta1, args.adam_beta2),
-                eps=args.adam_epsilon,
-                total_steps=self._total_steps(),
-                **args.cage_kwargs(),
-            )
-        else:
-            inner = self.cage_optimizer()
-            if isinstance(inner, CAGECorrection) and self._total_steps():
-                inner.total_steps = self._total_steps()
-        return self.optimizer
+        optimizer = super().create_optimizer(model)
+        if cage_correction_of(optimizer) is None:
+            self._attach_correction(optimizer)
+        return optimizer
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        opt = self.cage_optimizer()
-        if opt is not None:
-            self._cage_lambdas.append(opt.next_lambda())
-        return loss
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.cage_correction is not None:
+            self.cage_correction.start_run(num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _attach_correction(self, optimizer) -> None:
+        inner = optimizer
+        while not isinstance(inner, torch.optim.Optimizer) and getattr(inner, "optimizer", None) is not None:
+            inner = inner.optimizer
+        where = f"--optim {self.args.optim}" if self.optimizer_cls_and_kwargs is None else "optimizer_cls_and_kwargs"
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise ValueError(
+                f"{where} built a {type(inner).__name__}, which is not a torch.optim.Optimizer: the CAGE correction "
+                "attaches through torch's optimizer step hooks; use --optim adamw_torch (or any torch optimizer)"
+            )
+        kwargs = self.args.cage_kwargs()
+        if kwargs["cage_variant"] == "coupled" and not isinstance(inner, COUPLED_OPTIMIZERS):
+            raise ValueError(
+                f"cage_variant='coupled' needs Adam's moments (--optim adamw_torch or adamw_torch_fused), but the "
+                f"optimizer is {type(inner).__name__}; it can take the decoupled correction: --cage_variant decoupled"
+            )
+        self.cage_correction = CAGECorrection(inner, self.model, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._cage_lambdas:
-            logs["cage/lambda"] = self._cage_lambdas[-1]
+        correction = self.cage_correction
+        if "loss" in logs and correction is not None and correction.total_steps:
+            steps = correction.steps_taken
+            logs["cage/lambda"] = correction.lambda_at(steps) if steps else 0.0
             logs.update(quantization_metrics(self.model))
-            self._cage_lambdas.clear()
         super().log(logs, start_time)
