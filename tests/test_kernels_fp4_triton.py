@@ -1,0 +1,176 @@
+"""The fused Triton FP4 quantizer against its torch twin (run by `make test-triton`: TRITON_INTERPRET=1).
+
+Tolerances, and why:
+- without a rotation, codes, scales, global scales, Q and the mask are bit-exact: the kernel does the
+  twin's operations (IEEE division, exact bit manipulations, the same thresholds) on the same values.
+- with a Hadamard rotation, the kernel's ``tl.dot`` sums in another order than torch's matmul, so a
+  rotated value may differ by an ulp: scales may then differ by one E4M3 / E8M0 step where a group max
+  sits on a boundary, and a code may move where a value sits on a rounding threshold. Codes are checked
+  against the twin's rounding *of the kernel's own scales*, flips counted (none on the data here).
+- ``Q`` in bf16 under the interpreter: it truncates fp32 -> bf16 (a GPU rounds to nearest even), one ulp.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hf_cage.kernels import fp4
+from hf_cage.kernels.reference import hadamard_rotate
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
+
+pytestmark = [
+    pytest.mark.triton_interpret,
+    pytest.mark.skipif(
+        not (INTERPRET or torch.cuda.is_available()),
+        reason="Triton kernels need CUDA or TRITON_INTERPRET=1 set before import (run `make test-triton`)",
+    ),
+]
+
+SHAPES = [(1, 128), (70, 256), (3, 5, 384)]
+
+
+@pytest.fixture(scope="module")
+def tfp4():
+    from hf_cage.kernels import triton_fp4  # imports triton: only in this process
+
+    return triton_fp4
+
+
+def awkward(*shape, seed=0, dtype=torch.float32):
+    """Gaussian rows of varied magnitude with an all-zero group, exact zeros, -0.0 and outliers."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    x = x * torch.logspace(-3, 2, x.shape[-2] if x.dim() > 1 else 1).unsqueeze(-1)
+    flat = x.reshape(-1, shape[-1])
+    flat[0, :32] = 0.0
+    if flat.shape[0] > 4:
+        flat[1, 5] = -0.0
+        flat[2, 7] = 1e4
+        flat[3, 40] = -3e3
+        flat[4, ::3] = 0.0
+    return x.to(device=DEVICE, dtype=dtype)
+
+
+def assert_same_scales(scales, ref_scales):
+    assert scales.dtype == ref_scales.dtype and scales.shape == ref_scales.shape
+    assert torch.equal(scales.view(torch.uint8), ref_scales.view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", fp4.FORMATS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_quantize_is_bit_exact_without_rotation(tfp4, fmt, shape):
+    x = awkward(*shape, seed=1)
+    codes, scales, gs = tfp4.quantize_codes(x, fmt)
+    ref_codes, ref_scales, ref_gs = fp4.quantize(x, fmt)
+    assert_same_scales(scales, ref_scales)
+    assert (gs is None and ref_gs is None) or torch.equal(gs, ref_gs)
+    assert codes.dtype == torch.int8 and torch.equal(codes, ref_codes)
+
+
+@pytest.mark.parametrize("fmt", fp4.FORMATS)
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
+def test_fake_quantize_is_bit_exact_without_rotation(tfp4, fmt, shape):
+    x = awkward(*shape, seed=2)
+    q, mask = tfp4.fake_quantize(x, fmt)
+    ref_q, ref_mask = fp4.fake_quantize(x, fmt)
+    assert q.dtype == x.dtype and mask.dtype == torch.bool
+    assert torch.equal(q, ref_q) and torch.equal(mask, ref_mask)
+    assert not mask.all()  # the outliers' groups clip something: the mask is not trivially True
+
+
+@pytest.mark.parametrize("fmt", fp4.FORMATS)
+def test_a_given_global_scale_is_used(tfp4, fmt):
+    x = awkward(20, 128, seed=3)
+    gs = torch.tensor([37.0], device=DEVICE) if fmt == "nvfp4" else None
+    codes, scales, _ = tfp4.quantize_codes(x, fmt, global_scale=gs)
+    ref_codes, ref_scales, _ = fp4.quantize(x, fmt, global_scale=gs)
+    assert_same_scales(scales, ref_scales)
+    assert torch.equal(codes, ref_codes)
+    q, _ = tfp4.fake_quantize(x, fmt, global_scale=gs)
+    assert torch.equal(q, fp4.fake_quantize(x, fmt, global_scale=gs)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("fmt", fp4.FORMATS)
+def test_half_inputs_use_the_half_scale_rule(tfp4, fmt, dtype):
+    x = awkward(33, 128, seed=4, dtype=dtype)
+    codes, scales, gs = tfp4.quantize_codes(x, fmt)
+    ref_codes, ref_scales, ref_gs = fp4.quantize(x, fmt)
+    assert_same_scales(scales, ref_scales)
+    assert (gs is None and ref_gs is None) or torch.equal(gs, ref_gs)
+    assert torch.equal(codes, ref_codes)
+    q, mask = tfp4.fake_quantize(x, fmt)
+    ref_q, ref_mask = fp4.fake_quantize(x, fmt)
+    assert q.dtype == dtype and torch.equal(mask, ref_mask)
+    ulp = 2**-7 if INTERPRET and dtype == torch.bfloat16 else 0
+    torch.testing.assert_close(q, ref_q, rtol=ulp, atol=0)
+
+
+@pytest.mark.parametrize("hadamard_block", [16, 64, 128])
+@pytest.mark.parametrize("fmt", fp4.FORMATS)
+def test_rotated_quantization_matches_the_twin(tfp4, fmt, hadamard_block):
+    x = awkward(70, 256, seed=5)
+    codes, scales, gs = tfp4.quantize_codes(x, fmt, hadamard_block=hadamard_block)
+    ref_codes, ref_scales, ref_gs = fp4.quantize(x, fmt, hadamard_block=hadamard_block)
+    if gs is not None:
+        torch.testing.assert_close(gs, ref_gs, rtol=1e-6, atol=0)
+    assert_same_scales(scales, ref_scales)
+    # Codes: the twin's rounding of the kernel's own scales, away from thresholds.
+    rotated = hadamard_rotate(x.float(), hadamard_block)
+    group = fp4.GROUP_SIZE[fmt]
+    step = fp4.effective_scales(scales, fmt, gs).unsqueeze(-1)
+    scaled = (rotated.unflatten(-1, (-1, group)) / step).flatten(-2)
+    expected = fp4.e2m1_codes(scaled)
+    flips = codes != expected
+    edges = torch.tensor([e for e, _ in fp4._E2M1_EDGES], device=DEVICE)
+    near_edge = ((scaled.abs().unsqueeze(-1) - edges).abs().amin(-1) <= 1e-5 * scaled.abs().clamp_min(1)) | (
+        scaled.abs() < 1e-6
+    )
+    assert near_edge[flips].all(), "a code differs from the twin away from a rounding threshold"
+    assert int(flips.sum()) == 0 and torch.equal(codes, ref_codes)
+    q, mask = tfp4.fake_quantize(x, fmt, hadamard_block=hadamard_block)
+    ref_q, ref_mask = fp4.fake_quantize(x, fmt, hadamard_block=hadamard_block)
+    assert torch.equal(mask, ref_mask)
+    torch.testing.assert_close(q, ref_q, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+
+
+def test_e4m3_and_e8m0_edges(tfp4):
+    # MX: group maxima at and around the rounding points; NV: group scales at e4m3 ties, subnormals, the clamp.
+    mx = torch.zeros(8, 32, device=DEVICE)
+    mx[:, 0] = torch.tensor([4.0, 6.0, 6.999999, 7.0, 8.0, 1e-40, 3.0e38, 0.0])
+    assert_same_scales(tfp4.quantize_codes(mx, "mxfp4")[1], fp4.quantize(mx, "mxfp4")[1])
+    nv = torch.zeros(10, 16, device=DEVICE)
+    # amax / 6 with gs = 1: 1.0625 (e4m3 tie 1.0 | 1.125 -> 1.0), 1.1875 (tie 1.125 | 1.25 -> 1.25),
+    # 2^-9 * 1.5 (subnormal tie -> 2^-8), 2^-10 (half the smallest subnormal -> 0 -> 0.125), 500 (clamp).
+    nv[:, 0] = torch.tensor([1.0625, 1.1875, 1.5 * 2**-9, 2**-10, 500.0, 1.0, 0.3, 2**-7, 0.0, 448.0]) * 6
+    gs = torch.ones(1, device=DEVICE)
+    scales = tfp4.quantize_codes(nv, "nvfp4", global_scale=gs)[1]
+    assert_same_scales(scales, fp4.quantize(nv, "nvfp4", global_scale=gs)[1])
+    assert scales[:5, 0].float().tolist() == [1.0, 1.25, 2**-8, 0.125, 448.0]
+
+
+def test_rejects_bad_shapes(tfp4):
+    with pytest.raises(ValueError, match="group size 16"):
+        tfp4.quantize_codes(torch.zeros(2, 40, device=DEVICE), "nvfp4")
+    with pytest.raises(ValueError, match="choose one of"):
+        tfp4.quantize_codes(torch.zeros(2, 64, device=DEVICE), "int4")
+    with pytest.raises(TypeError):
+        tfp4.quantize_codes(torch.zeros(2, 64, dtype=torch.int8, device=DEVICE), "mxfp4")
+
+
+@pytest.mark.parametrize("fmt", fp4.FORMATS)
+def test_e2m1_ties_round_to_the_even_mantissa(tfp4, fmt):
+    # Scale 1 for both grids (MX: amax 6 -> byte 127; NV: gs = 1, amax 6 -> s8 = 1.0): values sit on the ties.
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]
+    x = torch.tensor(ties + [-t for t in ties] + [0.0] * 16, device=DEVICE).reshape(1, 32)
+    gs = torch.ones(1, device=DEVICE) if fmt == "nvfp4" else None
+    codes, _, _ = tfp4.quantize_codes(x, fmt, global_scale=gs)
+    # 0.25->0, 0.75->1 (0b010), 1.25->1, 1.75->2 (0b100), 2.5->2, 3.5->4 (0b110), 5->4, 6 (0b111); sign 0b1000
+    magnitudes = [0b000, 0b010, 0b010, 0b100, 0b100, 0b110, 0b110, 0b111]
+    expected = magnitudes + [m | 0b1000 for m in magnitudes] + [0] * 16
+    assert codes[0].tolist() == expected
+    assert torch.equal(codes, fp4.quantize(x, fmt, global_scale=gs)[0])
