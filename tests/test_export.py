@@ -373,6 +373,7 @@ def test_card_notes_per_format(tmp_path):
 
     w8a8 = _card(tmp_path, "w8a8", dict(quantizer="int", w_bits=8, a_bits=8))
     assert "to 8 bits" in w8a8 and "clamp to `[-128, 127]`" in w8a8
+    assert "hf_cage.load_quantized" not in w8a8  # it holds 4-bit weights only
 
     quest = _card(tmp_path, "quest", QUEST_W4A4)
     assert "only `hf_cage.load_quantized` loads it" in quest and "no `transform_config`" in quest
@@ -507,6 +508,17 @@ def test_models_no_format_can_hold_are_refused(tmp_path, build, match):
     with pytest.raises(ExportError, match=match):
         export_model(build(), tmp_path / "out", progress=False, log=None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_only_never_silently_becomes_an_hf_cage_export(tmp_path):
+    with pytest.raises(ExportError, match="--weights-only is a compressed-tensors declaration") as info:
+        export_model(qat_model(**QUEST_W4A4), tmp_path / "out", weights_only=True, progress=False, log=None)
+    assert "--allow-lossy" in str(info.value)
+    lines = []
+    argv = dict(format="compressed-tensors", allow_lossy=True, weights_only=True, progress=False, log=lines.append)
+    result = export_model(qat_model(**QUEST_W4A4), tmp_path / "out", **argv)
+    assert result.format == "compressed-tensors" and "served unquantized (W4A16)" in lines[0]
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_hf_cage_format_refuses_8_bit_and_unknown_options(tmp_path):

@@ -186,7 +186,7 @@ def build_model_card(
         loss_curve=loss_curve,
         base_model=base_model,
         usage=fmt.usage(repo_id),
-        hf_cage_usage=_hf_cage_usage(repo_id, config.a_bits),
+        hf_cage_usage=_hf_cage_usage(repo_id, config.a_bits) if config.w_bits == 4 else "",
     )
 
 

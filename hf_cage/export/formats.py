@@ -266,6 +266,11 @@ class HfCageFormat(ExportFormat):
     weight_bits = (4,)
 
     def problem(self, config, *, weights_only=False):
+        if weights_only:
+            return (
+                "--weights-only is a compressed-tensors declaration; the hf-cage format always keeps the trained "
+                "activation rule (hf_cage.load_quantized applies it)"
+            )
         if config.w_bits not in self.weight_bits:
             return (
                 f"--format hf-cage holds 4-bit weights (hf_cage.Int4Linear), the model has w_bits={config.w_bits}; "
