@@ -375,16 +375,16 @@ def _collect_tensors(model, layers, fmt: ExportFormat, conversion: Conversion, e
 def _parity_line(parity: dict, conversion: Conversion, weight_error: float | None) -> str:
     measured = (
         f"logit difference on a sample batch max {parity['logit_max_abs_diff']:.4g} "
-        f"mean {parity['logit_mean_abs_diff']:.4g} (mean |logit| {parity['logit_scale']:.4g}, "
-        f"{parity['tokens']} tokens, float32)"
+        f"mean {parity['logit_mean_abs_diff']:.4g} ({parity['tokens']} tokens, float32; "
+        f"mean |logit| {parity['logit_scale']:.4g})"
     )
     if parity["logit_max_abs_diff"] == 0:
-        return f"train/serve parity: exact, the served model's logits equal the trained model's ({measured})"
+        return f"train/serve parity: exact, {measured}"
     reasons = [r for r in (conversion.weights, conversion.activations, *conversion.notes) if r]
     if weight_error is not None:
         reasons.append(f"relative weight error {weight_error:.4g}")
-    why = f": {'; '.join(reasons)}" if reasons else ""
-    return f"served model differs from the trained one, {measured}{why}"
+    why = f"; {'; '.join(reasons)}" if reasons else ""
+    return f"served model differs from the trained one: {measured}{why}"
 
 
 def _write_config(model, staging: Path, fmt, exported_config, trained_config, conversion, weights_only, dtype,

@@ -98,12 +98,13 @@ def parity_sentence(parity: dict, dense_dtype: str, trained_dtype: str) -> str:
         " as trained" if dense_dtype == trained_dtype else f" (trained in {trained_dtype})"
     )
     measured = (
-        f"max {_fmt(parity['logit_max_abs_diff'])}, mean {_fmt(parity['logit_mean_abs_diff'])} "
-        f"(mean |logit| {_fmt(parity['logit_scale'])}) on a seeded batch of {parity['tokens']} tokens, float32 compute"
+        f"on a seeded batch of {parity['tokens']} tokens with float32 compute, the absolute difference between "
+        f"served and trained logits is at most {_fmt(parity['logit_max_abs_diff'])} (mean "
+        f"{_fmt(parity['logit_mean_abs_diff'])}; the logits' mean magnitude is {_fmt(parity['logit_scale'])})"
     )
     if parity["logit_max_abs_diff"] == 0:
-        return f"**Train/serve parity: exact.** The served logits equal the trained model's ({measured}); {dense}."
-    return f"**Train/serve parity: not exact.** Served minus trained logits: {measured}; {dense}."
+        return f"**Train/serve parity: exact.** The loader rebuilds the trained model: {measured}; {dense}."
+    return f"**Train/serve parity: not exact.** Measured: {measured}; {dense}."
 
 
 def build_model_card(
