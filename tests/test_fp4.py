@@ -310,3 +310,69 @@ def test_bad_format_and_shape_are_one_line_errors():
         fp4.fake_quantize(torch.zeros(2, 48), "mxfp4")
     with pytest.raises(ValueError, match="global_scale"):
         fp4.effective_scales(torch.zeros(2, dtype=torch.float8_e4m3fn), "nvfp4")
+
+
+# --- what stock transformers does with such a checkpoint --------------------------------------------
+
+
+def write_fp4_checkpoint(model, directory, preset: str, input_global_scales: dict) -> None:
+    """A compressed-tensors ``{mx,nv}fp4-pack-quantized`` checkpoint of ``model``, quantized by the twin."""
+    import json
+
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import save_file
+
+    fmt = "mxfp4" if preset.startswith("MX") else "nvfp4"
+    state = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            codes, scales, gs = fp4.quantize(module.weight.detach(), fmt)
+            del state[f"{name}.weight"]
+            state[f"{name}.weight_packed"] = fp4.pack_fp4(codes)
+            state[f"{name}.weight_scale"] = scales
+            if gs is not None:
+                state[f"{name}.weight_global_scale"] = gs
+            if name in input_global_scales:
+                state[f"{name}.input_global_scale"] = input_global_scales[name]
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    scheme.format = f"{fmt}-pack-quantized"
+    quantization = QuantizationConfig(
+        config_groups={"group_0": scheme}, format=scheme.format, quantization_status="compressed", ignore=["lm_head"]
+    )
+    config = model.config.to_dict()
+    config["quantization_config"] = json.loads(json.dumps(quantization.model_dump(), default=str))
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("preset", ["MXFP4", "NVFP4"])
+def test_stock_transformers_serves_the_twins_rule_in_bf16(tmp_path, preset):
+    """Loaded in bf16, the checkpoint's logits equal a bf16 model with ``Q(W)`` and the twin on the activations.
+
+    Stock transformers decompresses FP4 weights into bf16 (``bf16(e2m1 * scale)``) and quantizes each
+    linear's input with compressed-tensors' dynamic rule; NVFP4 uses the stored ``input_global_scale``.
+    """
+    from conftest import make_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    fmt = "mxfp4" if preset == "MXFP4" else "nvfp4"
+    model = make_tiny_llama()
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    input_gs = {n: fp4.nvfp4_global_scale(f32(4.0 + i)) for i, n in enumerate(linears)} if fmt == "nvfp4" else {}
+    write_fp4_checkpoint(model, tmp_path, preset, input_gs)
+    served = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+
+    # The reference: the same model with Q(W) as dense fp32 weights, loaded the same way (bf16), and the
+    # twin on each quantized linear's input.
+    for linear in linears.values():
+        codes, scales, gs = fp4.quantize(linear.weight.detach(), fmt)
+        linear.weight.data = fp4.dequantize(codes, scales, fmt, global_scale=gs)
+    model.save_pretrained(tmp_path / "dense")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16).eval()
+    for name in linears:
+        g = input_gs.get(name)
+        hook = lambda _, args, g=g: (fp4.fake_quantize(args[0], fmt, global_scale=g)[0],)  # noqa: E731
+        reference.get_submodule(name).register_forward_pre_hook(hook)
+    with torch.no_grad():
+        assert torch.equal(served(tokens).logits, reference(tokens).logits)
