@@ -87,6 +87,14 @@ def check_output_dir(
                 f"--output-dir {str(output_dir)!r} is inside the checkpoint {str(ckpt)!r}; "
                 "write the export outside the checkpoint folder"
             )
+    try:
+        _check_existing_output(output_dir, overwrite)
+    except OSError as err:
+        raise ExportWriteError(err.errno, f"cannot inspect {str(output_dir)!r}: {_os_reason(err)}") from None
+    return output_dir
+
+
+def _check_existing_output(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise ExportError(f"output path {str(output_dir)!r} is a file; pass a directory")
     if output_dir.is_dir():
@@ -97,7 +105,6 @@ def check_output_dir(
                 f"--output-dir {str(output_dir)!r} is (or contains) the current directory, which an export "
                 "replaces: run from another directory or choose another --output-dir"
             )
-    return output_dir
 
 
 def _check_options(dtype: str, max_shard_size) -> int:
