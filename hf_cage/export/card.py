@@ -133,7 +133,7 @@ def build_model_card(
 
     base_model = options.base_model or training.metrics.get("base_model")
     datasets = options.datasets or ([training.metrics["dataset"]] if training.metrics.get("dataset") else [])
-    served_a_bits = None if weights_only and fmt.name == "compressed-tensors" else config.a_bits
+    served_a_bits = fmt.served_a_bits(config, weights_only=weights_only)
     tags = [*CITATION_TAGS, f"int{config.w_bits}", f"w{config.w_bits}a{served_a_bits or 16}", fmt.name]
     card_data = ModelCardData(
         library_name=fmt.library_name,
@@ -166,6 +166,7 @@ def build_model_card(
         model_name=name,
         repo_id=repo_id,
         format=fmt.name,
+        format_label=fmt.label,
         w_bits=config.w_bits,
         weight_grid="integer" if trained_config.quantizer == "int" else "mid-rise (QuEST)",
         granularity="per channel" if config.granularity == "channel" else "per group",
@@ -187,16 +188,7 @@ def build_model_card(
         loss_curve=loss_curve,
         base_model=base_model,
         usage=fmt.usage(repo_id),
-        hf_cage_usage=_hf_cage_usage(repo_id, config.a_bits) if config.w_bits == 4 else "",
-    )
-
-
-def _hf_cage_usage(repo_id: str, a_bits) -> str:
-    what = f", {a_bits}-bit activations as stored in the export's config" if a_bits else ""
-    return (
-        f"With hf-cage (packed `Int4Linear` layers{what}):\n\n```python\nimport hf_cage\n"
-        "from huggingface_hub import snapshot_download\n\n"
-        f'model = hf_cage.load_quantized(snapshot_download("{repo_id}"))\n```\n'
+        hf_cage_usage=fmt.hf_cage_usage(repo_id, config),
     )
 
 

@@ -53,6 +53,7 @@ class ExportFormat:
     """Base class: a format knows what it can hold, what it writes, what the card says and how to load it."""
 
     name = ""
+    label = ""  # how the card names the format
     library_name = ""
     summary = ""
 
@@ -86,6 +87,21 @@ class ExportFormat:
         """The activation grid the format's loader applies to a linear's inputs (``config``: exported)."""
         return config.activation_spec(in_features)
 
+    def served_a_bits(self, config: QuantConfig, *, weights_only: bool) -> int | None:
+        """Activation bits the format's loader applies (``None``: activations served unquantized)."""
+        return config.a_bits
+
+    def hf_cage_usage(self, repo_id: str, config: QuantConfig) -> str:
+        """Markdown: loading the export with :func:`hf_cage.load_quantized` (4-bit weights only)."""
+        if config.w_bits != 4:
+            return ""
+        what = f", {config.a_bits}-bit activations as stored in the export's config" if config.a_bits else ""
+        return (
+            f"With hf-cage (packed `Int4Linear` layers{what}):\n\n```python\nimport hf_cage\n"
+            "from huggingface_hub import snapshot_download\n\n"
+            f'model = hf_cage.load_quantized(snapshot_download("{repo_id}"))\n```\n'
+        )
+
     def quantization_config(self, config: QuantConfig, ignore: list[str], *, weights_only: bool) -> dict | None:
         """The ``quantization_config`` entry of ``config.json`` (``None``: none is written)."""
         return None
@@ -105,6 +121,7 @@ class ExportFormat:
 
 class CompressedTensorsFormat(ExportFormat):
     name = "compressed-tensors"
+    label = "`compressed-tensors` (`pack-quantized`)"
     library_name = "transformers"
     summary = "pack-quantized; loads in stock transformers (with compressed-tensors) and vLLM"
     weight_bits = (4, 8)
@@ -167,6 +184,9 @@ class CompressedTensorsFormat(ExportFormat):
         if not self.declares_activations(config, weights_only):
             return None
         return self.loader_activation_spec(config.a_bits)
+
+    def served_a_bits(self, config, *, weights_only):
+        return config.a_bits if self.declares_activations(config, weights_only) else None
 
     def quantization_config(self, config, ignore, *, weights_only):
         """``quantization_config`` of a ``pack-quantized`` checkpoint, as ``compressed-tensors`` writes it."""
@@ -261,6 +281,7 @@ class CompressedTensorsFormat(ExportFormat):
 
 class HfCageFormat(ExportFormat):
     name = "hf-cage"
+    label = "`hf-cage` (read by `hf_cage.load_quantized`)"
     library_name = "hf-cage"
     summary = "any 4-bit hf-cage grid (QuEST, Hadamard, any activation rule); loads with hf_cage.load_quantized"
     weight_bits = (4,)
