@@ -7,7 +7,8 @@
 One randomly initialised Llama (weights rounded to bf16), quantized with the ``int`` quantizer
 (4-bit weights, absmax, group 128, activations unquantized), is exported in the same process by:
 
-- **hf-cage**: ``export_model`` = per-group scales + codes (``quantize_rows``), int4 packing, one
+- **hf-cage**: ``export_model(dtype="bfloat16")`` = per-group scales + codes (``pack_weight``), int4
+  packing, the train/serve parity measurement (two forward passes on a 128-token sample batch), one
   safetensors file, config, model card;
 - **compressed-tensors**: the llm-compressor route on a dense copy: ``apply_quantization_config``
   (W4A16 group 128), ``weight_scale`` set to hf-cage's scales (so both quantize to the same grid),
