@@ -381,6 +381,23 @@ def test_config_parses_from_the_command_line(tmp_path):
     assert "weight-only" in out.getvalue() and "--cage_silence_ratio" in out.getvalue()
 
 
+def test_fsdp1_and_a_silently_unsharded_fsdp_launch_are_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    trainer = CAGETrainer(make_tiny_llama(), config(tmp_path), train_dataset=Blocks())
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    monkeypatch.setattr(trainer, "accelerator", SimpleNamespace(state=SimpleNamespace(fsdp_plugin=SimpleNamespace(
+        fsdp_version=1))))  # fmt: skip
+    with pytest.raises(ValueError, match="FSDP1.*use FSDP2: fsdp_version: 2"):
+        trainer._check_fsdp()
+    trainer.accelerator.state.fsdp_plugin.fsdp_version = 2
+    trainer._check_fsdp()
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(ValueError, match="did not enable FSDP"):
+        trainer._check_fsdp()
+
+
 def test_trainer_rejects_plain_training_arguments(tmp_path):
     from transformers import TrainingArguments
 

@@ -19,12 +19,14 @@ What it adds to ``Trainer`` (everything else, the optimizer included, is Trainer
   ``cage/clip_fraction`` (:func:`hf_cage.trainer.quantization_metrics`) to the training logs.
 
 FSDP2 (``fsdp_version: 2``) is supported: the correction works on the local row shards. FSDP1 (flat
-parameters) is refused.
+parameters) is refused, and so is an FSDP launch that accelerate ran without FSDP (accelerate 1.15 enables
+its FSDP plugin only on GPU-class devices, so on a CPU-only machine it would silently train unsharded).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from transformers import Trainer
@@ -61,13 +63,23 @@ class CAGETrainer(Trainer):
                 logger.warning("model is already quantized with %s; the quant_* fields of args are ignored", existing)
         self.cage_correction: CAGECorrection | None = None
         super().__init__(model, args, *positional, **kwargs)
+        self._check_fsdp()
+        if self.optimizer is not None:
+            self._attach_correction(self.optimizer)
+
+    def _check_fsdp(self) -> None:
+        """FSDP2 only; and never an FSDP launch that accelerate silently ran without FSDP."""
         if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError(
                 "CAGE does not support FSDP1 (flat parameters); use FSDP2: fsdp_version: 2 in the accelerate config "
-                "(recipes/accelerate_configs/fsdp.yaml, fsdp2_cpu.yaml) or --fsdp_config '{\"fsdp_version\": 2}'"
+                "(recipes/accelerate_configs/fsdp.yaml) or --fsdp_config '{\"fsdp_version\": 2}'"
             )
-        if self.optimizer is not None:
-            self._attach_correction(self.optimizer)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
+            raise ValueError(
+                "accelerate was launched with an FSDP config but did not enable FSDP (accelerate enables it only on "
+                "GPU-class devices, not on CPU): the model would be trained unsharded; on CPU use DDP "
+                "(recipes/accelerate_configs/cpu_ddp.yaml) or shard with torch's fully_shard yourself"
+            )
 
     def get_decay_parameter_names(self, model) -> list[str]:
         """hf-cage's weight-decay policy: the quantized block linears' weights only."""
