@@ -112,3 +112,15 @@ def test_plans_pair_every_cage_run_with_an_ste_parent_in_the_plan(accuracy):
     assert {s.seed for s in pretrain} == {0, 1, 2}
     assert {round(s.tokens_per_block_param) for s in specs if s.study == "map"} == {15, 50, 150}
     assert json.dumps([s.key for s in specs])  # keys are plain strings
+
+
+def test_served_export_of_an_int_w4a4_run_serves_its_training_loss(accuracy, tmp_path):
+    """The served-loss column: export with the CLI's defaults, stock transformers in a process without hf_cage."""
+    spec = accuracy.Spec("map", "ste", 0, w_bits=4, a_bits=4, quantizer="int", save=True, **accuracy.QUICK)
+    record = accuracy.train(spec, tmp_path)
+    row = accuracy.served_record(record, tmp_path)
+    assert (row["export_format"], row["export_options"]) == ("compressed-tensors", "default")
+    assert row["loader"] == "stock transformers (no hf_cage)"
+    assert row["eval_loss_served"] == pytest.approx(record["eval_loss"], abs=1e-5)
+    table = accuracy.served_table([row])
+    assert f"{record['eval_loss']:.4f} | {row['eval_loss_served']:.4f}" in table
