@@ -450,3 +450,21 @@ def test_optimizer_step_benchmark_quick_mode(tmp_path):
         assert sorted(run["median_s"]) == ["adamw_foreach", "cage_active", "cage_silence"]
         assert all(t > 0 for t in run["median_s"].values())
         assert run["active_ratio"] == run["median_s"]["cage_active"] / run["median_s"]["adamw_foreach"]
+
+
+def test_train_step_benchmark_quick_mode(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "result.json"
+    results = bench.main(["--quick", "--trials", "1", "--quantizer", "int_w4a4", "--json", str(out)])
+    assert json.loads(out.read_text()) == results
+    assert sorted(results["median_s"]) == ["bf16", "int_w4a4/cage_active", "int_w4a4/cage_silence", "int_w4a4/ste"]
+    run = results["runs"]["int_w4a4"]
+    assert run["active_over_ste"] == results["median_s"]["int_w4a4/cage_active"] / results["median_s"]["int_w4a4/ste"]
+    assert run["ste_over_bf16"] > 0

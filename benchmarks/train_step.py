@@ -1,0 +1,164 @@
+"""Time of a whole training step (forward, backward, optimizer) of a Llama: unquantized vs STE vs CAGE, CPU.
+
+Variants, all fp32 weights with AdamW(foreach) on the same fixed batch (token ids drawn once, seeded):
+
+- ``bf16``: the unquantized model, the baseline the W4A4 targets are stated against (the "BF16" run of the
+  recipes; on CPU it runs fp32 here, as every variant does);
+- per quantizer (``quest_w4a4``: QuEST grid with Hadamard rotations; ``int_w4a4``: integer grid, no rotation),
+  one quantized copy trained three ways: ``ste`` (``cage_lambda=0``), ``cage_silence`` (the correction
+  attached, in its silence period) and ``cage_active`` (the correction applied every step).
+
+Trials are interleaved (one step of each variant in turn, then again) after a warm-up step each, and the
+reported time is the median over trials, so load from other processes hits every variant alike; all ratios
+come from the same run. One torch thread by default.
+
+    .venv/bin/python benchmarks/train_step.py                     # 4.5M-parameter Llama, 8 x 256 tokens
+    .venv/bin/python benchmarks/train_step.py --quick             # tiny model, 2 trials (used by a test)
+    .venv/bin/python benchmarks/train_step.py --trials 9 --profile --json outputs/train_step.json
+
+``--profile`` adds the top operators (self CPU time) of one step of each STE variant, from torch.profiler.
+
+Targets (issue 10): CAGE active / STE <= 1.05; STE W4A4 / BF16 <= 1.3 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+FULL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, vocab_size=2048)
+QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
+QUANTIZERS = {
+    "quest_w4a4": dict(w_bits=4, a_bits=4, quantizer="quest"),
+    "int_w4a4": dict(w_bits=4, a_bits=4, quantizer="int"),
+}
+
+
+def build_model(shape: dict, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"], tie_word_embeddings=False)
+    return LlamaForCausalLM(config).train()
+
+
+def make_variants(shape: dict, quantizers: list[str]) -> dict:
+    """``{name: (model, optimizer)}``; the three variants of one quantizer share one quantized model."""
+    import torch
+
+    from hf_cage import QuantConfig, create_cage_optimizer, quantize_model
+
+    common = dict(lr=1e-6, weight_decay=0.1, foreach=True)
+    dense = build_model(shape)
+    variants = {"bf16": (dense, torch.optim.AdamW(dense.parameters(), lr=1e-6, betas=(0.9, 0.95), foreach=True))}
+    for name in quantizers:
+        model = quantize_model(build_model(shape), QuantConfig(**QUANTIZERS[name]))
+        schedule = dict(cage_lambda=10.0, total_steps=10**9, cage_schedule="constant")
+        variants[f"{name}/ste"] = (model, create_cage_optimizer(model, cage_lambda=0.0, **common))
+        variants[f"{name}/cage_silence"] = (
+            model, create_cage_optimizer(model, cage_silence_ratio=0.99, **schedule, **common)
+        )  # fmt: skip
+        variants[f"{name}/cage_active"] = (
+            model, create_cage_optimizer(model, cage_silence_ratio=0.0, **schedule, **common)
+        )  # fmt: skip
+    return variants
+
+
+def train_step(model, optimizer, ids) -> None:
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def time_variants(variants: dict, ids, trials: int) -> dict[str, float]:
+    for model, opt in variants.values():  # warm-up: allocations, Adam moments, Hadamard matrices
+        train_step(model, opt, ids)
+    times = {name: [] for name in variants}
+    for _ in range(trials):
+        for name, (model, opt) in variants.items():
+            start = time.perf_counter()
+            train_step(model, opt, ids)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def profile(variants: dict, ids, names: list[str], top: int = 12) -> dict[str, list[dict]]:
+    """Top operators by self CPU time of one step of each named variant."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    tables = {}
+    for name in names:
+        model, opt = variants[name]
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_step(model, opt, ids)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        tables[name] = [
+            {"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count}
+            for e in events[:top]
+        ]  # fmt: skip
+    return tables
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 x 32 tokens, 2 trials (smoke test)")
+    parser.add_argument("--trials", type=int, default=None, help="interleaved trials per variant (default 7)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8)")
+    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256)")
+    parser.add_argument("--quantizer", choices=sorted(QUANTIZERS), action="append", help="default: all")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--profile", action="store_true", help="also profile one step of each STE variant")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    shape = QUICK if args.quick else FULL
+    batch = args.batch or (2 if args.quick else 8)
+    seq = args.seq or (32 if args.quick else 256)
+    trials = args.trials or (2 if args.quick else 7)
+    quantizers = args.quantizer or sorted(QUANTIZERS)
+    variants = make_variants(shape, quantizers)
+    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
+    medians = time_variants(variants, ids, trials)
+    params = sum(p.numel() for p in variants["bf16"][0].parameters())
+    results = {
+        "threads": torch.get_num_threads(), "trials": trials, "batch": batch, "seq": seq, "params": params,
+        "median_s": medians, "runs": {},
+    }  # fmt: skip
+    base = medians["bf16"]
+    print(f"{params / 1e6:.2f}M parameters, {batch} x {seq} tokens, {trials} trials, {results['threads']} thread(s)")
+    print(f"BF16 (unquantized, fp32 on CPU): {base * 1e3:.0f} ms / step")
+    print("| quantizer | STE (ms) | CAGE silence (ms) | CAGE active (ms) | STE / BF16 | silence / STE | active / STE |")
+    print("|---|---|---|---|---|---|---|")
+    for name in quantizers:
+        ste, silence, active = (medians[f"{name}/{v}"] for v in ("ste", "cage_silence", "cage_active"))
+        run = {"ste_over_bf16": ste / base, "silence_over_ste": silence / ste, "active_over_ste": active / ste}
+        results["runs"][name] = run
+        print(
+            f"| {name} | {ste * 1e3:.0f} | {silence * 1e3:.0f} | {active * 1e3:.0f} | {run['ste_over_bf16']:.3f} | "
+            f"{run['silence_over_ste']:.3f} | {run['active_over_ste']:.3f} |"
+        )
+    if args.profile:
+        results["profile"] = profile(variants, ids, ["bf16"] + [f"{name}/ste" for name in quantizers])
+        for name, rows in results["profile"].items():
+            print(f"\n{name}: top operators by self CPU time (one step)")
+            for row in rows:
+                print(f"  {row['share']:6.1%} {row['self_ms']:8.1f} ms {row['calls']:5d}x  {row['op']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
