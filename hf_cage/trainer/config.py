@@ -16,9 +16,11 @@ class CAGEConfig(TrainingArguments):
     """Training arguments for :class:`hf_cage.CAGETrainer`.
 
     Every ``TrainingArguments`` field keeps its meaning (``learning_rate``, ``weight_decay``,
-    ``adam_beta1/2``, ``adam_epsilon``, ``max_grad_norm``, schedulers, ...). ``optim`` is ignored:
-    the trainer always builds :class:`hf_cage.CAGE`, unless you pass your own optimizer, which is then
-    wrapped with :class:`hf_cage.CAGECorrection`. ``cage_lambda=0`` is the STE / QuEST baseline.
+    ``adam_beta1/2``, ``adam_epsilon``, ``max_grad_norm``, ``optim``, schedulers, ...). The optimizer
+    Trainer builds from them (or the one you pass) gets the CAGE correction attached
+    (:class:`hf_cage.CAGECorrection`): ``--optim adamw_torch`` / ``adamw_torch_fused`` is AdamW + CAGE
+    in either variant, other torch optimizers take the decoupled one. ``weight_decay`` applies to the
+    quantized block linears only. ``cage_lambda=0`` is the STE / QuEST baseline.
     """
 
     quant_w_bits: int = field(default=4, metadata={"help": f"Weight bits, one of {SUPPORTED_BITS}."})
@@ -116,7 +118,7 @@ class CAGEConfig(TrainingArguments):
         )
 
     def cage_kwargs(self) -> dict:
-        """The ``cage_*`` hyperparameters as keyword arguments of :class:`hf_cage.CAGE` / ``CAGECorrection``."""
+        """The ``cage_*`` hyperparameters as keyword arguments of :class:`hf_cage.CAGECorrection` / ``CAGE``."""
         return {
             "cage_lambda": self.cage_lambda,
             "cage_silence_ratio": self.cage_silence_ratio,
