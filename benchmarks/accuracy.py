@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -135,9 +136,9 @@ QUICK = dict(hidden=32, ffn=64, steps=12, block=32, batch=4, vocab=300, eval_blo
 # Plans (in priority order; a plan may read finished results to choose what comes next)
 
 PRETRAIN_VARIANT = (13.0, 0.5)
-MAP_VARIANTS = ((13.0, 0.5), (56.0, 0.8))
+MAP_VARIANTS = ((13.0, 0.5),)
 FT_STEPS, FT_LR = 300, 5e-4
-FT_SWEEP = ((13.0, 0.5), (50.0, 0.5))
+FT_SWEEP = ((50.0, 0.5), (250.0, 0.5), (13.0, 0.5))  # total pulls 0.39, 1.9, 0.10
 FT_FORMATS = ((4, 4, "quest", None), (3, 3, "quest", None), (4, None, "int", 64))
 FT_W4A4 = "w4a4-quest"
 
@@ -194,6 +195,12 @@ MAP_STEPS = (100, 325, 975)
 MAP_SHAPE = dict(hidden=32, ffn=96)
 
 
+def map_variants(steps: int) -> tuple[tuple[float, float], ...]:
+    """The map's two CAGE settings at ``steps``: the headline's lambda 13 held fixed (its total pull grows with the
+    run: 0.14 at 100 steps, 1.3 at 975) and lambda scaled to the headline's total pull of about 2 at every length."""
+    return (MAP_VARIANTS[0], (float(round(MAP_VARIANTS[0][0] * 1500 / steps)), MAP_VARIANTS[0][1]))
+
+
 def plan_map(seeds: int = 2) -> list[Spec]:
     runs = []
     for seed in range(seeds):
@@ -203,13 +210,13 @@ def plan_map(seeds: int = 2) -> list[Spec]:
             for bits in (4, 3):
                 ste = replace(base, method="ste", w_bits=bits, a_bits=bits)
                 runs.append(ste)
-                runs += [replace(ste, method="cage", lam=lam, silence=sil) for lam, sil in MAP_VARIANTS]
+                runs += [replace(ste, method="cage", lam=lam, silence=sil) for lam, sil in map_variants(steps)]
         # the deployable int rule and the coupled variant at the middle point
         mid = Spec("map", "ste", seed, MAP_STEPS[1], w_bits=4, a_bits=4, **MAP_SHAPE)
+        lam, sil = MAP_VARIANTS[0]
         for bits in (4, 3):
             ste = replace(mid, w_bits=bits, a_bits=bits, quantizer="int", save=True)
-            runs += [ste, replace(ste, method="cage", lam=MAP_VARIANTS[0][0], silence=MAP_VARIANTS[0][1])]
-        lam, sil = MAP_VARIANTS[0]
+            runs += [ste, replace(ste, method="cage", lam=lam, silence=sil)]
         runs.append(replace(mid, method="cage", lam=lam, silence=sil, variant="coupled"))
     return runs
 
@@ -701,6 +708,29 @@ def _mean(values):
     return statistics.mean(values) if values else float("nan")
 
 
+def total_pull(steps: int, lr: float, lam: float, silence: float) -> float:
+    """The correction's total pull ``sum_t lr_t * lambda_t`` of a run (transformers' own scheduler, CAGE's ramp)."""
+    import torch
+    from transformers import get_scheduler
+
+    from hf_cage.optim.schedule import cage_lambda
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    sched = get_scheduler(
+        "cosine_with_min_lr",
+        opt,
+        num_warmup_steps=math.ceil(0.1 * steps),
+        num_training_steps=steps,
+        scheduler_specific_kwargs={"min_lr_rate": 0.1},
+    )
+    pull = 0.0
+    for step in range(1, steps + 1):
+        pull += sched.get_last_lr()[0] * cage_lambda(step, steps, lam, silence, "linear_ramp")
+        opt.step()
+        sched.step()
+    return pull
+
+
 def pretrain_table(done: dict[str, dict], study: str = "pretrain") -> str:
     """BF16 / STE / CAGE per bit width, per seed, with the share of the STE-to-BF16 gap closed (paired by seed)."""
     rows = [r for r in done.values() if r["study"] == study]
@@ -831,6 +861,7 @@ def map_points(done: dict[str, dict]) -> list[dict]:
                 "lam": r["lam"],
                 "silence": r["silence"],
                 "variant": r["variant"],
+                "setting": _setting(r),
                 "tpp": r["tokens_per_block_param"],
                 "shares": [],
                 "cage": [],
@@ -861,6 +892,12 @@ def map_table(done: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _setting(r: dict) -> str:
+    if (r["lam"], r["silence"]) == MAP_VARIANTS[0]:
+        return f"lambda {r['lam']:g} fixed, silence {r['silence']:g}"
+    return f"lambda scaled to a total pull of 2, silence {r['silence']:g}"
+
+
 def plot_map(done: dict[str, dict], path: Path) -> bool:
     points = [p for p in map_points(done) if p["variant"] == "decoupled" and p["fmt"].endswith("quest")]
     if not points:
@@ -871,11 +908,11 @@ def plot_map(done: dict[str, dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    series = sorted({(p["fmt"], p["lam"], p["silence"]) for p in points})
-    for i, (fmt, lam, sil) in enumerate(series):
-        ps = sorted(
-            (p for p in points if (p["fmt"], p["lam"], p["silence"]) == (fmt, lam, sil)), key=lambda p: p["tpp"]
-        )
+    series = sorted({(p["fmt"], p["setting"]) for p in points})
+    settings = sorted({p["setting"] for p in points})
+    for fmt, setting in series:
+        i = settings.index(setting)
+        ps = sorted((p for p in points if (p["fmt"], p["setting"]) == (fmt, setting)), key=lambda p: p["tpp"])
         xs = [p["tpp"] for p in ps]
         ys = [100 * _mean(p["shares"]) for p in ps]
         style = "-" if fmt.startswith("w4") else "--"
@@ -885,7 +922,7 @@ def plot_map(done: dict[str, dict], path: Path) -> bool:
             style,
             marker="o",
             color=f"C{i % 2}",
-            label=f"{fmt.split('-')[0].upper()}, lambda {lam:g}, silence {sil:g}",
+            label=f"{fmt.split('-')[0].upper()}, {setting}",
         )
         for p in ps:
             ax.scatter(
