@@ -19,14 +19,21 @@ skipped, so every command is resumable):
 - ``finetune``: QAT fine-tuning of the seed-0 BF16 model of ``pretrain`` to W4A4, W3A3 (QuEST) and
   weight-only W4 (``int``, group 64: the largest group that divides every layer width here; the issue asked
   for 128, which divides none of 64 / 192), 300 steps at peak LR 5e-4, full parameters, against the BF16
-  model fine-tuned the same way; lambda / silence from a sweep at W4A4, seed 0.
+  model fine-tuned the same way; lambda / silence from a sweep at W4A4, seed 0 (lambda 50 / 250 / 13 at
+  silence 0.5).
 - ``map``: share of the STE-to-BF16 gap closed against tokens per block parameter: a smaller Llama
   (hidden 32, 26.6K block parameters) trained 100 / 325 / 975 steps (15 / 50 / 150 tokens per block
-  parameter), W4A4 and W3A3, CAGE (13, 0.5) and (56, 0.8), 2 seeds; the ``int`` quantizer (deployable
-  activation rule) and the coupled variant at the middle point.
+  parameter), W4A4 and W3A3, CAGE lambda 13 held fixed and lambda scaled to a total pull of 2, silence 0.5,
+  2 seeds; the ``int`` quantizer (deployable activation rule) and the coupled variant at the middle point.
+- ``served`` (a command, not a study): the saved ``int`` runs exported with ``hf-cage export``'s defaults and
+  evaluated by stock transformers in a process without hf_cage, next to their training-time eval loss.
+
+Runs train with ``hf_cage`` as committed (a snapshot of a commit under OUT/code, ``--code-commit``), not the
+shared working tree, and each result line records that commit.
 
     # run everything that is not finished, 2 training processes at a time, in priority order
     python benchmarks/accuracy.py run --workers 2
+    python benchmarks/accuracy.py served
     # one study only / a seconds-long smoke run of the whole pipeline
     python benchmarks/accuracy.py run --study pretrain
     python benchmarks/accuracy.py run --quick --results /tmp/acc --out /tmp/acc
