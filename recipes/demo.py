@@ -1,94 +1,306 @@
-"""The main job (README command 1): a tiny Llama on real text, trained with CAGE W4A4 on CPU, compared with
-BF16 and STE runs of the same size, exported as a 4-bit compressed-tensors checkpoint with its model card.
+"""The main job (README command 1): CAGE against STE, paired, on real text, on CPU, then exported.
 
     make demo                                   # sets up .venv, then runs this script
-    python recipes/demo.py                      # the same, in an existing environment
-    python recipes/demo.py --max_steps 100      # a shorter run
-    python recipes/demo.py --rerun_baselines    # retrain BF16 and STE even if cached results match
+    python recipes/demo.py                      # the same, in an existing environment (about 9 minutes on 2 cores)
+    python recipes/demo.py --smoke              # seconds: the whole pipeline on a toy model (checks, not results)
+    python recipes/demo.py --rerun_baselines    # retrain BF16 and STE even if cached runs match
 
-Every run is `recipes/pretrain_llama.py --config tiny` (the `int` quantizer, so the export is a standard
-compressed-tensors checkpoint that plain transformers loads). Baselines whose metrics.json matches the
-requested steps are reused. Outputs, under --output_dir: bf16/, ste/, cage/ (model, metrics.json,
-loss_curve.png) and export/ (packed 4-bit weights, config, tokenizer, README.md model card).
+Three runs of ``recipes/pretrain_llama.py --config tiny`` (hidden 64, 2 layers, 1500 steps x 16 x 256 tokens of
+the Shakespeare plays: about 58 tokens per block parameter, the regime where CAGE's effect was measured,
+docs/results.md), each in its own process with one thread:
+
+1. BF16: the unquantized baseline (computed in fp32 on the CPU), in parallel with
+2. STE: W4A4 QAT without the correction (QuEST quantizer), which saves a checkpoint at the end of CAGE's
+   silence period (``--save_branch_checkpoint``);
+3. CAGE: branched from that checkpoint (``--resume_from_checkpoint``), so that STE and CAGE share every step
+   before it and differ only by the correction: a paired comparison, and the branch trains only the last
+   ``1 - cage_silence_ratio`` of the steps.
+
+Then the CAGE model is exported (``hf_cage.export_checkpoint``, format chosen by ``auto``: compressed-tensors
+when stock loaders serve it as trained, which ``--quantizer int`` gives, else hf-cage's own, which QuEST
+needs), the export is evaluated as served (compressed-tensors: stock transformers in a process without
+hf_cage; hf-cage: ``hf_cage.load_quantized``), and the script prints the three losses, the paired difference,
+the share of the STE-to-BF16 gap that CAGE closed, the served loss, and where everything is. One seed: the
+difference it prints is one sample (docs/results.md has several seeds). Baselines whose recorded arguments
+match are reused when run again. Outputs under --output_dir: bf16/, ste/ (with checkpoint-N/), cage/ (model,
+metrics.json, loss_curve.png), export/ (packed weights, config, tokenizer, README.md model card), logs/.
+Exit codes: 0 done; 2 bad input (one line on stderr, nothing trained); 1 a run or the export failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent
 METHODS = ("bf16", "ste", "cage")
+RUN_RECORD = "demo_run.json"  # the arguments a run was trained with; a cached run is reused only if they match
+# --smoke: a toy model and a few steps, so the whole pipeline (processes, branch, export, report) runs in seconds.
+SMOKE_ARGS = [
+    "--hidden_size", "32", "--intermediate_size", "64", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+    "--vocab_size", "300", "--block_size", "32", "--per_device_train_batch_size", "4", "--max_eval_samples", "8",
+    "--per_device_eval_batch_size", "8", "--max_steps", "10", "--logging_steps", "1",
+]  # fmt: skip
 
 
-def _cached_metrics(run_dir: Path, max_steps: int) -> dict | None:
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
-    return metrics if metrics.get("steps") == max_steps and (run_dir / "config.json").is_file() else None
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/demo", help="where the runs, logs and the export go")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (model init and data order)")
+    parser.add_argument("--quantizer", default=None, help="quest or int (default: the tiny preset's, quest)")
+    parser.add_argument("--train_file", default=None, help="plain-text training file (default: Shakespeare)")
+    parser.add_argument("--validation_file", default=None, help="plain-text validation file (with --train_file)")
+    parser.add_argument("--rerun_baselines", action="store_true", help="retrain BF16 and STE even if cached")
+    parser.add_argument("--smoke", action="store_true", help="a toy model for a few steps: checks the pipeline")
+    return parser.parse_args(argv)
 
 
-def _train(method: str, run_dir: Path, args) -> dict:
+def common_argv(args) -> list[str]:
+    """The flags every run shares (the method, output folder and branching flags are added per run)."""
+    argv = ["--config", "tiny", "--seed", str(args.seed), "--cache_dir", str(Path(args.output_dir) / "cache")]
+    argv += ["--disable_tqdm", "true"]
+    if args.quantizer:
+        argv += ["--quantizer", args.quantizer]
+    if args.train_file or args.validation_file:
+        argv += ["--train_file", str(args.train_file), "--validation_file", str(args.validation_file)]
+    return argv + (SMOKE_ARGS if args.smoke else [])
+
+
+def prepare(argv: list[str]):
+    """Check the arguments and the text, and build the tokenizer and token blocks once, before any run starts
+    (the runs then find them cached instead of racing to write them). Returns the parsed ``CAGEConfig`` and
+    the validation token ids ``(blocks, block_size)`` the runs evaluate on."""
     sys.path.insert(0, str(RECIPES))
     import pretrain_llama
+    from recipe_common import check_training_length, load_tokenizer, parse_arguments, text_files, token_blocks
 
-    argv = ["--config", "tiny", "--method", method, "--quantizer", "int", "--w_bits", "4", "--a_bits", "4"]
-    argv += ["--max_steps", str(args.max_steps), "--output_dir", str(run_dir), "--seed", str(args.seed)]
-    argv += ["--cache_dir", str(Path(args.output_dir) / "cache")]
-    if pretrain_llama.main(argv) != 0:
-        raise SystemExit(f"demo: the {method} run failed; see the message above")
-    return json.loads((run_dir / "metrics.json").read_text())
+    _, data_args, _, training_args = parse_arguments(pretrain_llama.argument_types(), argv + ["--method", "ste"])
+    check_training_length(training_args)
+    import datasets
+
+    datasets.disable_progress_bars()
+    files = text_files(data_args)
+    _, eval_blocks = token_blocks(files, load_tokenizer(data_args, files[0]), data_args)
+    return training_args, eval_blocks["input_ids"]
+
+
+def cached(run_dir: Path, argv: list[str]) -> dict | None:
+    record, metrics = run_dir / RUN_RECORD, run_dir / "metrics.json"
+    if not (record.is_file() and metrics.is_file() and (run_dir / "config.json").is_file()):
+        return None
+    if json.loads(record.read_text()).get("argv") != argv:
+        return None
+    return json.loads(metrics.read_text())
+
+
+class Run:
+    """One ``pretrain_llama.py`` process (one torch thread), its output in ``logs/<method>.log``."""
+
+    def __init__(self, method: str, argv: list[str], out: Path, logging_steps: int):
+        self.method, self.argv, self.run_dir = method, argv, out / method
+        self.log = out / "logs" / f"{method}.log"
+        self.logging_steps = logging_steps
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        with open(self.log, "w") as handle:
+            command = [sys.executable, str(RECIPES / "pretrain_llama.py"), *argv]
+            self.proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+    def step(self) -> int:
+        """Optimizer steps done so far, from the training-loss lines the Trainer has logged."""
+        try:
+            return self.log.read_text(errors="replace").count("'loss':") * self.logging_steps
+        except OSError:
+            return 0
+
+    def finish(self) -> dict:
+        code = self.proc.wait()
+        if code != 0:
+            tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] if self.log.is_file() else []
+            raise RunFailed(f"the {self.method} run failed (exit {code}): {' '.join(tail)[:300]}; log: {self.log}")
+        (self.run_dir / RUN_RECORD).write_text(json.dumps({"argv": self.argv}, indent=1) + "\n")
+        return json.loads((self.run_dir / "metrics.json").read_text())
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def checkpoint_ready(path: Path) -> bool:
+    """A Trainer checkpoint is complete once its ``trainer_state.json`` (written last) parses."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def wait(runs: list[Run], until, total_steps: int, started: float, every: float = 30.0) -> None:
+    """Poll until ``until()`` is true, printing the runs' progress every ``every`` seconds."""
+    last = time.monotonic()
+    while not until():
+        if any(r.proc.poll() not in (None, 0) for r in runs):
+            return
+        time.sleep(0.5)
+        if time.monotonic() - last >= every:
+            last = time.monotonic()
+            state = ", ".join(f"{r.method} {min(r.step(), total_steps)}/{total_steps}" for r in runs)
+            print(f"demo: {time.monotonic() - started:4.0f} s: {state}", flush=True)
+
+
+def served_loss(export_dir: Path, fmt: str, input_ids) -> tuple[float, str]:
+    """Validation loss of the export as it is served, and how it was loaded.
+
+    compressed-tensors: stock transformers in a separate process that never imports hf_cage
+    (``hf_cage.export.served``). hf-cage: stock loaders cannot read it, so ``hf_cage.load_quantized`` (packed
+    ``Int4Linear`` layers), here. Both: transformers' causal-LM loss, token-weighted over the validation blocks.
+    """
+    if fmt == "compressed-tensors":
+        from hf_cage.export.served import served_loss as stock_loss
+
+        return stock_loss(export_dir, input_ids, batch_size=32), "stock transformers, a process without hf_cage"
+    import torch
+
+    from hf_cage import load_quantized
+
+    model = load_quantized(export_dir, dtype=torch.float32)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(input_ids), 32):
+            ids = input_ids[start : start + 32]
+            n = ids[:, 1:].numel()
+            total += model(input_ids=ids, labels=ids).loss.double().item() * n
+            count += n
+    return total / count, "hf_cage.load_quantized (stock loaders cannot read it)"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/demo", help="where runs and the export go")
-    parser.add_argument("--max_steps", type=int, default=300, help="optimizer steps per run (the tiny preset's 300)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every run")
-    parser.add_argument("--rerun_baselines", action="store_true", help="retrain BF16 and STE even if cached")
-    args = parser.parse_args(argv)
-
+    args = parse_args(argv)
+    started = time.monotonic()
     out = Path(args.output_dir)
-    results = {}
-    for method in METHODS:
-        run_dir = out / method
-        cached = None if method == "cage" or args.rerun_baselines else _cached_metrics(run_dir, args.max_steps)
-        if cached:
-            print(f"demo: reusing the cached {method} run in {run_dir} (eval_loss {cached['eval_loss']:.4f})")
-        results[method] = cached or _train(method, run_dir, args)
+    base = common_argv(args)
+    sys.path.insert(0, str(RECIPES))
+    from recipe_common import RecipeInputError, report_error, silence_end_step
+
+    try:
+        training_args, eval_ids = prepare(base)
+    except (RecipeInputError, FileNotFoundError) as err:
+        return report_error("demo.py", err)
+    total = training_args.max_steps
+    branch = silence_end_step(total, training_args.cage_silence_ratio)
+    checkpoint = out / "ste" / f"checkpoint-{branch}"
+    argvs = {
+        "bf16": [*base, "--method", "bf16", "--output_dir", str(out / "bf16")],
+        "ste": [*base, "--method", "ste", "--save_branch_checkpoint", "--output_dir", str(out / "ste")],
+        "cage": [*base, "--method", "cage", "--output_dir", str(out / "cage"), "--resume_from_checkpoint",
+                 str(checkpoint)],
+    }  # fmt: skip
+    results: dict[str, dict] = {}
+    for method in ("bf16", "ste"):
+        hit = None if args.rerun_baselines else cached(out / method, argvs[method])
+        if hit is not None and (method != "ste" or checkpoint_ready(checkpoint)):
+            results[method] = hit
+            print(f"demo: reusing the cached {method} run in {out / method} (eval loss {hit['eval_loss']:.4f})")
+
+    quantizer = training_args.quant_quantizer
+    print(
+        f"demo: {total} steps x {training_args.per_device_train_batch_size} blocks per run, W4A4 ({quantizer}), "
+        f"CAGE lambda {training_args.cage_lambda:g} branched from STE at step {branch}; logs in {out / 'logs'}",
+        flush=True,
+    )
+    runs: dict[str, Run] = {}
+    try:
+        for method in ("bf16", "ste"):
+            if method not in results:
+                runs[method] = Run(method, argvs[method], out, int(training_args.logging_steps))
+        if runs:
+            print(f"demo: training {' and '.join(runs)} in parallel, one process and one thread each", flush=True)
+        wait(list(runs.values()), lambda: checkpoint_ready(checkpoint), total, started)
+        if not checkpoint_ready(checkpoint):
+            runs["ste"].finish()  # raises RunFailed with the STE run's last log line
+            raise RunFailed(f"the STE run ended without its branch checkpoint {checkpoint}")
+        print(f"demo: branching CAGE from {checkpoint}", flush=True)
+        runs["cage"] = Run("cage", argvs["cage"], out, int(training_args.logging_steps))
+        wait(list(runs.values()), lambda: all(r.proc.poll() is not None for r in runs.values()), total, started)
+        for method, run in runs.items():
+            results[method] = run.finish()
+    except RunFailed as err:
+        print(f"demo.py: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        for run in runs.values():
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
 
     # The model card shows the baselines next to CAGE.
-    cage_metrics = out / "cage" / "metrics.json"
-    metrics = json.loads(cage_metrics.read_text())
+    metrics_path = out / "cage" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
     metrics["baselines"] = {m: results[m]["eval_loss"] for m in ("bf16", "ste")}
-    cage_metrics.write_text(json.dumps(metrics, indent=2))
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
 
-    from hf_cage.cli import main as hf_cage_cli
+    from hf_cage.export import CardOptions, ExportError, export_checkpoint
 
     export_dir = out / "export"
-    code = hf_cage_cli(["export", str(out / "cage"), "--output-dir", str(export_dir), "--overwrite",
-                        "--model-name", "tiny-llama-shakespeare-cage-w4a4"])  # fmt: skip
-    if code != 0:
-        return code
-
-    gap = results["ste"]["eval_loss"] - results["bf16"]["eval_loss"]
-    closed = (results["ste"]["eval_loss"] - results["cage"]["eval_loss"]) / gap if gap > 0 else float("nan")
-    print("\n| method | eval loss | perplexity | steps | tokens | wall time |")
-    print("|---|---|---|---|---|---|")
-    for method in METHODS:
-        r = results[method]
-        label = "BF16 (unquantized)" if method == "bf16" else f"{method.upper()} W4A4"
-        print(f"| {label} | {r['eval_loss']:.4f} | {r['eval_perplexity']:.2f} | {r['steps']} | {r['tokens']:,} "
-              f"| {r['wall_time_s']:.0f} s |")  # fmt: skip
-    print(f"\nCAGE closed {closed:+.1%} of the STE-to-BF16 gap in this single-seed run. A run this short (about 1.4")
-    print("tokens per block parameter) is too short for CAGE to help; docs/results.md measures where it does.")
-    print(f"\nRuns:        {out}/{{bf16,ste,cage}} (model, metrics.json, loss_curve.png)")
-    print(f"4-bit model: {export_dir} (compressed-tensors pack-quantized; model card: {export_dir}/README.md)")
-    print(f"Load it:     AutoModelForCausalLM.from_pretrained('{export_dir}')")
+    try:
+        exported = export_checkpoint(
+            out / "cage",
+            export_dir,
+            overwrite=True,
+            progress=False,
+            card=CardOptions(model_name=f"tiny-llama-shakespeare-cage-w4a4-{quantizer}"),
+        )
+    except ExportError as err:
+        print(f"demo.py: error: the export failed: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    try:
+        served = served_loss(export_dir, exported.format, eval_ids)
+    except (RuntimeError, ValueError, OSError) as err:
+        print(f"demo.py: error: the export did not load for evaluation: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    report(results, exported, served, out, branch, time.monotonic() - started)
     return 0
+
+
+def report(results: dict, exported, served: tuple[float, str], out: Path, branch: int, seconds: float) -> None:
+    bf16, ste, cage = (results[m] for m in METHODS)
+    fmt = f"W{ste['w_bits']}A{ste['a_bits']} ({ste['quantizer']})"
+    rows = (
+        ("BF16 baseline (unquantized, fp32 compute)", bf16, f"{bf16['steps']}"),
+        (f"STE {fmt}", ste, f"{ste['steps']}"),
+        (f"CAGE {fmt}, lambda {cage['cage_lambda']:g}", cage, f"{cage['steps'] - branch} (after {branch} shared)"),
+    )
+    print("\n| run | eval loss | perplexity | steps | tokens | wall time |")
+    print("|---|---|---|---|---|---|")
+    for label, r, steps in rows:
+        print(f"| {label} | {r['eval_loss']:.4f} | {r['eval_perplexity']:.2f} | {steps} | {r['tokens']:,} "
+              f"| {r['wall_time_s']:.0f} s |")  # fmt: skip
+    diff = cage["eval_loss"] - ste["eval_loss"]
+    gap = ste["eval_loss"] - bf16["eval_loss"]
+    print(f"\nPaired difference, CAGE - STE: {diff:+.4f} nats ({'CAGE better' if diff < 0 else 'CAGE not better'}).")
+    if gap > 0:
+        print(f"STE-to-BF16 gap: {gap:.4f} nats; CAGE closed {-diff / gap:+.1%} of it.")
+    else:
+        print(f"STE-to-BF16 gap: {gap:+.4f} nats: STE is not behind BF16 here, so there is no gap to close.")
+    per_param = bf16.get("tokens_per_block_parameter")
+    if per_param is not None:
+        print(
+            f"{per_param:.0f} tokens per block parameter; one seed: a single paired sample (docs/results.md: seeds)."
+        )
+    loss, how = served
+    print(f"Served loss of the export: {loss:.4f} (trained CAGE model: {cage['eval_loss']:.4f}, difference "
+          f"{loss - cage['eval_loss']:+.4f}); {exported.format} format, loaded with {how}.")  # fmt: skip
+    print(f"\nRuns:      {out}/{{bf16,ste,cage}} (model, metrics.json, loss_curve.png); logs in {out}/logs")
+    print(f"Export:    {exported.output_dir} ({exported.format}; model card: {exported.output_dir}/README.md)")
+    print(f"Wall time: {seconds:.0f} s")
 
 
 if __name__ == "__main__":

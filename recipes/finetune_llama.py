@@ -12,6 +12,22 @@ them into the weights and re-quantize, reporting the loss before and after mergi
     python recipes/finetune_llama.py --config tiny --model_name_or_path outputs/tiny-bf16 --method ste \\
         --lora --lora_r 16 --merge --output_dir outputs/tiny-ft-lora
 
+The quantization-free baseline for a QAT fine-tune is ``--method bf16`` with the same steps, LR and data
+(plain fine-tuning): compare against it, not against the starting checkpoint, so that extra training is
+not counted as recovery. CAGE branches from an STE fine-tune at the end of its silence period, as in
+pretraining (``--save_branch_checkpoint`` on the STE run, ``--resume_from_checkpoint`` on the CAGE run):
+
+    python recipes/finetune_llama.py --config tiny --model_name_or_path outputs/tiny-bf16 --method bf16 \\
+        --max_steps 400 --learning_rate 5e-4 --output_dir outputs/ft-bf16
+    python recipes/finetune_llama.py --config tiny --model_name_or_path outputs/tiny-bf16 --method ste \\
+        --max_steps 400 --learning_rate 5e-4 --save_branch_checkpoint --output_dir outputs/ft-ste
+    python recipes/finetune_llama.py --config tiny --model_name_or_path outputs/tiny-bf16 --method cage \\
+        --max_steps 400 --learning_rate 5e-4 --output_dir outputs/ft-cage \\
+        --resume_from_checkpoint outputs/ft-ste/checkpoint-200
+
+From Python, ``run(argv)`` returns the metrics dict; ``main(argv)`` is the command line (exit code 0, or 2
+after a one-line error on bad input, with nothing written).
+
 Multi-process runs work as for pretraining (``accelerate launch --multi_gpu --num_processes 2 ...``; note
 ``accelerate launch --cpu --num_processes 2`` silently starts ONE process).
 
@@ -55,6 +71,7 @@ from recipe_common import (
     perplexity,
     prepare_training_args,
     preset_name,
+    report_error,
     run_metrics,
     text_files,
     token_blocks,
@@ -103,15 +120,20 @@ def check_checkpoint(path: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, fine-tune, evaluate, write outputs; returns 0, or 2 after a one-line error on bad input."""
+    """The command line: :func:`run`, then exit code 0, or 2 after a one-line error on bad input."""
     try:
-        return _run(argv)
+        run(argv)
     except (RecipeInputError, FileNotFoundError) as err:
-        print(f"finetune_llama.py: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("finetune_llama.py", err)
+    return 0
 
 
-def _run(argv: list[str] | None) -> int:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse flags, fine-tune, evaluate, write outputs; returns the run's metrics (what ``metrics.json`` holds).
+
+    For programs that drive the recipe (benchmarks). Bad input raises :class:`RecipeInputError` before
+    anything is written to ``--output_dir``.
+    """
     clock = Stopwatch()
     from hf_cage import CAGEConfig
 
@@ -168,8 +190,16 @@ def _run(argv: list[str] | None) -> int:
         )
         model = get_peft_model(model, lora_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainer = make_trainer(method, model, training_args, train_dataset, eval_dataset, plain=ft_args.lora)
-    trainer.train()
+    trainer = make_trainer(
+        method,
+        model,
+        training_args,
+        train_dataset,
+        eval_dataset,
+        plain=ft_args.lora,
+        branch_checkpoint=recipe_args.save_branch_checkpoint,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     eval_loss = float(trainer.evaluate()["eval_loss"])
 
     out = Path(training_args.output_dir)
@@ -189,28 +219,28 @@ def _run(argv: list[str] | None) -> int:
             merged.save_pretrained(out / "merged")
             tokenizer.save_pretrained(out / "merged")
 
+    metrics = run_metrics(
+        method, trainer, eval_loss, data_args.block_size, clock.seconds(), preset_name(recipe_args.config)
+    )
+    metrics.update(
+        base_model=str(checkpoint),
+        eval_loss_start=eval_loss_start,
+        lora=ft_args.lora,
+        lora_r=ft_args.lora_r if ft_args.lora else None,
+        trainable_parameters=trainable,
+        **merged_losses,
+    )
     if trainer.is_world_process_zero():
         if recipe_args.save_model:
             tokenizer.save_pretrained(out)
             if quant_config is not None and ft_args.lora:
                 (out / QUANT_CONFIG_FILE).write_text(json.dumps(quant_config.to_dict(), indent=2) + "\n")
-        metrics = run_metrics(
-            method, trainer, eval_loss, data_args.block_size, clock.seconds(), preset_name(recipe_args.config)
-        )
-        metrics.update(
-            base_model=str(checkpoint),
-            eval_loss_start=eval_loss_start,
-            lora=ft_args.lora,
-            lora_r=ft_args.lora_r if ft_args.lora else None,
-            trainable_parameters=trainable,
-            **merged_losses,
-        )
         write_outputs(str(out), metrics, trainer.state.log_history, recipe_args.plot)
         line = f"{method}{' + LoRA' if ft_args.lora else ''}: eval_loss {eval_loss_start:.4f} -> {eval_loss:.4f}"
         if merged_losses:
             line += f", merged and re-quantized {merged_losses['eval_loss_merged']:.4f}"
         print(f"{line} after {metrics['steps']} steps; outputs in {out}")
-    return 0
+    return metrics
 
 
 if __name__ == "__main__":

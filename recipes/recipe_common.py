@@ -12,6 +12,7 @@ command line override them.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import math
 import os
@@ -27,12 +28,25 @@ MODEL_SHAPE_KEYS = frozenset(
     {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"}
     | {"head_dim", "tie_word_embeddings", "rope_theta", "vocab_size"}
 )
-# Short flags the issue promises, spelled as CAGEConfig's prefixed fields.
-FLAG_ALIASES = {"--w_bits": "quant_w_bits", "--a_bits": "quant_a_bits", "--quantizer": "quant_quantizer"}
+# Short flags, spelled as CAGEConfig's prefixed fields (an alias whose field CAGEConfig lacks is not offered).
+FLAG_ALIASES = {
+    "--w_bits": "quant_w_bits",
+    "--a_bits": "quant_a_bits",
+    "--quantizer": "quant_quantizer",
+    "--a_clip": "quant_a_clip",
+}
+# Exit code of a run refused for bad input (one line on stderr, nothing written to the output folder).
+EXIT_BAD_INPUT = 2
 
 
 class RecipeInputError(ValueError):
     """Bad user input (missing file, empty text, unknown preset or key): reported as one line, exit code 2."""
+
+
+def report_error(script: str, err: BaseException) -> int:
+    """Print ``err`` as one line on stderr, prefixed by the script name; returns :data:`EXIT_BAD_INPUT`."""
+    print(f"{script}: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 @dataclass
@@ -51,6 +65,15 @@ class RecipeArguments:
     )
     plot: bool = field(default=True, metadata={"help": "Write loss_curve.png beside metrics.json."})
     save_model: bool = field(default=True, metadata={"help": "Save the trained model and tokenizer to output_dir."})
+    save_branch_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Also save a full Trainer checkpoint (weights, optimizer, LR schedule, RNG, data position) at the "
+            "last step of CAGE's silence period, output_dir/checkpoint-N with N = the last step t with "
+            "t / max_steps <= cage_silence_ratio: an STE run's checkpoint there is where a CAGE run branches "
+            "from with --method cage --resume_from_checkpoint (paired with the STE run)."
+        },
+    )
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -135,6 +158,13 @@ def _yaml_to_argv(path: Path, known: set[str], ignore: set[str]) -> list[str]:
     return argv
 
 
+class _RecipeArgumentParser:
+    """Mixed into ``HfArgumentParser``: a bad flag is a :class:`RecipeInputError` (one line), not usage + exit."""
+
+    def error(self, message: str):
+        raise RecipeInputError(f"{message}; see --help")
+
+
 def _bits_or_none(value: str) -> int:
     """``--a_bits none`` (weight-only) as well as ``--a_bits 0``; CAGEConfig reads 0 as weight-only."""
     return 0 if value.strip().lower() in ("none", "null") else int(value)
@@ -155,7 +185,8 @@ def parse_arguments(
     from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(dataclass_types, description=description, formatter_class=_HelpFormatter)
+    parser_cls = type("RecipeArgumentParser", (_RecipeArgumentParser, HfArgumentParser), {})
+    parser = parser_cls(dataclass_types, description=description, formatter_class=_HelpFormatter)
     for action in parser._actions:
         if action.dest == "quant_a_bits" and action.type is int:
             action.type = _bits_or_none
@@ -173,17 +204,54 @@ def parse_arguments(
         elif arg.startswith("--config="):
             config = arg.split("=", 1)[1]
     prefix = _yaml_to_argv(resolve_config_path(config), known, set(yaml_ignore)) if config else []
-    return parser.parse_args_into_dataclasses(args=prefix + argv, look_for_args_file=False)
+    try:
+        *parsed, unknown = parser.parse_args_into_dataclasses(
+            args=prefix + argv, look_for_args_file=False, return_remaining_strings=True
+        )
+    except RecipeInputError:
+        raise
+    except ValueError as err:  # a dataclass refused a value (CAGEConfig / TrainingArguments __post_init__)
+        raise RecipeInputError(str(err)) from err
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return tuple(parsed)
 
 
 def check_text_file(path: str, flag: str) -> Path:
-    """``path`` exists and holds some non-blank text, or a ``RecipeInputError`` saying which flag to fix."""
+    """``path`` exists and is non-blank UTF-8 text, or a ``RecipeInputError`` naming the file and the flag.
+
+    Reads the whole file (1 MiB at a time): a NUL byte means a binary file, and bytes that do not decode
+    as UTF-8 would otherwise fail deep inside the tokenizer or ``datasets``.
+    """
     p = Path(path)
     if not p.is_file():
         raise RecipeInputError(f"{flag} {path}: no such file; pass a plain-text file")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, blank = 0, True
     with p.open("rb") as handle:
-        head = handle.read(1 << 20)
-    if not head.strip():
+        while chunk := handle.read(1 << 20):
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                raise RecipeInputError(
+                    f"{flag} {path}: a binary file (NUL byte at offset {offset + nul}), not text; "
+                    "pass a plain-text UTF-8 file"
+                )
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise RecipeInputError(
+                    f"{flag} {path}: not UTF-8 text (invalid byte at offset {offset + err.start}); convert it to "
+                    "UTF-8 first (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            blank = blank and not chunk.strip()
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise RecipeInputError(
+            f"{flag} {path}: not UTF-8 text (it ends inside a character); convert it to UTF-8"
+        ) from None
+    if blank:
         raise RecipeInputError(f"{flag} {path}: the file is empty (or only whitespace); pass a file with text in it")
     return p
 
@@ -232,21 +300,72 @@ def token_blocks(files: tuple[Path, Path], tokenizer, data_args: DataArguments):
 
 
 def prepare_training_args(training_args, recipe_args: RecipeArguments, default_dir: str):
-    """Fill in what the recipes need from ``TrainingArguments``: an output dir, ``labels``, no column pruning."""
+    """Fill in what the recipes need from ``TrainingArguments`` (an output dir, ``labels``, no column pruning)
+    and refuse settings under which no training can run or resume, before anything is written."""
     if training_args.output_dir is None:
         training_args.output_dir = default_dir
     training_args.label_names = ["labels"]
     training_args.remove_unused_columns = False
     if recipe_args.method == "ste":
         training_args.cage_lambda = 0.0
+    check_training_length(training_args)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and not (Path(resume) / "trainer_state.json").is_file():
+        raise RecipeInputError(
+            f"--resume_from_checkpoint {resume}: not a Trainer checkpoint (no trainer_state.json); pass a "
+            "checkpoint-N folder, e.g. one written by --save_branch_checkpoint"
+        )
     return training_args
 
 
-def make_trainer(method: str, model, training_args, train_dataset, eval_dataset, plain: bool = False):
+def check_training_length(training_args) -> None:
+    """``max_steps`` > 0, or -1 (``TrainingArguments``' "train num_train_epochs epochs") with epochs > 0."""
+    steps, epochs = training_args.max_steps, training_args.num_train_epochs
+    if steps == -1 and epochs <= 0:
+        raise RecipeInputError(
+            f"--num_train_epochs {epochs:g} with --max_steps -1 trains nothing; pass a positive --max_steps"
+        )
+    if steps == 0 or steps < -1:
+        raise RecipeInputError(
+            f"--max_steps {steps} trains nothing; pass a positive number of optimizer steps "
+            "(or -1 to train --num_train_epochs epochs)"
+        )
+
+
+def silence_end_step(total_steps: int, silence_ratio: float) -> int:
+    """The last optimizer step of CAGE's silence period (0 when there is none), as hf-cage's schedule decides it."""
+    from hf_cage import cage_lambda
+
+    step = min(total_steps, int(silence_ratio * total_steps))
+    while step < total_steps and cage_lambda(step + 1, total_steps, 1.0, silence_ratio, "constant") == 0:
+        step += 1
+    while step > 0 and cage_lambda(step, total_steps, 1.0, silence_ratio, "constant") != 0:
+        step -= 1
+    return step
+
+
+def branch_checkpoint_callback(silence_ratio: float):
+    """A ``TrainerCallback`` that saves a full checkpoint at :func:`silence_end_step` of the run (if > 0)."""
+    from transformers import TrainerCallback
+
+    class SaveAtSilenceEnd(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step = silence_end_step(state.max_steps, silence_ratio)
+            if step > 0 and state.global_step == step:
+                control.should_save = True
+            return control
+
+    return SaveAtSilenceEnd()
+
+
+def make_trainer(
+    method: str, model, training_args, train_dataset, eval_dataset, plain: bool = False, branch_checkpoint=False
+):
     """``bf16`` (or ``plain``) -> ``transformers.Trainer``; ``ste`` / ``cage`` -> ``hf_cage.CAGETrainer``.
 
     ``plain`` is for a model quantized beforehand whose quantized weights are all frozen (LoRA): STE
-    training needs no more than the model's own ``QATLinear`` forward.
+    training needs no more than the model's own ``QATLinear`` forward. ``branch_checkpoint`` adds
+    :func:`branch_checkpoint_callback` (``--save_branch_checkpoint``).
     """
     from transformers import Trainer, default_data_collator
 
@@ -262,6 +381,7 @@ def make_trainer(method: str, model, training_args, train_dataset, eval_dataset,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
+        callbacks=[branch_checkpoint_callback(training_args.cage_silence_ratio)] if branch_checkpoint else None,
     )
 
 
@@ -305,6 +425,7 @@ def run_metrics(
         "learning_rate": args.learning_rate,
         "seed": args.seed,
         "world_size": args.world_size,
+        "resumed_from": args.resume_from_checkpoint,
         "wall_time_s": round(wall_time_s, 2),
     }
 

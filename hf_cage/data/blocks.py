@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+
+def _fingerprint(paths: list[str], tokenizer, block_size: int) -> str | None:
+    """A cache key from the text, the tokenizer's serialized form and the block size, so that every process
+    (the recipes' parallel runs) finds the same cached token blocks; ``None`` (datasets' own hashing, which is
+    not stable across processes for tokenizers) when the tokenizer cannot be serialized."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    digest = hashlib.sha256(f"blocks-v1:{block_size}:{tokenizer.eos_token_id}:".encode())
+    digest.update(backend.to_str().encode())
+    for p in paths:
+        digest.update(Path(p).read_bytes())
+    return digest.hexdigest()[:32]
 
 
 def load_token_blocks(files: list[str | os.PathLike], tokenizer, block_size: int, num_proc: int | None = None):
@@ -31,7 +46,15 @@ def load_token_blocks(files: list[str | os.PathLike], tokenizer, block_size: int
         blocks = [stream[i : i + block_size] for i in range(0, n, block_size)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
-    tokens = raw.map(tokenize, batched=True, remove_columns=raw.column_names, num_proc=num_proc, desc="Tokenizing")
+    key = _fingerprint(paths, tokenizer, block_size)
+    tokens = raw.map(
+        tokenize,
+        batched=True,
+        remove_columns=raw.column_names,
+        num_proc=num_proc,
+        desc="Tokenizing",
+        new_fingerprint=key and f"{key}-tokens",
+    )
     blocks = tokens.map(
         group,
         batched=True,
@@ -39,6 +62,7 @@ def load_token_blocks(files: list[str | os.PathLike], tokenizer, block_size: int
         remove_columns=["ids"],
         num_proc=num_proc,
         desc=f"Packing into {block_size}-token blocks",
+        new_fingerprint=key and f"{key}-blocks",
     )
     if len(blocks) == 0:
         raise ValueError(f"{paths} hold fewer than block_size={block_size} tokens; use more text or a smaller block")

@@ -49,7 +49,7 @@ def write_document_split(
         target = out / name
         text = "\n\n".join(Path(d).read_text(encoding="utf-8", errors="replace") for d in sorted(docs))
         if not target.exists() or target.read_text(encoding="utf-8") != text:
-            tmp = target.with_suffix(".tmp")
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")  # parallel runs write the same split
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, target)
         paths.append(target)
