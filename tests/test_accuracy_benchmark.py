@@ -124,3 +124,36 @@ def test_served_export_of_an_int_w4a4_run_serves_its_training_loss(accuracy, tmp
     assert row["eval_loss_served"] == pytest.approx(record["eval_loss"], abs=1e-5)
     table = accuracy.served_table([row])
     assert f"{record['eval_loss']:.4f} | {row['eval_loss_served']:.4f}" in table
+
+
+@pytest.mark.parametrize("method", ["bf16", "ste", "cage"])
+def test_benchmark_runs_use_the_recipes_training_arguments(accuracy, method):
+    """The benchmark's CAGEConfig is the one recipes/pretrain_llama.py builds from the tiny preset and the flags."""
+    recipes = str(REPO / "recipes")
+    sys.path.insert(0, recipes)
+    try:
+        import pretrain_llama
+        from recipe_common import parse_arguments, prepare_training_args
+    finally:
+        sys.path.remove(recipes)
+    spec = accuracy.Spec("pretrain", method, 1, 1500)
+    if method != "bf16":
+        spec = replace(spec, w_bits=3, a_bits=3)
+    if method == "cage":
+        spec = replace(spec, lam=13.0, silence=0.5)
+    argv = ["--config", "tiny", "--method", method, "--max_steps", "1500", "--seed", "1", "--output_dir", "x"]
+    argv += ["--w_bits", "3", "--a_bits", "3"] if method != "bf16" else []
+    argv += ["--cage_lambda", "13", "--cage_silence_ratio", "0.5"] if method == "cage" else []
+    _, _, recipe_args, expected = parse_arguments(pretrain_llama.argument_types(), argv)
+    prepare_training_args(expected, recipe_args, "x")
+    got = accuracy.training_args(spec, "x")
+    fields = ["learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "adam_beta1"]
+    fields += ["adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm", "per_device_train_batch_size"]
+    fields += ["gradient_accumulation_steps", "max_steps", "seed", "optim"]
+    assert {f: getattr(got, f) for f in fields} == {f: getattr(expected, f) for f in fields}
+    if method != "bf16":
+        assert got.quant_config() == expected.quant_config()
+    if method == "cage":
+        assert got.cage_kwargs() == expected.cage_kwargs()
+    if method == "ste":  # lambda 0: no correction whatever the silence
+        assert got.cage_lambda == expected.cage_lambda == 0
