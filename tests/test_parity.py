@@ -73,3 +73,15 @@ def test_trained_int_models_exported_with_defaults_serve_exactly_as_trained(tmp_
         assert diff < 1e-3, (name, diff)  # issue 9's contract ...
         assert diff == 0.0, (name, diff)  # ... and what holds: exact
         assert result.loss == pytest.approx(reference.loss.item(), abs=1e-6), name
+
+
+def test_served_eval_refuses_what_stock_transformers_cannot_load(tmp_path):
+    from test_export import QUEST_W4A4, qat_model
+
+    from hf_cage.export import export_model
+
+    export_model(qat_model(**QUEST_W4A4), tmp_path / "quest", progress=False, log=None)
+    with pytest.raises(ValueError, match="hf-cage format export.*load_quantized"):
+        served_eval_many([tmp_path / "quest"], torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="no readable config.json"):
+        served_eval_many([tmp_path / "nothing"], torch.zeros(1, 4, dtype=torch.long))

@@ -43,7 +43,12 @@ if threads:
 inputs = load_file(inputs_file)
 input_ids, labels = inputs["input_ids"], inputs.get("labels")
 for index, export_dir in enumerate(export_dirs):
-    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    model, info = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32, output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if k not in (getattr(model, "_tied_weights_keys", None) or [])]
+    if missing or info["unexpected_keys"]:
+        unexpected = info["unexpected_keys"][:3]
+        raise SystemExit(f"{export_dir}: stock loading left weights unset: {missing[:3]} {unexpected}")
+    model.eval()
     logits, loss_sum, count = [], 0.0, 0
     with torch.no_grad():
         for start in range(0, input_ids.shape[0], batch_size):
@@ -103,6 +108,8 @@ def served_eval_many(
             tensors["labels"] = labels.detach().to(torch.int64).cpu().contiguous()
         save_file(tensors, Path(tmp) / "inputs.safetensors")
         dirs = [os.path.abspath(d) for d in export_dirs]
+        for d in dirs:
+            _check_stock_loadable(d)
         threads = torch.get_num_threads() if num_threads is None else num_threads
         job = json.dumps([dirs, str(Path(tmp) / "inputs.safetensors"), tmp, logits, loss, int(batch_size), threads])
         done = subprocess.run(
@@ -120,6 +127,20 @@ def served_eval_many(
         )
         for out in outs
     ]
+
+
+def _check_stock_loadable(export_dir: str) -> None:
+    """Refuse, with what to do, an export stock transformers cannot load (the hf-cage format)."""
+    config_file = Path(export_dir) / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{export_dir!r} has no readable config.json ({err}); pass an export directory") from None
+    if "quantization_config" not in config and "hf_cage_export" in config:
+        raise ValueError(
+            f"{export_dir!r} is an hf-cage format export, which stock transformers cannot load; "
+            "evaluate it with hf_cage.load_quantized, or export with --format compressed-tensors"
+        )
 
 
 def served_eval(export_dir: str | os.PathLike, input_ids: torch.Tensor, **kwargs) -> ServedResult:
