@@ -323,7 +323,7 @@ def export_checkpoint(
         card=card,
         progress=progress,
         log=log,
-        trained_dtype=checkpoint_dtype(checkpoint_dir),
+        trained_dtype=stored if (stored := checkpoint_dtype(checkpoint_dir)) in DTYPES else None,
     )
     if push_to_hub:
         try:
