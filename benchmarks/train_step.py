@@ -8,9 +8,11 @@ Variants, all fp32 weights with AdamW(foreach) on the same fixed batch (token id
   one quantized copy trained three ways: ``ste`` (``cage_lambda=0``), ``cage_silence`` (the correction
   attached, in its silence period) and ``cage_active`` (the correction applied every step).
 
-Trials are interleaved (one step of each variant in turn, then again) after a warm-up step each, and the
-reported time is the median over trials, so load from other processes hits every variant alike; all ratios
-come from the same run. One torch thread by default.
+Trials are interleaved (one step of each variant, in a fresh seeded random order per trial) after a warm-up step
+each; the reported time is the median over trials, so load from other processes hits every variant alike, and
+all ratios come from the same run. The time inside ``optimizer.step()`` is also recorded per variant: the
+correction's own cost is the difference of those medians, far less noisy than the difference of whole steps on
+a loaded machine. One torch thread by default.
 
     .venv/bin/python benchmarks/train_step.py                     # 4.5M-parameter Llama, 8 x 256 tokens
     .venv/bin/python benchmarks/train_step.py --quick             # tiny model, 2 trials (used by a test)
@@ -68,22 +70,39 @@ def make_variants(shape: dict, quantizers: list[str]) -> dict:
     return variants
 
 
-def train_step(model, optimizer, ids) -> None:
+def train_step(model, optimizer, ids) -> float:
+    """One step; returns the seconds spent in ``optimizer.step()`` (the part CAGE adds to)."""
     model(input_ids=ids, labels=ids).loss.backward()
+    start = time.perf_counter()
     optimizer.step()
+    optimizer_s = time.perf_counter() - start
     optimizer.zero_grad(set_to_none=True)
+    return optimizer_s
 
 
-def time_variants(variants: dict, ids, trials: int) -> dict[str, float]:
+def time_variants(variants: dict, ids, trials: int, seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per whole step and per optimizer step of each variant.
+
+    Each trial runs one step of every variant, in a fresh random order (seeded), so neither machine load nor
+    the position in a trial favours a variant.
+    """
+    import random
+
+    rng = random.Random(seed)
     for model, opt in variants.values():  # warm-up: allocations, Adam moments, Hadamard matrices
         train_step(model, opt, ids)
-    times = {name: [] for name in variants}
+    step_s = {name: [] for name in variants}
+    optimizer_s = {name: [] for name in variants}
+    names = list(variants)
     for _ in range(trials):
-        for name, (model, opt) in variants.items():
+        rng.shuffle(names)
+        for name in names:
+            model, opt = variants[name]
             start = time.perf_counter()
-            train_step(model, opt, ids)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            optimizer_s[name].append(train_step(model, opt, ids))
+            step_s[name].append(time.perf_counter() - start)
+    median = statistics.median
+    return {n: median(v) for n, v in step_s.items()}, {n: median(v) for n, v in optimizer_s.items()}
 
 
 def profile(variants: dict, ids, names: list[str], top: int = 12) -> dict[str, list[dict]]:
@@ -128,24 +147,35 @@ def main(argv: list[str] | None = None) -> dict:
     quantizers = args.quantizer or sorted(QUANTIZERS)
     variants = make_variants(shape, quantizers)
     ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
-    medians = time_variants(variants, ids, trials)
+    medians, optimizer_medians = time_variants(variants, ids, trials)
     params = sum(p.numel() for p in variants["bf16"][0].parameters())
     results = {
         "threads": torch.get_num_threads(), "trials": trials, "batch": batch, "seq": seq, "params": params,
-        "median_s": medians, "runs": {},
+        "median_s": medians, "optimizer_median_s": optimizer_medians, "runs": {},
     }  # fmt: skip
     base = medians["bf16"]
     print(f"{params / 1e6:.2f}M parameters, {batch} x {seq} tokens, {trials} trials, {results['threads']} thread(s)")
     print(f"BF16 (unquantized, fp32 on CPU): {base * 1e3:.0f} ms / step")
-    print("| quantizer | STE (ms) | CAGE silence (ms) | CAGE active (ms) | STE / BF16 | silence / STE | active / STE |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| quantizer | STE (ms) | CAGE silence (ms) | CAGE active (ms) | STE / BF16 | silence / STE | active / STE "
+        "| optimizer step STE / silence / active (ms) | correction / STE step |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in quantizers:
         ste, silence, active = (medians[f"{name}/{v}"] for v in ("ste", "cage_silence", "cage_active"))
-        run = {"ste_over_bf16": ste / base, "silence_over_ste": silence / ste, "active_over_ste": active / ste}
+        opt_ste, opt_silence, opt_active = (
+            optimizer_medians[f"{name}/{v}"] for v in ("ste", "cage_silence", "cage_active")
+        )
+        run = {
+            "ste_over_bf16": ste / base, "silence_over_ste": silence / ste, "active_over_ste": active / ste,
+            # The correction's own cost (the optimizer-step difference, far less noisy than whole steps) per STE step.
+            "correction_over_ste_step": (opt_active - opt_ste) / ste,
+        }  # fmt: skip
         results["runs"][name] = run
         print(
             f"| {name} | {ste * 1e3:.0f} | {silence * 1e3:.0f} | {active * 1e3:.0f} | {run['ste_over_bf16']:.3f} | "
-            f"{run['silence_over_ste']:.3f} | {run['active_over_ste']:.3f} |"
+            f"{run['silence_over_ste']:.3f} | {run['active_over_ste']:.3f} | {opt_ste * 1e3:.1f} / "
+            f"{opt_silence * 1e3:.1f} / {opt_active * 1e3:.1f} | {run['correction_over_ste_step']:.3f} |"
         )
     if args.profile:
         results["profile"] = profile(variants, ids, ["bf16"] + [f"{name}/ste" for name in quantizers])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import types
 
 import pytest
 import torch
@@ -324,6 +325,15 @@ def test_user_optimizers_get_the_correction(tmp_path):
     )
     trainer.train()
     assert isinstance(trainer.cage_correction.optimizer, torch.optim.SGD)
+
+    class NotATorchOptimizerFactory:  # Trainer's factory protocol (Muon, Dion); what it builds is no torch optimizer
+        def __call__(self, model, **kwargs):
+            return types.SimpleNamespace(param_groups=[{"params": list(model.parameters())}])
+
+    trainer = CAGETrainer(make_tiny_llama(), config(tmp_path, max_steps=2), train_dataset=Blocks(),
+                          optimizer_cls_and_kwargs=(NotATorchOptimizerFactory, {}))  # fmt: skip
+    with pytest.raises(ValueError, match="not a torch.optim.Optimizer"):
+        trainer.train()
     model = make_tiny_llama()
     with pytest.raises(ValueError, match="cage_variant"):
         CAGETrainer(
