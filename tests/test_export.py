@@ -259,6 +259,17 @@ def test_load_quantized_reproduces_the_qat_model(tmp_path, token_batch, quant, f
     torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=0, rtol=0)
 
 
+def test_each_format_object_loads_its_own_export(tmp_path, token_batch):
+    from hf_cage.export import FORMATS
+
+    for name, quant in (("compressed-tensors", INT_W4A4_GROUP), ("hf-cage", QUEST_W4A4)):
+        model = qat_model(**quant)
+        result = export_model(model, tmp_path / name, format=name, progress=False, log=None)
+        assert result.format == name
+        loaded = FORMATS[name].load(tmp_path / name)
+        torch.testing.assert_close(logits(loaded, token_batch), logits(model, token_batch), atol=0, rtol=0)
+
+
 def test_load_quantized_refuses_a_dense_qat_checkpoint(tmp_path):
     ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
     with pytest.raises(ValueError, match="not a packed export.*load_qat_model.*hf-cage export"):
