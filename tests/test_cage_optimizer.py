@@ -310,7 +310,9 @@ def test_coupled_correction_on_plain_sgd_by_hand():
     with torch.no_grad():
         for name, p in reference.named_parameters():
             layer = layers.get(name.removesuffix(".weight"))
-            grad = p.grad + lam * (p - layer.weight_quantizer(p)) if layer is not None and name.endswith("weight") else p.grad
+            grad = p.grad
+            if layer is not None and name.endswith("weight"):
+                grad = grad + lam * (p - layer.weight_quantizer(p))
             p -= lr * grad
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6, msg=name)

@@ -101,7 +101,8 @@ def hand_written_run(args: CAGEConfig, batches, steps: int) -> torch.nn.Module:
     lr, lam, s, ga = args.learning_rate, args.cage_lambda, args.cage_silence_ratio, args.gradient_accumulation_steps
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-        lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=args.optim == "adamw_torch_fused",
+        lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        fused=args.optim == "adamw_torch_fused",
     )  # fmt: skip
     for t in range(1, steps + 1):
         for ids, n_items in batches[(t - 1) * ga : t * ga]:
@@ -284,7 +285,7 @@ def test_bf16_autocast_on_cpu_keeps_quantized_outputs_in_bf16(tmp_path):
 
 
 def test_optim_flag_goes_through_trainer(tmp_path):
-    """--optim adamw_torch(_fused): AdamW + CAGE; --optim sgd: SGD + the decoupled correction; coupled + sgd refused."""
+    """--optim adamw_torch(_fused): AdamW + CAGE; --optim sgd: SGD + decoupled correction; coupled + sgd refused."""
     for optim, cls in (("adamw_torch", torch.optim.AdamW), ("adamw_torch_fused", torch.optim.AdamW)):
         trainer = CAGETrainer(make_tiny_llama(), config(tmp_path, max_steps=2, optim=optim), train_dataset=Blocks())
         trainer.train()
