@@ -3,6 +3,7 @@
     make demo                                   # sets up .venv, then runs this script
     python recipes/demo.py                      # the same, in an existing environment (about 9 minutes on 2 cores)
     python recipes/demo.py --smoke              # seconds: the whole pipeline on a toy model (checks, not results)
+    python recipes/demo.py --smoke --in_process # the same without the parallel processes
     python recipes/demo.py --rerun_baselines    # retrain BF16 and STE even if cached runs match
 
 Three runs of ``recipes/pretrain_llama.py --config tiny`` (hidden 64, 2 layers, 1500 steps x 16 x 256 tokens of
@@ -58,6 +59,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--validation_file", default=None, help="plain-text validation file (with --train_file)")
     parser.add_argument("--rerun_baselines", action="store_true", help="retrain BF16 and STE even if cached")
     parser.add_argument("--smoke", action="store_true", help="a toy model for a few steps: checks the pipeline")
+    parser.add_argument(
+        "--in_process", action="store_true", help="train the runs one after another in this process (tests, debugging)"
+    )
     return parser.parse_args(argv)
 
 
@@ -87,7 +91,7 @@ def prepare(argv: list[str]):
     datasets.disable_progress_bars()
     files = text_files(data_args)
     _, eval_blocks = token_blocks(files, load_tokenizer(data_args, files[0]), data_args)
-    return training_args, eval_blocks["input_ids"]
+    return training_args, eval_blocks[:]["input_ids"]
 
 
 def cached(run_dir: Path, argv: list[str]) -> dict | None:
@@ -156,6 +160,48 @@ def wait(runs: list[Run], until, total_steps: int, started: float, every: float 
             print(f"demo: {time.monotonic() - started:4.0f} s: {state}", flush=True)
 
 
+def train_in_parallel(done: dict, argvs: dict, out: Path, checkpoint: Path, training_args, started: float) -> dict:
+    """BF16 and STE (those not in ``done``) in two processes; CAGE in a third once STE has written ``checkpoint``."""
+    total, logging_steps = training_args.max_steps, int(training_args.logging_steps)
+    runs: dict[str, Run] = {}
+    try:
+        for method in ("bf16", "ste"):
+            if method not in done:
+                runs[method] = Run(method, argvs[method], out, logging_steps)
+        if runs:
+            print(
+                f"demo: training {' and '.join(runs)} in parallel, one process and one thread each (logs in "
+                f"{out / 'logs'})",
+                flush=True,
+            )
+        wait(list(runs.values()), lambda: checkpoint_ready(checkpoint), total, started)
+        for run in runs.values():
+            if run.proc.poll() not in (None, 0):
+                run.finish()  # raises RunFailed with the run's last log line
+        if not checkpoint_ready(checkpoint):
+            runs["ste"].finish()
+            raise RunFailed(f"the STE run ended without its branch checkpoint {checkpoint}")
+        print(f"demo: branching CAGE from {checkpoint}", flush=True)
+        runs["cage"] = Run("cage", argvs["cage"], out, logging_steps)
+        wait(list(runs.values()), lambda: all(r.proc.poll() is not None for r in runs.values()), total, started)
+        return {method: run.finish() for method, run in runs.items()}
+    finally:
+        for run in runs.values():
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+
+
+def train_here(method: str, argv: list[str], out: Path) -> dict:
+    """One run in this process (``--in_process``: one after another, no parallel processes)."""
+    import pretrain_llama
+
+    shutil.rmtree(out / method, ignore_errors=True)
+    metrics = pretrain_llama.run(argv)
+    (out / method / RUN_RECORD).write_text(json.dumps({"argv": argv}, indent=1) + "\n")
+    return metrics
+
+
 def served_loss(export_dir: Path, fmt: str, input_ids) -> tuple[float, str]:
     """Validation loss of the export as it is served, and how it was loaded.
 
@@ -213,33 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     quantizer = training_args.quant_quantizer
     print(
         f"demo: {total} steps x {training_args.per_device_train_batch_size} blocks per run, W4A4 ({quantizer}), "
-        f"CAGE lambda {training_args.cage_lambda:g} branched from STE at step {branch}; logs in {out / 'logs'}",
+        f"CAGE lambda {training_args.cage_lambda:g} branched from STE at step {branch}",
         flush=True,
     )
-    runs: dict[str, Run] = {}
     try:
-        for method in ("bf16", "ste"):
-            if method not in results:
-                runs[method] = Run(method, argvs[method], out, int(training_args.logging_steps))
-        if runs:
-            print(f"demo: training {' and '.join(runs)} in parallel, one process and one thread each", flush=True)
-        wait(list(runs.values()), lambda: checkpoint_ready(checkpoint), total, started)
-        if not checkpoint_ready(checkpoint):
-            runs["ste"].finish()  # raises RunFailed with the STE run's last log line
-            raise RunFailed(f"the STE run ended without its branch checkpoint {checkpoint}")
-        print(f"demo: branching CAGE from {checkpoint}", flush=True)
-        runs["cage"] = Run("cage", argvs["cage"], out, int(training_args.logging_steps))
-        wait(list(runs.values()), lambda: all(r.proc.poll() is not None for r in runs.values()), total, started)
-        for method, run in runs.items():
-            results[method] = run.finish()
+        if args.in_process:
+            for method in METHODS:
+                if method not in results:
+                    results[method] = train_here(method, argvs[method], out)
+        else:
+            results.update(train_in_parallel(results, argvs, out, checkpoint, training_args, started))
     except RunFailed as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
         return 1
-    finally:
-        for run in runs.values():
-            if run.proc.poll() is None:
-                run.proc.kill()
-                run.proc.wait()
 
     # The model card shows the baselines next to CAGE.
     metrics_path = out / "cage" / "metrics.json"
@@ -293,12 +325,13 @@ def report(results: dict, exported, served: tuple[float, str], out: Path, branch
     per_param = bf16.get("tokens_per_block_parameter")
     if per_param is not None:
         print(
-            f"{per_param:.0f} tokens per block parameter; one seed: a single paired sample (docs/results.md: seeds)."
+            f"{per_param:.3g} tokens per block parameter. One seed: one paired sample (docs/results.md has several)."
         )
     loss, how = served
     print(f"Served loss of the export: {loss:.4f} (trained CAGE model: {cage['eval_loss']:.4f}, difference "
           f"{loss - cage['eval_loss']:+.4f}); {exported.format} format, loaded with {how}.")  # fmt: skip
-    print(f"\nRuns:      {out}/{{bf16,ste,cage}} (model, metrics.json, loss_curve.png); logs in {out}/logs")
+    logs = f"; training logs in {out}/logs" if (out / "logs").is_dir() else ""
+    print(f"\nRuns:      {out}/{{bf16,ste,cage}} (model, metrics.json, loss_curve.png){logs}")
     print(f"Export:    {exported.output_dir} ({exported.format}; model card: {exported.output_dir}/README.md)")
     print(f"Wall time: {seconds:.0f} s")
 
