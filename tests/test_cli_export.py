@@ -312,7 +312,7 @@ def test_help_explains_every_flag_with_examples(capsys):
             assert opt in text, opt
     assert "examples:" in text and "hf-cage export outputs/" in text and "--push-to-hub me/" in text
     assert "exit codes" in text and "3 OS error" in text and "130 interrupted" in text
-    assert "{auto,compressed-tensors,hf-cage}" in text
+    assert "{auto,compressed-tensors,mxfp4-pack-quantized,nvfp4-pack-quantized,hf-cage}" in text
 
 
 def test_top_level_cli_lists_export(capsys):

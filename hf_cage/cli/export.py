@@ -14,9 +14,13 @@ import sys
 
 EXAMPLES = """\
 examples:
-  # default (--format auto): compressed-tensors when stock loaders serve the model as trained
+  # default (--format auto): compressed-tensors (the model's grid) when stock loaders serve it as trained
   # (int quantizer, a_clip minmax, no Hadamard), else the hf-cage format, with one line saying why
   hf-cage export outputs/run/checkpoint-500 --output-dir exports/run-w4
+
+  # MXFP4 / NVFP4 model (--quant_quantizer mxfp4 | nvfp4) -> mxfp4- / nvfp4-pack-quantized (stock transformers
+  # computes it in bf16; Blackwell GPUs run FP4 natively)
+  hf-cage export outputs/nvfp4-run --output-dir exports/nvfp4
 
   # QuEST / Hadamard model -> hf-cage format (exact, loads with hf_cage.load_quantized)
   hf-cage export outputs/quest-run --output-dir exports/quest --format hf-cage
@@ -43,9 +47,10 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
         name,
         help=help,
         description=(
-            "Pack the quantized linears of a trained hf-cage QAT model (integer codes packed into int32 words, "
-            "plus fp32 scales), write config, tokenizer and model card into --output-dir, measure and print how "
-            "the served model compares with the trained one, and optionally push to the Hub. The export is "
+            "Pack the quantized linears of a trained hf-cage QAT model (integer codes packed into int32 words "
+            "plus fp32 scales, or FP4 codes two per byte plus their group scales), write config, tokenizer and "
+            "model card into --output-dir, measure and print how the served model compares with the trained one, "
+            "and optionally push to the Hub. The export is "
             "written to a staging folder and renamed into place at the end."
         ),
         epilog=EXAMPLES,
@@ -60,7 +65,8 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
         "--format",
         choices=FORMAT_CHOICES,
         default="auto",
-        help="auto (default): compressed-tensors when stock loaders serve the model exactly as trained, else "
+        help="auto (default): the compressed-tensors format of the model's grid when stock loaders serve the model "
+        "as trained, else "
         "hf-cage (printed with the reason); " + "; ".join(f"{name}: {fmt.summary}" for name, fmt in FORMATS.items()),
     )
     parser.add_argument(

@@ -194,7 +194,8 @@ def export_model(
     tensors, bf16_bytes, served, weight_error = _collect_tensors(
         model, layers, fmt, conversion, exported_config, weights_only, DTYPES[dtype], progress
     )
-    parity = measure_parity(model, served, DTYPES[dtype])
+    compute_dtype = DTYPES[fmt.compute_dtype] if fmt.compute_dtype else None
+    parity = measure_parity(model, served, DTYPES[dtype], compute_dtype=compute_dtype)
     if log:
         log(_parity_line(parity, conversion, weight_error))
 
@@ -348,7 +349,9 @@ def _collect_tensors(model, layers, fmt: ExportFormat, conversion: Conversion, e
     from tqdm.auto import tqdm
 
     state = model.state_dict()
-    packed_weights = {f"{name}.weight" for name, _ in layers}
+    # A quantized layer is stored as its packed weight, its bias, and what the format asks for (layer_tensors);
+    # its other state (e.g. a calibrated activation scale) is not dense model state.
+    packed_weights = {f"{name}.{key}" for name, layer in layers for key in layer.state_dict() if key != "bias"}
     bf16_bytes, seen = 0, set()
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state.items():
@@ -369,6 +372,7 @@ def _collect_tensors(model, layers, fmt: ExportFormat, conversion: Conversion, e
             ref_sq += trained_q.square().sum().item()
         else:
             packed = pack_weight(layer.weight, spec)
+        packed.update(fmt.layer_tensors(name, layer, exported_config, weights_only=weights_only))
         packed = {k: v.cpu() for k, v in packed.items()}
         for suffix, tensor in packed.items():
             tensors[f"{name}.{suffix}"] = tensor
@@ -382,7 +386,8 @@ def _collect_tensors(model, layers, fmt: ExportFormat, conversion: Conversion, e
 def _parity_line(parity: dict, conversion: Conversion, weight_error: float | None) -> str:
     measured = (
         f"logit difference on a sample batch max {parity['logit_max_abs_diff']:.4g} "
-        f"mean {parity['logit_mean_abs_diff']:.4g} ({parity['tokens']} tokens, float32; "
+        f"mean {parity['logit_mean_abs_diff']:.4g} ({parity['tokens']} tokens, "
+        f"{parity.get('compute_dtype', 'float32')}; "
         f"mean |logit| {parity['logit_scale']:.4g})"
     )
     if parity["logit_max_abs_diff"] == 0:

@@ -98,7 +98,8 @@ def parity_sentence(parity: dict, dense_dtype: str, trained_dtype: str) -> str:
         " as trained" if dense_dtype == trained_dtype else f" (trained in {trained_dtype})"
     )
     measured = (
-        f"on a seeded batch of {parity['tokens']} tokens with float32 compute, the absolute difference between "
+        f"on a seeded batch of {parity['tokens']} tokens with {parity.get('compute_dtype', 'float32')} compute, "
+        "the absolute difference between "
         f"served and trained logits is at most {_fmt(parity['logit_max_abs_diff'])} (mean "
         f"{_fmt(parity['logit_mean_abs_diff'])}; the logits' mean magnitude is {_fmt(parity['logit_scale'])})"
     )

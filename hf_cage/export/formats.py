@@ -11,7 +11,14 @@
   :func:`hf_cage.load_quantized` reproduces the trained model (activation rule and rotation included).
   Stock loaders cannot apply its grids: transformers 5.24's compressed-tensors quantizer applies
   ``quantization_config`` only, never a ``transform_config`` (no Hadamard at load).
-- ``auto`` (:func:`choose_format`): compressed-tensors when it serves the model as trained, else hf-cage.
+- ``mxfp4-pack-quantized`` / ``nvfp4-pack-quantized`` (compressed-tensors' FP4 formats, one object each):
+  the ``mxfp4`` / ``nvfp4`` quantizers' grids without rotation, weights packed two E2M1 codes per byte
+  with their group scales, activations declared as compressed-tensors' presets ``MXFP4`` / ``NVFP4``
+  (``MXFP4A16`` / ``NVFP4A16`` with ``weights_only``). Stock transformers decompresses the weights to
+  bf16 at load and computes in bf16 (float32 fails), so the served model is the trained one computed in
+  bf16: parity is measured in bf16 and is not exact against the float32-trained model.
+- ``auto`` (:func:`choose_format`): the compressed-tensors format of the model's grid when it serves the
+  model as trained, else hf-cage.
 
 Both keep the model's :class:`~hf_cage.QuantConfig` under ``hf_cage_quantization`` (the grid actually
 stored) and describe the export under :data:`EXPORT_KEY`.
@@ -21,18 +28,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from ..kernels import fp4
 from ..kernels.spec import QuantSpec
 from ..quant.config import QuantConfig
 from .errors import ExportError
 
+FP4_QUANTIZERS = fp4.FORMATS  # the quantizers whose grids are the FP4 formats ("mxfp4", "nvfp4")
 EXPORT_KEY = "hf_cage_export"
 FORMAT_VERSION = 2
 PACKING = "pack-quantized: code + 2^(bits-1), 32/bits codes per int32 along inputs, lowest bits first"
+FP4_PACKING = "fp4: E2M1 codes (sign bit 3), two per uint8 along inputs, even input in the low nibble"
 VLLM_NOTE = (
     "Not tested here (no GPU was available). vLLM picks a kernel from the declared scheme and the GPU. "
     "For int4 weights with dynamic int4 activations it runs real INT4 activations only on SM80-SM89 (Ampere, "
     "Ada); on Hopper it falls back to higher-precision activations, so the served numbers differ from the "
     "trained ones there. Weight-only int4 (W4A16) runs on its Marlin/Machete kernels."
+)
+FP4_SERVING_NOTE = (
+    "Not tested here (no GPU was available). NVIDIA Blackwell GPUs have FP4 tensor cores that take MXFP4 and "
+    "NVFP4 natively. On older GPUs vLLM serves these checkpoints as weight-only FP4 through its Marlin kernels "
+    "(its log says the GPU lacks native FP4 support and weight-only FP4 compression is used): the weights are "
+    "the trained ones, but activations are not quantized, so the served numbers differ from the trained ones."
 )
 
 
@@ -56,6 +72,7 @@ class ExportFormat:
     label = ""  # how the card names the format
     library_name = ""
     summary = ""
+    compute_dtype: str | None = None  # dtype the format's loader computes in (None: the checkpoint's)
 
     def problem(self, config: QuantConfig, *, weights_only: bool = False) -> str | None:
         """Why this format cannot hold the model at all (one clause), or ``None``."""
@@ -91,13 +108,18 @@ class ExportFormat:
         """Activation bits the format's loader applies (``None``: activations served unquantized)."""
         return config.a_bits
 
+    def layer_tensors(self, name: str, layer, config: QuantConfig, *, weights_only: bool) -> dict:
+        """Tensors of a quantized layer the loader needs besides its packed weight (``config``: exported)."""
+        return {}
+
     def hf_cage_usage(self, repo_id: str, config: QuantConfig) -> str:
         """Markdown: loading the export with :func:`hf_cage.load_quantized` (4-bit weights only)."""
         if config.w_bits != 4:
             return ""
         what = f", {config.a_bits}-bit activations as stored in the export's config" if config.a_bits else ""
+        layer = "Fp4Linear" if config.quantizer in FP4_QUANTIZERS else "Int4Linear"
         return (
-            f"With hf-cage (packed `Int4Linear` layers{what}):\n\n```python\nimport hf_cage\n"
+            f"With hf-cage (packed `{layer}` layers{what}):\n\n```python\nimport hf_cage\n"
             "from huggingface_hub import snapshot_download\n\n"
             f'model = hf_cage.load_quantized(snapshot_download("{repo_id}"))\n```\n'
         )
@@ -137,6 +159,11 @@ class CompressedTensorsFormat(ExportFormat):
         return QuantSpec(bits, "integer", "minmax", None, None)
 
     def problem(self, config, *, weights_only=False):
+        if config.quantizer in FP4_QUANTIZERS:
+            return (
+                f"--format compressed-tensors (pack-quantized) holds integer grids; the {config.quantizer} grid is "
+                f"exported with --format {config.quantizer}-pack-quantized (or auto)"
+            )
         if config.w_bits not in self.weight_bits:
             return (
                 f"w_bits={config.w_bits} cannot be exported: --format compressed-tensors holds "
@@ -300,14 +327,19 @@ class HfCageFormat(ExportFormat):
         return None
 
     def card_notes(self, trained, conversion, *, weights_only):
-        grid = "the QuEST mid-rise grid" if trained.quantizer == "quest" else "hf-cage's integer grid"
+        grid = {"quest": "the QuEST mid-rise grid", "int": "hf-cage's integer grid"}.get(
+            trained.quantizer, f"the {trained.quantizer.upper()} grid"
+        )
         rotation = " with Hadamard rotations" if trained.hadamard else ""
+        why = "compressed-tensors has no mid-rise grid" if trained.quantizer == "quest" else "no rotation is applied"
         return [
             f"**Format.** This export stores {grid}{rotation} as trained; only `hf_cage.load_quantized` loads it "
-            "(stock transformers and vLLM cannot: transformers 5.24 applies no `transform_config` at load, and "
-            "compressed-tensors has no mid-rise grid). `load_quantized` reproduces the trained forward, activation "
-            "quantization included."
+            "(stock transformers and vLLM cannot: transformers 5.24 applies no `transform_config` at load, so "
+            f"{why}). `load_quantized` reproduces the trained forward, activation quantization included."
         ]
+
+    def layer_tensors(self, name, layer, config, *, weights_only):
+        return _input_global_scale(name, layer, config)
 
     def usage(self, repo_id):
         return ""
@@ -318,7 +350,166 @@ class HfCageFormat(ExportFormat):
         return load_quantized(path, **kwargs)
 
 
-FORMATS: dict[str, ExportFormat] = {f.name: f for f in (CompressedTensorsFormat(), HfCageFormat())}
+class Fp4CompressedTensorsFormat(ExportFormat):
+    """compressed-tensors' ``mxfp4-pack-quantized`` or ``nvfp4-pack-quantized``: one object per FP4 grid.
+
+    Holds the grid of the quantizer of the same name without rotation. The ``quantization_config`` is
+    compressed-tensors' own preset (``MXFP4`` / ``NVFP4``, or ``MXFP4A16`` / ``NVFP4A16`` weights only),
+    so the loader applies exactly the trained activation rule: MXFP4 dynamic E8M0 scales per token and
+    group of 32; NVFP4 dynamic E4M3 scales per token and group of 16 times the layer's calibrated
+    ``input_global_scale``, which is stored. transformers decompresses the weights into bf16 and must
+    compute in bf16 (``compute_dtype``): the parity measurement runs the served model in bf16.
+    """
+
+    library_name = "transformers"
+    compute_dtype = "bfloat16"
+
+    def __init__(self, grid: str):
+        self.grid = grid
+        self.name = f"{grid}-pack-quantized"
+        self.label = f"`compressed-tensors` (`{self.name}`)"
+        self.preset = grid.upper()
+        self.summary = (
+            f"the {grid} grid for stock transformers (bf16, with compressed-tensors) and vLLM (Blackwell natively)"
+        )
+
+    @staticmethod
+    def declares_activations(config: QuantConfig, weights_only: bool) -> bool:
+        return config.a_bits is not None and not weights_only
+
+    def problem(self, config, *, weights_only=False):
+        if config.quantizer != self.grid:
+            other = (
+                f"--format {config.quantizer}-pack-quantized"
+                if config.quantizer in FP4_QUANTIZERS
+                else "--format compressed-tensors or hf-cage"
+            )
+            return (
+                f"--format {self.name} holds the {self.grid} grid; this model was trained with "
+                f"quantizer={config.quantizer!r}: use {other} (or auto)"
+            )
+        return None
+
+    def conversion(self, config, *, weights_only=False):
+        weights = activations = None
+        if config.hadamard:
+            weights = "a Hadamard rotation (stock loaders apply no transform_config)"
+            if self.declares_activations(config, weights_only):
+                activations = "activations trained in the rotated basis are served unrotated"
+        notes = ["stock transformers decompresses FP4 weights to bfloat16 and computes in bfloat16"]
+        if config.a_bits is not None and weights_only:
+            notes.append(f"activations are served unquantized (W4A16), trained at {config.a_bits} bits")
+        return Conversion(weights=weights, activations=activations, notes=notes)
+
+    def exported_config(self, config, conversion, *, weights_only):
+        if conversion.weights:
+            config = replace(config, hadamard=False)
+        if weights_only:  # what the loaders serve (no calibrated NVFP4 input scale is stored)
+            config = replace(config, a_bits=None)
+        return config
+
+    def served_activation_spec(self, config, in_features, *, weights_only):
+        return config.activation_spec(in_features) if self.declares_activations(config, weights_only) else None
+
+    def served_a_bits(self, config, *, weights_only):
+        return config.a_bits if self.declares_activations(config, weights_only) else None
+
+    def layer_tensors(self, name, layer, config, *, weights_only):
+        if not self.declares_activations(config, weights_only):
+            return {}
+        return _input_global_scale(name, layer, config)
+
+    def quantization_config(self, config, ignore, *, weights_only):
+        """compressed-tensors' own preset for the grid, written as compressed-tensors writes a config."""
+        from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+
+        preset = self.preset if self.declares_activations(config, weights_only) else f"{self.preset}A16"
+        scheme = preset_name_to_scheme(preset, ["Linear"])
+        scheme.format = self.name
+        return {
+            "quant_method": "compressed-tensors",
+            "format": self.name,
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": scheme.model_dump(mode="json")},
+            "ignore": sorted(ignore),
+            "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "sparsity_config": {},
+            "transform_config": {},
+            "version": _compressed_tensors_version(),
+        }
+
+    def card_notes(self, trained, conversion, *, weights_only):
+        notes = [
+            "**Compute dtype.** transformers (5.24, with compressed-tensors 0.20) decompresses FP4 weights into "
+            "bfloat16 at load: load with `dtype=torch.bfloat16` (float32 fails at the first forward). The served "
+            "model is the trained one computed in bfloat16, hence the difference measured below (in bfloat16)."
+        ]
+        a_bits = trained.a_bits
+        if a_bits is not None and weights_only:
+            notes.append(
+                f"**Activations.** The model was trained with {a_bits}-bit {self.grid.upper()} activations; this "
+                "export declares weights only, so transformers and vLLM run it with unquantized activations."
+            )
+        elif a_bits is not None:
+            rule = (
+                "a power-of-two (E8M0) scale per token and group of 32, computed on every forward"
+                if self.grid == "mxfp4"
+                else "an FP8 E4M3 scale per token and group of 16, computed on every forward, times the layer's "
+                "`input_global_scale` (calibrated during training as the running input maximum, stored here)"
+            )
+            notes.append(
+                f"**Activations.** The loaders quantize each linear's input to FP4 (E2M1) with {rule}: the rule "
+                "this model was trained with."
+            )
+        if trained.hadamard:
+            notes.append(
+                "**Hadamard.** The model was trained with Hadamard rotations; stock transformers (5.24) and this "
+                "format apply none at load (no `transform_config`), so the weights were re-quantized without it."
+            )
+        notes.append(f"**Serving.** {FP4_SERVING_NOTE}")
+        return notes
+
+    def usage(self, repo_id):
+        return (
+            "With transformers (needs `compressed-tensors`; FP4 weights are decompressed to bfloat16):\n\n"
+            "```python\nimport torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype=torch.bfloat16)\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
+            "With vLLM:\n\n```python\nfrom vllm import LLM\n\n"
+            f'llm = LLM("{repo_id}")\nprint(llm.generate("To be, or not to be")[0].outputs[0].text)\n```\n'
+        )
+
+    def load(self, path, **kwargs):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        kwargs.setdefault("dtype", torch.bfloat16)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def _input_global_scale(name: str, layer, config: QuantConfig) -> dict:
+    """``{"input_global_scale": ...}`` of an NVFP4 W4A4 layer; refuses one that was never calibrated."""
+    scale = getattr(layer, "input_global_scale", None)
+    if scale is None or config.a_bits is None:
+        return {}
+    if not bool((scale > 0).all()):
+        raise ExportError(
+            f"{name}: input_global_scale was never calibrated (the NVFP4 activation scale is set by the first "
+            "forward pass); run the model on some data (training does) before exporting"
+        )
+    return {"input_global_scale": scale.detach().float().reshape(1)}
+
+
+FORMATS: dict[str, ExportFormat] = {
+    f.name: f
+    for f in (
+        CompressedTensorsFormat(),
+        Fp4CompressedTensorsFormat("mxfp4"),
+        Fp4CompressedTensorsFormat("nvfp4"),
+        HfCageFormat(),
+    )
+}
 FORMAT_CHOICES = ("auto", *FORMATS)
 
 
@@ -328,12 +519,20 @@ def get_format(name: str) -> ExportFormat:
     return FORMATS[name]
 
 
+def stock_format_for(config: QuantConfig) -> ExportFormat:
+    """The compressed-tensors format of the model's grid: ``{mx,nv}fp4-pack-quantized`` or ``pack-quantized``."""
+    if config.quantizer in FP4_QUANTIZERS:
+        return FORMATS[f"{config.quantizer}-pack-quantized"]
+    return FORMATS["compressed-tensors"]
+
+
 def choose_format(config: QuantConfig, *, weights_only: bool = False) -> tuple[ExportFormat, str | None]:
-    """``auto``: compressed-tensors when it serves the model as trained, else hf-cage with the reason why.
+    """``auto``: the compressed-tensors format of the model's grid when it serves the model as trained, else
+    hf-cage with the reason why.
 
     Raises :class:`ExportError` when neither format holds the model without loss.
     """
-    ct, hf = FORMATS["compressed-tensors"], FORMATS["hf-cage"]
+    ct, hf = stock_format_for(config), FORMATS["hf-cage"]
     why = ct.problem(config, weights_only=weights_only)
     if why is None:
         conversion = ct.conversion(config, weights_only=weights_only)
@@ -343,11 +542,11 @@ def choose_format(config: QuantConfig, *, weights_only: bool = False) -> tuple[E
     if hf.problem(config, weights_only=weights_only) is None:
         return hf, (
             f"format auto: hf-cage, because {why}; load it with hf_cage.load_quantized(path) "
-            "(--format compressed-tensors --allow-lossy converts it for stock loaders, with the difference printed)"
+            f"(--format {ct.name} --allow-lossy converts it for stock loaders, with the difference printed)"
         )
     raise ExportError(
         f"no format serves this model as trained: {why}; {hf.problem(config, weights_only=weights_only)}; "
-        "pass --format compressed-tensors --allow-lossy to convert it and print the measured difference"
+        f"pass --format {ct.name} --allow-lossy to convert it and print the measured difference"
     )
 
 
@@ -378,7 +577,7 @@ def export_metadata(
         "code_offset": spec.code_offset,
         "hadamard": bool(config.hadamard),
         "hadamard_max_block": 128 if config.hadamard else None,
-        "packing": PACKING,
+        "packing": FP4_PACKING if config.quantizer in FP4_QUANTIZERS else PACKING,
         "weights_only": weights_only,
         "parity": parity,
     }

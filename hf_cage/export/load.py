@@ -1,9 +1,11 @@
-"""``load_quantized``: load an hf-cage export (either format) into packed ``Int4Linear`` layers.
+"""``load_quantized``: load an hf-cage export (any format) into packed ``Int4Linear`` / ``Fp4Linear`` layers.
 
 The model is built from ``config.json`` without transformers' quantizer, every linear that has a
-``weight_packed`` tensor becomes an :class:`~hf_cage.Int4Linear` with the weight and activation grids
-of the saved :class:`~hf_cage.QuantConfig`, and the tensors are loaded as stored. Its forward
-therefore equals the QAT model's, activation quantization included.
+``weight_packed`` tensor becomes an :class:`~hf_cage.Int4Linear` (integer and QuEST grids) or an
+:class:`~hf_cage.layers.fp4_linear.Fp4Linear` (MXFP4 / NVFP4) with the weight and activation grids of the
+saved :class:`~hf_cage.QuantConfig`, and the tensors are loaded as stored. Its forward therefore equals
+the QAT model's, activation quantization included (for FP4 exports in the dtype it is loaded in: float32
+by default, where stock transformers computes in bf16).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..layers.fp4_linear import Fp4Linear
 from ..layers.int4_linear import Int4Linear
+from ..layers.packed import is_fp4
 from ..qat import CONFIG_KEY
 from ..quant.config import QuantConfig
 from .formats import EXPORT_KEY
@@ -45,7 +49,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", d
         dtype: dtype of the dense parameters; ``"auto"`` uses the export's ``dtype``.
         device: where to put the model (default: CPU).
     Returns:
-        A causal LM in eval mode whose quantized linears are ``Int4Linear``.
+        A causal LM in eval mode whose quantized linears are ``Int4Linear`` (``Fp4Linear`` for FP4 grids).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -89,11 +93,12 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", d
         shape = state.pop(f"{name}.weight_shape", None)
         if shape is not None and shape.tolist() != [linear.out_features, linear.in_features]:
             raise ValueError(f"{name}: weight_shape {shape.tolist()} does not match the model config")
-        layer = Int4Linear(
+        weight_spec = quant_config.weight_spec(linear.in_features)
+        layer = (Fp4Linear if is_fp4(weight_spec) else Int4Linear)(
             linear.in_features,
             linear.out_features,
             linear.bias is not None,
-            quant_config.weight_spec(linear.in_features),
+            weight_spec,
             quant_config.activation_spec(linear.in_features),
             dtype=dtype,
         )

@@ -4,9 +4,11 @@ The served model is emulated in place: every quantized layer is temporarily repl
 holding the weight dequantized from the exported tensors and quantizing its inputs with the rule the
 format's loader applies (compressed-tensors' dynamic rule, the trained rule for ``load_quantized``, or
 none for a weights-only export), and every dense parameter is rounded through the exported dtype (a
-loader computing in float32 upcasts what was stored). Both models then run the same seeded batch in
-the model's dtype and the logits are compared. ``tests/test_parity.py`` checks the emulation against
-stock transformers loading the export in a process that never imports hf_cage.
+loader computing in float32 upcasts what was stored). Both models then run the same seeded batch, the
+trained one in its own dtype, the served one in the format's compute dtype (the model's, or bfloat16 for
+the FP4 formats, which stock transformers decompresses into bf16), and the logits are compared.
+``tests/test_parity.py`` and ``tests/test_fp4_qat.py`` check the emulation against stock transformers
+loading the export in a process that never imports hf_cage.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ class _ServedLinear(nn.Module):
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activation_spec is not None:
-            x = kernels.fake_quantize(x, self.activation_spec)[0]
         packed = {k: v.to(x.device) for k, v in self.packed.items()}
+        if self.activation_spec is not None:
+            kwargs = {"global_scale": packed["input_global_scale"]} if "input_global_scale" in packed else {}
+            x = kernels.fake_quantize(x, self.activation_spec, **kwargs)[0]
         weight = unpack_weight(packed, self.weight_spec, torch.float32).to(x.dtype)
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
@@ -42,13 +45,18 @@ ServedLayers = dict[str, tuple[dict, QuantSpec, "QuantSpec | None"]]
 
 
 @contextmanager
-def served_model(model: nn.Module, served: ServedLayers, dense_dtype: torch.dtype):
+def served_model(
+    model: nn.Module, served: ServedLayers, dense_dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+):
     """Temporarily turn ``model`` into the served model.
 
     Args:
-        served: quantized layer name -> (exported tensors of :func:`~hf_cage.layers.packed.pack_weight`,
-            their weight grid, the activation grid the loader applies or ``None``).
+        served: quantized layer name -> (exported tensors of :func:`~hf_cage.layers.packed.pack_weight`
+            plus the format's ``layer_tensors``, their weight grid, the activation grid the loader applies
+            or ``None``).
         dense_dtype: dtype the dense tensors are stored in; parameters are rounded through it.
+        compute_dtype: dtype the loader computes in (``None``: each parameter's own). Parameters are
+            cast to it, buffers (rotary frequencies) are not, as ``from_pretrained(dtype=...)`` builds them.
     """
     swapped, rounded = [], []
     try:
@@ -61,7 +69,10 @@ def served_model(model: nn.Module, served: ServedLayers, dense_dtype: torch.dtyp
         for param in model.parameters():
             if param.is_floating_point() and param.dtype != dense_dtype:
                 rounded.append((param, param.data))
-                param.data = param.data.to(dense_dtype).to(param.dtype)
+                param.data = param.data.to(dense_dtype).to(compute_dtype or param.dtype)
+            elif param.is_floating_point() and compute_dtype and param.dtype != compute_dtype:
+                rounded.append((param, param.data))
+                param.data = param.data.to(compute_dtype)
         yield model
     finally:
         for param, data in rounded:
@@ -85,14 +96,16 @@ def measure_parity(
     served: ServedLayers,
     dense_dtype: torch.dtype,
     batch: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict:
-    """``{"logit_max_abs_diff", "logit_mean_abs_diff", "tokens"}`` between the trained and the served model."""
+    """``{"logit_max_abs_diff", "logit_mean_abs_diff", "logit_scale", "tokens", "compute_dtype"}`` between the
+    trained model (in its own dtype) and the served model (in ``compute_dtype``, default the model's)."""
     batch = sample_batch(model) if batch is None else batch
     was_training = model.training
     model.eval()
     try:
         trained = model(input_ids=batch).logits.float()
-        with served_model(model, served, dense_dtype):
+        with served_model(model, served, dense_dtype, compute_dtype):
             out = model(input_ids=batch).logits.float()
     finally:
         model.train(was_training)
@@ -102,4 +115,5 @@ def measure_parity(
         "logit_mean_abs_diff": diff.mean().item(),
         "logit_scale": trained.abs().mean().item(),
         "tokens": batch.numel(),
+        "compute_dtype": str(compute_dtype or next(model.parameters()).dtype).removeprefix("torch."),
     }

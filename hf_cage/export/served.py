@@ -2,8 +2,11 @@
 
 Each call starts a separate Python (``sys.executable``) that imports only torch, transformers and
 safetensors (compressed-tensors through transformers' quantizer), loads the export with
-``AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)`` and runs the given token ids; tensors
-travel through a temporary safetensors file. The child checks that no ``hf_cage`` module was imported.
+``AutoModelForCausalLM.from_pretrained(path, dtype=...)`` and runs the given token ids; tensors travel
+through a temporary safetensors file. The dtype is ``torch.float32``, except for compressed-tensors' FP4
+formats (``mxfp4-`` / ``nvfp4-pack-quantized``), which transformers decompresses into bf16 weights and
+can only run in ``torch.bfloat16`` (a float32 load fails at the first forward); logits come back as
+float32. The child checks that no ``hf_cage`` module was imported.
 So the numbers are what a stock loader computes from the files, not what hf-cage believes it computes::
 
     from hf_cage.export.served import served_eval, served_logits, served_loss
@@ -37,13 +40,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-export_dirs, inputs_file, out_dir, want_logits, want_loss, batch_size, threads = json.loads(sys.argv[1])
+export_dirs, dtypes, inputs_file, out_dir, want_logits, want_loss, batch_size, threads = json.loads(sys.argv[1])
 if threads:
     torch.set_num_threads(threads)
 inputs = load_file(inputs_file)
 input_ids, labels = inputs["input_ids"], inputs.get("labels")
-for index, export_dir in enumerate(export_dirs):
-    model, info = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32, output_loading_info=True)
+for index, (export_dir, dtype) in enumerate(zip(export_dirs, dtypes)):
+    model, info = AutoModelForCausalLM.from_pretrained(
+        export_dir, dtype=getattr(torch, dtype), output_loading_info=True
+    )
     missing = [k for k in info["missing_keys"] if k not in (getattr(model, "_tied_weights_keys", None) or [])]
     if missing or info["unexpected_keys"]:
         unexpected = info["unexpected_keys"][:3]
@@ -108,10 +113,10 @@ def served_eval_many(
             tensors["labels"] = labels.detach().to(torch.int64).cpu().contiguous()
         save_file(tensors, Path(tmp) / "inputs.safetensors")
         dirs = [os.path.abspath(d) for d in export_dirs]
-        for d in dirs:
-            _check_stock_loadable(d)
+        dtypes = [stock_dtype(d) for d in dirs]
         threads = torch.get_num_threads() if num_threads is None else num_threads
-        job = json.dumps([dirs, str(Path(tmp) / "inputs.safetensors"), tmp, logits, loss, int(batch_size), threads])
+        inputs = str(Path(tmp) / "inputs.safetensors")
+        job = json.dumps([dirs, dtypes, inputs, tmp, logits, loss, int(batch_size), threads])
         done = subprocess.run(
             [sys.executable, "-c", _CHILD, job], cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout
         )
@@ -129,8 +134,14 @@ def served_eval_many(
     ]
 
 
-def _check_stock_loadable(export_dir: str) -> None:
-    """Refuse, with what to do, an export stock transformers cannot load (the hf-cage format)."""
+BF16_FORMATS = ("mxfp4-pack-quantized", "nvfp4-pack-quantized")
+
+
+def stock_dtype(export_dir: str | os.PathLike) -> str:
+    """The dtype stock transformers loads ``export_dir`` in: ``"bfloat16"`` for the FP4 formats, else ``"float32"``.
+
+    Refuses, with what to do, an export stock transformers cannot load (the hf-cage format).
+    """
     config_file = Path(export_dir) / "config.json"
     try:
         config = json.loads(config_file.read_text())
@@ -141,10 +152,13 @@ def _check_stock_loadable(export_dir: str) -> None:
             f"{export_dir!r} is an hf-cage format export, which stock transformers cannot load; "
             "evaluate it with hf_cage.load_quantized, or export with --format compressed-tensors"
         )
+    quantization = config.get("quantization_config") or {}
+    return "bfloat16" if quantization.get("format") in BF16_FORMATS else "float32"
 
 
 def served_eval(export_dir: str | os.PathLike, input_ids: torch.Tensor, **kwargs) -> ServedResult:
-    """Load ``export_dir`` with stock transformers (float32) in a fresh process and run ``input_ids`` ``(B, T)``.
+    """Load ``export_dir`` with stock transformers (float32; bf16 for FP4 formats) in a fresh process and run
+    ``input_ids`` ``(B, T)``.
 
     Keyword args (also of :func:`served_eval_many`): ``labels`` ``(B, T)`` targets for the loss (default
     ``input_ids``; ``-100`` ignored); ``logits`` / ``loss``: what to return (default logits only);

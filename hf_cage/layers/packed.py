@@ -1,13 +1,26 @@
 """The one conversion from a trained weight to the tensors of a packed checkpoint, and back.
 
-A quantized linear with ``in`` inputs and ``out`` outputs is stored as (compressed-tensors
-``pack-quantized`` names and layout, shared by both export formats and by :class:`Int4Linear`):
+A quantized linear with ``in`` inputs and ``out`` outputs is stored with compressed-tensors' names and
+layouts, shared by every export format and by the packed inference layers:
 
-- ``weight_packed``: int32 ``(out, in * bits / 32)``: signed codes stored as ``code + 2^(bits-1)``,
-  ``32 / bits`` per word along the input dimension, lowest bits first (:func:`hf_cage.kernels.packing.pack_codes`);
-- ``weight_scale``: fp32 ``(out, in / group)`` (``(out, 1)`` per channel): the grid step, in fp32 so
-  ``(code + code_offset) * scale`` is exactly the training-time ``Q(W)``;
-- ``weight_shape``: int64 ``(2,)``: ``[out, in]``.
+- integer and QuEST grids (``pack-quantized``):
+
+  - ``weight_packed``: int32 ``(out, in * bits / 32)``: signed codes stored as ``code + 2^(bits-1)``,
+    ``32 / bits`` per word along the input dimension, lowest bits first
+    (:func:`hf_cage.kernels.packing.pack_codes`);
+  - ``weight_scale``: fp32 ``(out, in / group)`` (``(out, 1)`` per channel): the grid step, in fp32 so
+    ``(code + code_offset) * scale`` is exactly the training-time ``Q(W)``;
+  - ``weight_shape``: int64 ``(2,)``: ``[out, in]``.
+
+- FP4 grids (``mxfp4-pack-quantized`` / ``nvfp4-pack-quantized``, :mod:`hf_cage.kernels.fp4`):
+
+  - ``weight_packed``: uint8 ``(out, in / 2)``: two E2M1 codes per byte, even input in the low nibble;
+  - ``weight_scale``: ``(out, in / group)``: uint8 E8M0 exponents (MXFP4, group 32) or float8_e4m3fn
+    (NVFP4, group 16);
+  - ``weight_global_scale``: fp32 ``(1,)`` (NVFP4 only): the tensor's ``448 * 6 / amax``.
+
+  ``e2m1(code) * scale`` (NVFP4: ``scale / global_scale``) is exactly the training-time ``Q(W)``; with a
+  Hadamard rotation (hf-cage format only) the codes are in the rotated basis and the weight is rotated back.
 
 Every caller uses :func:`pack_weight`: ``Int4Linear.from_qat_linear``, the export (a trained layer's
 weight on its own grid, or a lossy re-quantization of ``Q(W)`` to another grid), and the LoRA merge
@@ -19,14 +32,26 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from ..kernels import fp4
 from ..kernels.packing import PACKABLE_BITS, pack_codes, unpack_codes
 from ..kernels.spec import QuantSpec
 
 PACKED_NAMES = ("weight_packed", "weight_scale", "weight_shape")
+FP4_PACKED_NAMES = ("weight_packed", "weight_scale", "weight_global_scale")
+
+
+def is_fp4(spec: QuantSpec) -> bool:
+    """True for the FP4 grids (``spec.grid`` ``"mxfp4"`` or ``"nvfp4"``)."""
+    return spec.grid in fp4.FORMATS
 
 
 def packing_problem(in_features: int, spec: QuantSpec) -> str | None:
     """Why a weight with ``in_features`` inputs cannot be packed on ``spec``'s grid, or ``None`` when it can."""
+    if is_fp4(spec):
+        group = fp4.GROUP_SIZE[spec.grid]
+        if in_features % group:
+            return f"in_features={in_features} is not a multiple of the {spec.grid} group size {group}"
+        return None
     if spec.bits not in PACKABLE_BITS:
         return f"{spec.bits}-bit weights cannot be packed (supported: {PACKABLE_BITS})"
     per_word = 32 // spec.bits
@@ -37,13 +62,19 @@ def packing_problem(in_features: int, spec: QuantSpec) -> str | None:
 
 @torch.no_grad()
 def pack_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """Quantize ``weight`` ``(out, in)`` on ``spec``'s grid: ``{"weight_packed", "weight_scale", "weight_shape"}``.
+    """Quantize ``weight`` ``(out, in)`` on ``spec``'s grid: the tensors listed in the module docstring.
 
     The tensors stay on ``weight``'s device. Raises ``ValueError`` when the weight cannot be packed.
     """
     problem = packing_problem(weight.shape[-1], spec)
     if problem:
         raise ValueError(problem)
+    if is_fp4(spec):
+        codes, scales, global_scale = kernels.quantize_fp4(weight.detach(), spec)
+        tensors = {"weight_packed": fp4.pack_fp4(codes), "weight_scale": scales.contiguous()}
+        if global_scale is not None:
+            tensors["weight_global_scale"] = global_scale.float().reshape(1)
+        return tensors
     codes, scales = kernels.quantize_rows(weight.detach(), spec)
     return {
         "weight_packed": pack_codes(codes, spec.bits, validate=False),
@@ -55,6 +86,15 @@ def pack_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor
 def unpack_weight(
     tensors: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Inverse of :func:`pack_weight`: the dequantized ``(out, in)`` weight ``(code + code_offset) * scale``."""
+    """Inverse of :func:`pack_weight`: the dequantized ``(out, in)`` weight (``Q(W)``, computed in fp32)."""
+    if is_fp4(spec):
+        return fp4.dequantize(
+            fp4.unpack_fp4(tensors["weight_packed"]),
+            tensors["weight_scale"],
+            spec.grid,
+            global_scale=tensors.get("weight_global_scale"),
+            hadamard_block=spec.hadamard_block,
+            dtype=dtype,
+        )
     codes = unpack_codes(tensors["weight_packed"], spec.bits)
     return kernels.dequantize_rows(codes, tensors["weight_scale"], spec, dtype)
