@@ -470,3 +470,22 @@ def test_train_step_benchmark_quick_mode(tmp_path):
     run = results["runs"]["int_w4a4"]
     assert run["active_over_ste"] == results["median_s"]["int_w4a4/cage_active"] / results["median_s"]["int_w4a4/ste"]
     assert run["ste_over_bf16"] > 0
+
+
+def test_coupled_variant_refuses_a_closure_and_decoupled_takes_one():
+    model = quantized_llama()
+    kwargs = dict(cage_lambda=2.0, cage_silence_ratio=0.0, cage_schedule="constant", total_steps=2)
+
+    def closure():
+        fake_grads(model, 0)
+        return torch.zeros(())
+
+    coupled = create_cage_optimizer(model, cage_variant="coupled", **kwargs)
+    fake_grads(model, 0)
+    with pytest.raises(ValueError, match="closure"):
+        coupled.step(closure)
+    coupled.step(None)  # no closure: fine
+    coupled.correction.remove()
+    decoupled = torch.optim.SGD(model.parameters(), lr=0.1)
+    CAGECorrection(decoupled, model, **kwargs)
+    assert decoupled.step(closure) is not None and decoupled.param_groups[0]["cage_step"] == 1

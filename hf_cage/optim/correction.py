@@ -224,6 +224,12 @@ class CAGECorrection:
         self._lambda_of_step = lam = self.next_lambda()
         if not lam or self.cage_variant != "coupled" or _skipped_by_grad_scaler(optimizer):
             return
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # torch passes step's args with self first
+        if closure is not None:
+            raise ValueError(
+                "the coupled CAGE variant adds to the gradients before the step, but a closure recomputes them inside "
+                "step(): call backward() before step() without a closure, or use cage_variant='decoupled'"
+            )
         grad_scale = getattr(optimizer, "grad_scale", None)  # set by GradScaler on fused optimizers only
         params = [p for group in optimizer.param_groups for p in group["params"]]
         for p, quantize in self._targets(params):
