@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast test-triton lint clean
+.PHONY: setup demo test test-fast test-triton gpu-check lint clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,14 @@ test-fast: $(STAMP)
 test-triton: $(STAMP)
 	TRITON_INTERPRET=1 HF_CAGE_BACKEND=triton $(PY) -m pytest -q -m triton_interpret
 
+# On one H100/H200, under 8 minutes: pytest -m gpu, the kernel benchmark and a GPU training step;
+# writes the results table into docs/kernels.md (`$(PY) scripts/gpu_check.py --dry-run --docs X` on CPU).
+gpu-check: $(STAMP)
+	$(PY) scripts/gpu_check.py
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hf_cage recipes tests benchmarks
-	$(VENV)/bin/ruff format --check hf_cage recipes tests benchmarks
+	$(VENV)/bin/ruff check hf_cage recipes tests benchmarks scripts
+	$(VENV)/bin/ruff format --check hf_cage recipes tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

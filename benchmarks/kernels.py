@@ -4,6 +4,7 @@ On a GPU (CUDA tensors dispatch to the Triton kernels):
 
     python benchmarks/kernels.py                          # Llama shapes, M = 1 .. 8192, table to stdout
     python benchmarks/kernels.py --output docs/kernels_h100.md --m 1 16 128 1024 8192 --kn 4096,4096 4096,11008
+    python benchmarks/kernels.py --m 1 16 2048 8192 --kn 4096,4096 --json out.json   # what `make gpu-check` runs
 
 Without a GPU (shapes and correctness only, no timings worth reading):
 
@@ -13,8 +14,10 @@ Without a GPU (shapes and correctness only, no timings worth reading):
 Every row times one op on ``x (M, K)`` and a ``(N, K)`` weight: ``torch.matmul`` in bf16, ``torch._int_mm``
 (int8, CUDA only), the W4A4 GEMM on packed int4 weights (per-channel scales, mid-rise offsets), the
 W4A16 GEMM (bf16 activations, group-128 scales), and the fused activation quantizer (per-token,
-Hadamard 128) that feeds W4A4. Each kernel row also compares a slice of its output with the torch
-twin computed on CPU (``max_rel_err``, ``ok``).
+Hadamard 128) that feeds W4A4. Each kernel row also checks a slice of its output on CPU against an
+oracle written here, independent of hf-cage's twins (``max_rel_err``, ``ok``): the GEMMs against
+dequantize-then-matmul in fp64, the quantizer's scales against ``alpha_b * RMS`` of the rotated rows
+(explicit Hadamard matrix) and its codes against rounding with those scales.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--kn", nargs="+", default=None, help="K,N pairs (default: every pair from 2048, 4096, 8192, 11008)"
     )
     parser.add_argument("--output", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--json", default=None, help="also write the rows (and the device) to this JSON file")
     return parser.parse_args(argv)
 
 
@@ -62,6 +66,50 @@ def _timer(device: str):
 def _rel_err(out, expected) -> float:
     out, expected = out.float().cpu(), expected.float().cpu()
     return float((out - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+
+
+def _hadamard(block: int):
+    """Normalized Sylvester Hadamard matrix, fp64, built here (not hf-cage's)."""
+    import torch
+
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < block:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / block**0.5
+
+
+def _oracle_matmul(x_codes, x_scales, w_codes, w_scales, x_offset: float, w_offset: float):
+    """``((Xc + a) s_x) @ ((Wc + b) s_w).T`` in fp64 on CPU: dequantize, then one matmul."""
+    n, k = w_codes.shape
+    ws = w_scales.double().cpu().reshape(n, -1)
+    w = ((w_codes.double().cpu() + w_offset).reshape(n, ws.shape[1], -1) * ws.unsqueeze(-1)).reshape(n, k)
+    return ((x_codes.double().cpu() + x_offset) * x_scales.double().cpu().reshape(-1, 1)) @ w.T
+
+
+def _oracle_weights(w_codes, w_scales):
+    """Integer-grid weights ``Wc * s_w`` (per channel or group) in fp64 on CPU."""
+    n, k = w_codes.shape
+    ws = w_scales.double().cpu().reshape(n, -1)
+    return (w_codes.double().cpu().reshape(n, ws.shape[1], -1) * ws.unsqueeze(-1)).reshape(n, k)
+
+
+def _quantizer_error(x, codes, scales, spec) -> float:
+    """Largest of: relative scale error against ``alpha_b RMS(x H) / (2^b - 1) * 2`` and the fraction of codes
+    that differ from the mid-rise rounding of ``x H`` with the kernel's own scales (ties may flip one code)."""
+    import torch
+
+    from hf_cage.kernels.spec import GAUSSIAN_MSE_CLIP
+
+    xr = x.double().cpu()
+    if spec.hadamard_block:
+        b = spec.hadamard_block
+        xr = (xr.reshape(xr.shape[0], -1, b) @ _hadamard(b)).reshape(xr.shape)
+    step = 2 * GAUSSIAN_MSE_CLIP[spec.bits] * xr.square().mean(-1, keepdim=True).sqrt() / (2**spec.bits - 1)
+    scales = scales.double().cpu().reshape(-1, 1)
+    clip = scales * (2**spec.bits - 1) / 2
+    expected = torch.round(torch.clamp(xr, -clip, clip) / scales + 0.5) - 1
+    scale_err = float(((scales - step).abs() / step).max())
+    return max(scale_err, float((codes.cpu().double() != expected).double().mean()))
 
 
 def bench_shape(m: int, k: int, n: int, device: str, bench) -> list[dict]:
@@ -95,22 +143,19 @@ def bench_shape(m: int, k: int, n: int, device: str, bench) -> list[dict]:
     a_spec = QuantSpec(4, hadamard_block=128 if k % 128 == 0 else None)
     w_spec = QuantSpec(4, hadamard_block=a_spec.hadamard_block)
     x_codes, x_scales = kernels.quantize_rows(x, a_spec)
-    ref_codes, ref_scales = kernels.reference.quantize_rows(x[:CHECK_ROWS].cpu(), a_spec)
-    code_err = float((x_codes[:CHECK_ROWS].cpu() != ref_codes).float().mean())
-    add("quantize_rows act (fused)", bench(lambda: kernels.quantize_rows(x, a_spec)), code_err, 1e-3, m * k * 5)
+    rs, cs = slice(0, CHECK_ROWS), slice(0, CHECK_COLS)
+    err = _quantizer_error(x[rs], x_codes[rs], x_scales[rs], a_spec)
+    add("quantize_rows act (fused)", bench(lambda: kernels.quantize_rows(x, a_spec)), err, 1e-3, m * k * 5)
 
     w_codes, w_scales = kernels.quantize_rows(w, w_spec)
     w_packed = kernels.pack_int4(w_codes)
-    rs, cs = slice(0, CHECK_ROWS), slice(0, CHECK_COLS)
 
     def w4a4():
         return kernels.w4a4_matmul(
             x_codes, x_scales, w_packed, w_scales, x_offset=0.5, w_offset=0.5, out_dtype=torch.bfloat16
         )
 
-    ref = kernels.w4a4_matmul_reference(
-        x_codes[rs].cpu(), x_scales[rs].cpu(), w_packed[cs].cpu(), w_scales[cs].cpu(), x_offset=0.5, w_offset=0.5
-    )
+    ref = _oracle_matmul(x_codes[rs], x_scales[rs], w_codes[cs], w_scales[cs], 0.5, 0.5)
     add("w4a4_matmul (int4 x int4)", bench(w4a4), _rel_err(w4a4()[rs, cs], ref), 2**-7)
 
     group = 128 if k % 128 == 0 else None
@@ -120,7 +165,7 @@ def bench_shape(m: int, k: int, n: int, device: str, bench) -> list[dict]:
     def w4a16():
         return kernels.w4a16_matmul(xb, g_packed, g_scales)
 
-    ref = kernels.w4a16_matmul_reference(x[rs].cpu().bfloat16().float(), g_packed[cs].cpu(), g_scales[cs].cpu())
+    ref = x[rs].cpu().bfloat16().double() @ _oracle_weights(g_codes[cs], g_scales[cs]).T
     add("w4a16_matmul (bf16 x int4)", bench(w4a16), _rel_err(w4a16()[rs, cs], ref), 2**-6)
     return rows
 
@@ -164,6 +209,11 @@ def main(argv=None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             f.write(table + "\n")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "backend": backend, "torch": torch.__version__, "rows": rows}, f, indent=1)
     failed = [r for r in rows if r.get("ok") is False]
     if failed:
         print(f"{len(failed)} rows failed the correctness check", file=sys.stderr)

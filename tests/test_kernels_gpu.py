@@ -65,3 +65,59 @@ def test_qat_linear_w4a4_trains_on_gpu():
         out = layer(x)
     out.float().square().mean().backward()
     assert out.dtype == torch.bfloat16 and torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+
+
+def test_row_offsets_past_2_31_on_gpu():
+    """M x K past 2^31 elements (4.3 GB of bf16 activations): the last rows come out as the twin computes them."""
+    k, n = 4096, 64
+    m = 2**31 // k + 64
+    x = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
+    x[-64:] = cuda_randn(64, k, seed=3).bfloat16()
+    x[:-64] = 0.5
+    spec = QuantSpec(4, hadamard_block=128)
+    codes, scales = kernels.quantize_rows(x, spec)
+    ref_codes, ref_scales = reference.quantize_rows(x[-64:].cpu(), spec)
+    torch.testing.assert_close(scales[-64:].cpu(), ref_scales, rtol=1e-6, atol=0)
+    assert assert_codes_match(codes[-64:].cpu(), scales[-64:].cpu(), x[-64:].cpu(), spec) <= 2
+    w_packed = kernels.pack_int4(torch.randint(-8, 8, (n, k), dtype=torch.int8)).cuda()
+    w_scales = (torch.rand(n) + 0.05).cuda()
+    out = kernels.w4a4_matmul(codes, scales, w_packed, w_scales, x_offset=0.5, w_offset=0.5)
+    expected = kernels.w4a4_matmul_reference(
+        codes[-64:].cpu(), scales[-64:].cpu(), w_packed.cpu(), w_scales.cpu(), x_offset=0.5, w_offset=0.5
+    )
+    assert torch.equal(out[-64:].cpu(), expected)
+    del codes, out
+    out = kernels.w4a16_matmul(x, w_packed, w_scales)
+    expected = kernels.w4a16_matmul_reference(x[-64:].cpu().float(), w_packed.cpu(), w_scales.cpu())
+    torch.testing.assert_close(out[-64:].cpu().float(), expected, rtol=2**-6, atol=2**-6 * float(expected.abs().max()))
+
+
+def test_autotuned_configs_are_legal_tiles():
+    from hf_cage.kernels import tiles, triton_matmul
+
+    limit = triton_matmul.shared_memory_limit(torch.cuda.current_device())
+    for m in (1, 300):
+        x_codes = torch.randint(-8, 8, (m, 4096), dtype=torch.int8, device="cuda")
+        w_packed = kernels.pack_int4(torch.randint(-8, 8, (512, 4096), dtype=torch.int8)).cuda()
+        kernels.w4a4_matmul(x_codes, torch.ones(m, device="cuda"), w_packed, torch.ones(512, device="cuda"))
+        best = triton_matmul._tile(triton_matmul._w4a4_autotuned.best_config)
+        assert best in tiles.gemm_configs("w4a4", m, 512, 4096, None, limit, 1)
+
+
+def test_a_shape_triton_cannot_take_runs_on_the_twins_on_gpu():
+    layer = QATLinear.from_linear(torch.nn.Linear(200, 64).cuda(), QuantConfig())
+    assert not layer.kernel_plan.triton
+    x = cuda_randn(3, 200, seed=4).requires_grad_()
+    out = layer(x)
+    out.sum().backward()
+    assert out.is_cuda and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_minmax_rule_is_bit_for_bit_compressed_tensors_on_gpu(bits):
+    from test_quantizers import activations_with_ties_and_zeros, compressed_tensors_input_quantizer
+
+    x = activations_with_ties_and_zeros(bits).cuda()
+    q, _ = kernels.fake_quantize(x, QuantSpec(bits, "integer", "minmax"))
+    served = compressed_tensors_input_quantizer(x, bits)
+    assert torch.equal(q.view(torch.int32), served.view(torch.int32))

@@ -13,6 +13,7 @@ Tolerances, and why:
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -399,3 +400,68 @@ def test_qat_linear_w4a4_under_autocast_returns_the_autocast_dtype_like_f_linear
     torch.testing.assert_close(
         out.float(), expected.float(), rtol=2**-6, atol=2**-6 * float(expected.detach().abs().max())
     )
+
+
+def test_a_layer_shape_the_triton_quantizer_cannot_take_runs_on_the_twins_with_the_same_output(caplog):
+    """QuEST W4A4 with 200 inputs: an 8-wide Hadamard block, which the Triton quantizer's tl.dot cannot take.
+    The layer is planned on the torch twins when it is built (logged once) and gives the torch backend's output
+    bit for bit, forward and backward, with HF_CAGE_BACKEND=triton; the kernel itself still refuses the shape."""
+    with caplog.at_level("WARNING", logger="hf_cage.kernels"):
+        layer = QATLinear.from_linear(nn.Linear(200, 24, device=DEVICE), QuantConfig())
+    assert layer.weight_spec.hadamard_block == 8 and not layer.kernel_plan.triton
+    x = randn(2, 5, 200, seed=30).requires_grad_()
+    grad_out = randn(2, 5, 24, seed=31)
+    triton_run = run_layer(layer, x, grad_out)
+    use_backend("torch")
+    torch_run = run_layer(layer, x, grad_out)
+    for got, want in zip(triton_run, torch_run, strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="needs >= 16"):
+        from hf_cage.kernels import triton_quant
+
+        triton_quant.quantize_rows(x.detach(), layer.activation_spec)
+    packed = Int4Linear.from_qat_linear(layer)
+    assert not packed.kernel_plan.triton
+    use_backend("triton")
+    assert torch.equal(packed(x.detach()), layer(x.detach()).detach())
+
+
+OFFSETS_CHECK = """
+import torch
+from hf_cage import kernels
+from hf_cage.kernels import QuantSpec, reference
+
+k, n, stride = 64, 48, 2**30  # row 2 starts at element 2^31: rows * stride overflows 32-bit offsets
+g = torch.Generator().manual_seed(0)
+# 2 GiB of address space per operand, of which only 3 rows are ever touched (the pages stay unallocated).
+x_codes = torch.empty(2 * stride + k, dtype=torch.int8).as_strided((3, k), (stride, 1))
+x_codes.copy_(torch.randint(-8, 8, (3, k), generator=g, dtype=torch.int8))
+x_scales = torch.rand(3, generator=g) + 0.1
+w_packed = kernels.pack_int4(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8))
+w_scales = torch.rand(n, generator=g) + 0.1
+out = kernels.w4a4_matmul(x_codes, x_scales, w_packed, w_scales, x_offset=0.5, w_offset=0.5)
+ref = reference.w4a4_matmul_reference(x_codes.contiguous(), x_scales, w_packed, w_scales, x_offset=0.5, w_offset=0.5)
+assert torch.equal(out, ref)
+x = torch.empty(2 * stride + k, dtype=torch.float16).as_strided((3, k), (stride, 1))
+x.copy_(torch.randn(3, k, generator=g))
+out = kernels.w4a16_matmul(x, w_packed, w_scales)
+ref = reference.w4a16_matmul_reference(x.contiguous().float(), w_packed, w_scales)
+torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
+for spec in (QuantSpec(4, hadamard_block=64), QuantSpec(8, "integer", "minmax")):
+    codes, scales = kernels.quantize_rows(x, spec)
+    ref_codes, ref_scales = reference.quantize_rows(x.contiguous(), spec)
+    assert torch.equal(codes, ref_codes) and torch.allclose(scales, ref_scales, rtol=1e-6, atol=0)
+print("ok")
+"""
+
+
+def test_row_offsets_past_2_31_are_64_bit():
+    """Rows 2^30 elements apart: row 2 sits at element 2^31. With 32-bit offsets ``rows * stride`` wraps
+    negative and the interpreter reads outside the buffer (a segfault, hence a subprocess)."""
+    if not INTERPRET:
+        pytest.skip("needs the interpreter (on a GPU the TTIR check in test_kernels_compile.py covers it)")
+    env = dict(os.environ, TRITON_INTERPRET="1", **{BACKEND_ENV: "triton"})
+    result = subprocess.run(
+        [sys.executable, "-c", OFFSETS_CHECK], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (result.returncode, result.stderr[-2000:])

@@ -4,15 +4,28 @@
 is installed, torch otherwise), ``torch`` or ``triton``. Forcing ``triton`` on CPU tensors runs
 the real kernels, which only works under ``TRITON_INTERPRET=1``; it never falls back silently.
 Triton modules are imported here lazily, on first use, never at ``import hf_cage``.
+
+A quantized layer decides once, when it is built, whether Triton can run it at all
+(:func:`plan_layer`: the quantizer layouts and the int4 GEMM tile rules of :mod:`hf_cage.kernels.tiles`).
+A layer Triton cannot take runs on the torch twins on every device, and that is logged once per reason;
+its calls pass ``backend="torch"`` to the functions below. Every other call follows :func:`backend_for`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import logging
 import os
+from dataclasses import dataclass
 
 import torch
+
+from . import reference, tiles
+from .spec import QuantSpec
+
+logger = logging.getLogger("hf_cage.kernels")
 
 BACKEND_ENV = "HF_CAGE_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
@@ -44,3 +57,150 @@ def backend_for(*tensors: torch.Tensor) -> str:
 def triton_module(name: str):
     """Import ``hf_cage.kernels.<name>`` (a Triton module) on first use."""
     return importlib.import_module(f"hf_cage.kernels.{name}")
+
+
+# --- the one eligibility rule and the per-layer plan -------------------------------------------------
+
+
+def int4_gemm(weight_spec: QuantSpec, activation_spec: QuantSpec | None, in_features: int) -> str | None:
+    """Which int4 GEMM a layer with these grids can use: ``"w4a4"`` (4-bit weights and activations, one
+    rotation for both), ``"w4a16"`` (4-bit weights, other or no activation quantization), or None (weights
+    not 4-bit, or ``in_features`` not a multiple of 8, so they cannot be packed)."""
+    if weight_spec.bits != 4 or in_features % 8:
+        return None
+    if (
+        activation_spec is not None
+        and activation_spec.bits == 4
+        and activation_spec.hadamard_block == weight_spec.hadamard_block
+        and (weight_spec.group_size or tiles.INT8_DOT_K) % tiles.INT8_DOT_K == 0
+    ):
+        return "w4a4"
+    return "w4a16"
+
+
+@dataclass(frozen=True)
+class LayerKernels:
+    """What a quantized layer runs on, decided once at build time.
+
+    ``triton``: Triton may run this layer (it then does whenever :func:`backend_for` says so); False means
+    the torch twins on every device, for the ``reason`` given. ``gemm``: the int4 GEMM the layer uses on
+    Triton (see :func:`int4_gemm`), or None.
+    """
+
+    triton: bool
+    gemm: str | None
+    reason: str | None = None
+
+    def backend(self, *tensors: torch.Tensor) -> str:
+        return backend_for(*tensors) if self.triton else "torch"
+
+
+def plan_layer(
+    layer: str,
+    in_features: int,
+    weight_spec: QuantSpec,
+    activation_spec: QuantSpec | None,
+    *,
+    quantizes_weight: bool,
+    gemm: str | None,
+) -> LayerKernels:
+    """The kernel plan of a layer named ``layer`` (for the log) with these grids: the fused quantizer must
+    take its activation rows (and its weight rows when ``quantizes_weight``); ``gemm`` is the int4 GEMM
+    the layer would use. A shape Triton cannot take is logged once per distinct reason."""
+    specs = [activation_spec] + ([weight_spec] if quantizes_weight else [])
+    for spec in specs:
+        if spec is None:
+            continue
+        try:
+            tiles.quant_layout(in_features, spec)
+        except ValueError as err:
+            reason = f"{layer}(in_features={in_features}): {err}"
+            _log_once(f"{reason}; such layers run on the torch twins on every device")
+            return LayerKernels(False, gemm, reason)
+    return LayerKernels(True, gemm)
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.warning(message)
+
+
+# --- dispatching functions (torch twins in reference.py, Triton in triton_*.py) ----------------------
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q(x), straight-through mask)``; see :func:`hf_cage.kernels.reference.fake_quantize`."""
+    if (backend or backend_for(x)) == "triton":
+        return triton_module("triton_quant").fake_quantize(x, spec)
+    return reference.fake_quantize(x, spec)
+
+
+def quantize_rows(x: torch.Tensor, spec: QuantSpec, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(int8 codes, fp32 scales)``; see :func:`hf_cage.kernels.reference.quantize_rows`."""
+    if (backend or backend_for(x)) == "triton":
+        return triton_module("triton_quant").quantize_rows(x, spec)
+    return reference.quantize_rows(x, spec)
+
+
+def quantize_with_codes(
+    x: torch.Tensor, spec: QuantSpec, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scales, Q(x), mask)`` in one pass on Triton (two torch calls on the twin)."""
+    if (backend or backend_for(x)) == "triton":
+        return triton_module("triton_quant").quantize(x, spec, codes=True, fake=True)
+    codes, scales = reference.quantize_rows(x, spec)
+    return (codes, scales, *reference.fake_quantize(x, spec))
+
+
+def w4a4_matmul(
+    x_codes: torch.Tensor,
+    x_scales: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    *,
+    x_offset: float = 0.0,
+    w_offset: float = 0.0,
+    out_dtype: torch.dtype = torch.float32,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``((Xc + x_offset) s_x) @ ((Wc + w_offset) s_w).T``: int8 codes (M, K) x packed int4 (N, K/8) -> (M, N).
+
+    See :func:`hf_cage.kernels.triton_matmul.w4a4_matmul` for shapes; the twin is
+    :func:`hf_cage.kernels.reference.w4a4_matmul_reference`.
+    """
+    kwargs = dict(x_offset=x_offset, w_offset=w_offset, out_dtype=out_dtype)
+    if (backend or backend_for(x_codes, w_packed)) == "triton":
+        return triton_module("triton_matmul").w4a4_matmul(x_codes, x_scales, w_packed, w_scales, **kwargs)
+    return reference.w4a4_matmul_reference(x_codes, x_scales, w_packed, w_scales, **kwargs)
+
+
+def w4a16_matmul(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    *,
+    w_offset: float = 0.0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``x @ ((Wc + w_offset) s_w).T``: float ``(M, K)`` x packed int4 ``(N, K/8)`` -> ``(M, N)`` in x's dtype."""
+    if (backend or backend_for(x, w_packed)) == "triton":
+        return triton_module("triton_matmul").w4a16_matmul(x, w_packed, w_scales, w_offset=w_offset)
+    return reference.w4a16_matmul_reference(x, w_packed, w_scales, w_offset=w_offset)
+
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_ENV",
+    "LayerKernels",
+    "backend_for",
+    "fake_quantize",
+    "int4_gemm",
+    "plan_layer",
+    "quantize_rows",
+    "quantize_with_codes",
+    "requested_backend",
+    "triton_available",
+    "triton_module",
+    "w4a16_matmul",
+    "w4a4_matmul",
+]

@@ -17,6 +17,9 @@ last dimension (a weight's input features, an activation's hidden size):
 4. rotate back, so the result lives in the same basis as ``x``.
 
 All maths is fp32 whatever the input dtype; results are cast back to the input dtype.
+
+The GEMM twins (:func:`w4a4_matmul_reference`, :func:`w4a16_matmul_reference`) take the packed int4 weights
+the Triton GEMMs take and compute the same sums: W4A4 exactly in integers, then the kernel's epilogue order.
 """
 
 from __future__ import annotations
@@ -25,15 +28,8 @@ import functools
 
 import torch
 
+from .packing import unpack_int4
 from .spec import QuantSpec
-
-
-def hadamard_block_for(in_features: int, max_block: int = 128) -> int:
-    """Largest power of two that divides ``in_features``, capped at ``max_block``."""
-    block = 1
-    while block < max_block and in_features % (block * 2) == 0:
-        block *= 2
-    return block
 
 
 @functools.lru_cache(maxsize=32)
@@ -184,3 +180,44 @@ def int_matmul_reference(
     if x_offset and w_offset:
         acc = acc + x_offset * w_offset * k
     return (acc * x_scales.reshape(-1, 1).float() * w_scales.reshape(1, -1).float()).to(out_dtype)
+
+
+def dequantized_packed(w_packed: torch.Tensor, w_scales: torch.Tensor, w_offset: float) -> torch.Tensor:
+    """fp32 ``(N, K)`` weights ``(code + w_offset) * scale`` from packed words and ``(N,)``/``(N, G)`` scales."""
+    codes = unpack_int4(w_packed).float()
+    n, k = codes.shape
+    scales = w_scales.float().reshape(n, -1)
+    return ((codes.reshape(n, scales.shape[1], -1) + w_offset) * scales.unsqueeze(-1)).reshape(n, k)
+
+
+def w4a4_matmul_reference(
+    x_codes: torch.Tensor,
+    x_scales: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    *,
+    x_offset: float = 0.0,
+    w_offset: float = 0.0,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Twin of the W4A4 GEMM: per-channel scales go through :func:`int_matmul_reference` (exact integer part,
+    the kernel's epilogue order); per-group scales sum each group's exact integer dot times its scale."""
+    n = w_packed.shape[0]
+    w_codes = unpack_int4(w_packed)
+    scales = w_scales.float().reshape(n, -1)
+    if scales.shape[1] == 1:
+        return int_matmul_reference(x_codes, x_scales, w_codes, scales, x_offset, w_offset, out_dtype)
+    groups = scales.shape[1]
+    m, k = x_codes.shape
+    xg = (x_codes.double() + x_offset).reshape(m, groups, k // groups)
+    wg = (w_codes.double() + w_offset).reshape(n, groups, k // groups)
+    dots = torch.einsum("mgk,ngk->mng", xg, wg).float()  # exact: small integers (or quarters) in fp64
+    acc = (dots * scales.unsqueeze(0)).sum(-1)
+    return (acc * x_scales.reshape(-1, 1).float()).to(out_dtype)
+
+
+def w4a16_matmul_reference(
+    x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, *, w_offset: float = 0.0
+) -> torch.Tensor:
+    """Twin of the W4A16 GEMM: dequantize to the dtype of ``x``, then ``x @ W.T``."""
+    return x @ dequantized_packed(w_packed, w_scales, w_offset).to(x.dtype).T

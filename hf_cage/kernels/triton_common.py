@@ -36,14 +36,6 @@ def check_device(*tensors: torch.Tensor) -> None:
     )
 
 
-def largest_pow2_divisor(n: int, cap: int) -> int:
-    """Largest power of two that divides ``n``, at most ``cap``."""
-    block = 1
-    while block < cap and n % (block * 2) == 0:
-        block *= 2
-    return block
-
-
 @functools.lru_cache(maxsize=64)
 def _block_diagonal_hadamard(chunk: int, block: int, device: str) -> torch.Tensor:
     h = hadamard_matrix(block, "cpu")

@@ -12,20 +12,28 @@ scales the integer result by ``1/2`` per doubled side: the same exact integer, n
 Scales go in the epilogue: ``(acc * s_x) * s_w`` per channel, the operation order of the twin
 :func:`hf_cage.kernels.reference.int_matmul_reference`, so given the same codes and scales the
 output is bit-identical to it. With per-group weight scales the K tile is one group, and each
-group's exact integer dot is scaled into an fp32 accumulator.
+group's exact integer dot is scaled into an fp32 accumulator (a K tile never straddles two groups).
 
 W4A16 (:func:`w4a16_matmul`). fp16/bf16/fp32 activations; weights dequantized in registers to
 ``(code + offset) * scale`` and fed to ``tl.dot`` in the activation dtype (fp32 accumulate). fp32
 inputs use IEEE fp32 dots (no TF32). Under the interpreter bf16 arithmetic is wrong, so there the
 dot runs in fp32.
+
+Tiles. On CUDA both GEMMs are ``@triton.autotune``-d over :data:`hf_cage.kernels.tiles.GEMM_SPACE`, pruned
+per problem by :func:`hf_cage.kernels.tiles.gemm_configs` (M bucket, tile legality, shared memory of the
+device including pipeline stages). Under the interpreter one fixed legal tile is used. Row and column
+indices are 64-bit, so ``row * stride`` cannot overflow for any tensor that fits in memory.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from . import tiles
 from .triton_common import check_device, interpreting
 
 _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,6 +60,8 @@ def _w4a4_matmul_kernel(
     stride_bn,
     stride_cm,
     n_groups,
+    group_len,
+    m_bucket,
     A_DOUBLE: tl.constexpr,
     B_DOUBLE: tl.constexpr,
     GROUPED: tl.constexpr,
@@ -59,10 +69,9 @@ def _w4a4_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit row and column indices: rows * stride passes 2^31 once M x K does (8 x 32k tokens x 8192).
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
@@ -81,7 +90,7 @@ def _w4a4_matmul_kernel(
             w = tl.where(k_ok[:, None], 2 * w + 1, 0)
         dot = tl.dot(a.to(tl.int8), w.to(tl.int8), out_dtype=tl.int32)
         if GROUPED:
-            w_scale = tl.load(b_scale_ptr + rn * n_groups + k0 // BLOCK_K, mask=n_ok, other=0.0)
+            w_scale = tl.load(b_scale_ptr + rn * n_groups + k0 // group_len, mask=n_ok, other=0.0)
             acc_f += (dot.to(tl.float32) * inv) * w_scale[None, :]
         else:
             acc += dot
@@ -112,16 +121,15 @@ def _w4a16_matmul_kernel(
     stride_cm,
     n_groups,
     group_len,
+    m_bucket,
     w_offset,
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
@@ -131,9 +139,9 @@ def _w4a16_matmul_kernel(
         k_ok = kk < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         codes = _unpack_tile(b_ptr, rn, kk, n_ok, k_ok, stride_bn)
-        scale_offs = rn[None, :] * n_groups + (kk // group_len)[:, None]
-        w_scale = tl.load(b_scale_ptr + scale_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        w = (codes.to(tl.float32) + w_offset) * w_scale
+        # The K tile lies inside one scale group (the tile rules make BLOCK_K divide the group).
+        w_scale = tl.load(b_scale_ptr + rn * n_groups + k0 // group_len, mask=n_ok, other=0.0)
+        w = (codes.to(tl.float32) + w_offset) * w_scale[None, :]
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
@@ -160,16 +168,68 @@ def _check_packed(w_packed: torch.Tensor, w_scales: torch.Tensor, k: int) -> tup
     return scales.shape[1], k // scales.shape[1]
 
 
-def _tiles(m: int, n: int, k: int, int8: bool) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)``: one config per shape (the interpreter cannot autotune).
+def _configs(kind: str) -> list[triton.Config]:
+    return [
+        triton.Config(
+            {"BLOCK_M": t.block_m, "BLOCK_N": t.block_n, "BLOCK_K": t.block_k},
+            num_warps=t.num_warps,
+            num_stages=t.num_stages,
+        )
+        for t in tiles.GEMM_SPACE
+    ]
 
-    Small M (decoding) gets thin M tiles; big problems get 128 x 128 tiles. Not yet tuned on a GPU.
-    """
+
+def _tile(config: triton.Config) -> tiles.GemmTile:
+    kw = config.kwargs
+    return tiles.GemmTile(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)
+
+
+@functools.lru_cache(maxsize=8)
+def shared_memory_limit(device_index: int) -> int:
+    """Shared memory a block may opt in to on this CUDA device, in bytes."""
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def _pruner(kind: str, a_bytes_arg: str | None):
+    """``early_config_prune`` for ``@triton.autotune``: keep :func:`hf_cage.kernels.tiles.gemm_configs`."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        a_bytes = args[a_bytes_arg].element_size() if a_bytes_arg else 1
+        group_len = args["group_len"] if args["n_groups"] > 1 else None
+        limit = shared_memory_limit(args["c_ptr"].device.index or 0)
+        legal = set(tiles.gemm_configs(kind, args["M"], args["N"], args["K"], group_len, limit, a_bytes))
+        return [c for c in configs if _tile(c) in legal]
+
+    return prune
+
+
+# On CUDA the launchers autotune over the legal tiles, once per (M bucket, N, K, groups, dtypes); under the
+# interpreter (whose autotuner takes a single config) they call the plain kernel with one fixed tile.
+_KEY = ["m_bucket", "N", "K", "n_groups"]
+_w4a4_autotuned = triton.autotune(
+    _configs("w4a4"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("w4a4", None)}
+)(_w4a4_matmul_kernel)
+_w4a16_autotuned = triton.autotune(
+    _configs("w4a16"), key=_KEY, prune_configs_by={"early_config_prune": _pruner("w4a16", "x_ptr")}
+)(_w4a16_matmul_kernel)
+
+
+def _launch(autotuned, kernel, kind: str, grid_mn: tuple[int, int], group_len: int | None, *args, **constexprs):
+    m, n = grid_mn
     if interpreting():
-        return 64, 64, 64, 4
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    block_n = 128 if n >= 128 else 64
-    return block_m, block_n, 128 if int8 else 64, 8 if block_m * block_n >= 128 * 128 else 4
+        t = tiles.interpreter_tile(kind, group_len)
+        grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n))
+        tile = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k)
+        kernel[grid](*args, **constexprs, **tile, num_warps=t.num_warps, num_stages=t.num_stages)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+        autotuned[grid](*args, **constexprs)
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when each row is contiguous (the kernels take any row stride), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _offset_flag(name: str, offset: float) -> bool:
@@ -207,20 +267,21 @@ def w4a4_matmul(
     if x_scales.dtype != torch.float32 or x_scales.numel() != m:
         raise ValueError(f"x_scales must be fp32 with one scale per row (M={m}), got {tuple(x_scales.shape)}")
     grouped = n_groups > 1
-    if grouped and group_len % 32:
-        # The K tile is one group, and an int8 tl.dot needs K >= 32 on tensor cores.
+    if grouped and group_len % tiles.INT8_DOT_K:
+        # A K tile lies inside one group, and an int8 tl.dot needs K tiles of a multiple of 32.
         raise ValueError(f"per-group weight scales need groups of a multiple of 32 inputs, got {group_len}")
     check_device(x_codes, x_scales, w_packed, w_scales)
     a_double, b_double = _offset_flag("x_offset", x_offset), _offset_flag("w_offset", w_offset)
-    x_codes = x_codes.contiguous()
+    x_codes = _rows_contiguous(x_codes)
     out = torch.empty(m, n, dtype=out_dtype, device=x_codes.device)
     if m == 0 or n == 0:
         return out
-    block_m, block_n, block_k, num_warps = _tiles(m, n, k, int8=True)
-    if grouped:
-        block_k = group_len
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w4a4_matmul_kernel[grid](
+    _launch(
+        _w4a4_autotuned,
+        _w4a4_matmul_kernel,
+        "w4a4",
+        (m, n),
+        group_len if grouped else None,
         x_codes,
         x_scales.contiguous(),
         w_packed.contiguous(),
@@ -233,13 +294,11 @@ def w4a4_matmul(
         k // 8,
         out.stride(0),
         n_groups,
+        group_len,
+        tiles.m_bucket(m),
         A_DOUBLE=a_double,
         B_DOUBLE=b_double,
         GROUPED=grouped,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
     )
     return out
 
@@ -262,13 +321,16 @@ def w4a16_matmul(
     n_groups, group_len = _check_packed(w_packed, w_scales, k)
     check_device(x, w_packed, w_scales)
     _offset_flag("w_offset", w_offset)
-    x = x.contiguous()
+    x = _rows_contiguous(x)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    block_m, block_n, block_k, num_warps = _tiles(m, n, k, int8=False)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w4a16_matmul_kernel[grid](
+    _launch(
+        _w4a16_autotuned,
+        _w4a16_matmul_kernel,
+        "w4a16",
+        (m, n),
+        group_len if n_groups > 1 else None,
         x,
         w_packed.contiguous(),
         w_scales.contiguous(),
@@ -281,11 +343,8 @@ def w4a16_matmul(
         out.stride(0),
         n_groups,
         group_len,
+        tiles.m_bucket(m),
         float(w_offset),
         DOT_FP32=x.dtype == torch.float32 or interpreting(),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
     )
     return out

@@ -24,11 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tiles
 from .spec import QuantSpec
-from .triton_common import block_diagonal_hadamard, check_device, interpreting, largest_pow2_divisor
+from .triton_common import block_diagonal_hadamard, check_device, interpreting
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_CHUNK = 128
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -66,6 +66,7 @@ def _quantize_kernel(
     M,
     segment,
     stride_xm,
+    k,
     n_scales,
     alpha,
     step_divisor,
@@ -83,9 +84,9 @@ def _quantize_kernel(
     STORE_CODES: tl.constexpr,
     STORE_Q: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     seg = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 64-bit rows: rows * stride_xm passes 2^31 once M x K does (8 sequences of 32k tokens x K = 8192).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = tl.arange(0, CHUNK)
     group_in_chunk = tl.arange(0, GROUPS_PER_CHUNK)
@@ -122,7 +123,7 @@ def _quantize_kernel(
         else:
             code = _round_half_even(tl.minimum(tl.maximum(tl.div_rn(xg, step3) + 0.0, qmin), qmax))
             value = code * step3
-        offs = rows[:, None] * stride_xm + (seg_start + c + cols)[None, :]
+        offs = rows[:, None] * k + (seg_start + c + cols)[None, :]  # outputs are contiguous (M, K)
         if STORE_CODES:
             tl.store(codes_ptr + offs, tl.reshape(code, (BLOCK_M, CHUNK)).to(tl.int8), mask=row_ok[:, None])
         if STORE_Q:
@@ -144,22 +145,6 @@ def step_rule(spec: QuantSpec) -> tuple[float, float, float]:
     return (2**spec.bits - 1) / 2.0, _TINY, _TINY
 
 
-def _layout(k: int, spec: QuantSpec) -> tuple[int, int, int, int]:
-    """``(segment, chunk, groups_per_chunk, group_len)`` for rows of ``k`` inputs."""
-    group = spec.group_size or k
-    block = spec.hadamard_block or 1
-    if k % group or k % block:
-        raise ValueError(f"last dimension {k} must be a multiple of group_size={group} and hadamard_block={block}")
-    segment = max(group, block)
-    chunk = largest_pow2_divisor(segment, _MAX_CHUNK)
-    if chunk < block:
-        raise ValueError(f"hadamard_block={block} is wider than {_MAX_CHUNK}; the Triton kernel rotates up to 128")
-    if spec.hadamard_block and chunk < 16:
-        raise ValueError(f"hadamard_block={block} with {k} inputs gives a {chunk}-wide tile; tl.dot needs >= 16")
-    groups_per_chunk = chunk // group if group < chunk else 1
-    return segment, chunk, groups_per_chunk, group
-
-
 def quantize(
     x: torch.Tensor, spec: QuantSpec, *, codes: bool = True, fake: bool = True
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -173,13 +158,15 @@ def quantize(
         raise TypeError(f"the Triton quantizer takes {_FLOAT_DTYPES} inputs, got {x.dtype}")
     check_device(x)
     k = x.shape[-1]
-    segment, chunk, groups_per_chunk, group = _layout(k, spec)
-    x2 = x.reshape(-1, k).contiguous()
+    layout = tiles.quant_layout(k, spec)
+    segment, chunk, groups_per_chunk, group = layout.segment, layout.chunk, layout.groups_per_chunk, layout.group
+    x2 = x.reshape(-1, k)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()  # any row stride is fine; the outputs are contiguous
     m = x2.shape[0]
     n_scales = k // group
     scales = torch.empty(m, n_scales, dtype=torch.float32, device=x.device)
     codes_out = torch.empty(m, k, dtype=torch.int8, device=x.device) if codes else None
-    q = torch.empty_like(x2) if fake else None
+    q = torch.empty(m, k, dtype=x.dtype, device=x.device) if fake else None
     mask = torch.empty(m, k, dtype=torch.int8, device=x.device) if fake else None
     had = (
         block_diagonal_hadamard(chunk, spec.hadamard_block, x.device)
@@ -187,7 +174,7 @@ def quantize(
         else torch.empty(1, device=x.device)
     )
     step_divisor, min_step, zero_step = step_rule(spec)
-    block_m = 64 if interpreting() else 16
+    block_m = 64 if interpreting() else tiles.QUANT_BLOCK_M
     grid = (triton.cdiv(m, block_m), k // segment)
     if m:
         _quantize_kernel[grid](
@@ -200,6 +187,7 @@ def quantize(
             m,
             segment,
             x2.stride(0),
+            k,
             n_scales,
             spec.clip_alpha,
             step_divisor,
@@ -216,9 +204,9 @@ def quantize(
             MSE=spec.scale_rule == "mse",
             STORE_CODES=codes,
             STORE_Q=fake,
-            # Pipelining would keep several copies of the 64 KiB Hadamard tile in shared memory
-            # (264 KiB at the default 3 stages, over H100's 227 KiB); one stage needs 72 KiB.
-            num_stages=1 if spec.hadamard_block else 3,
+            # With a rotation, pipelining would keep several copies of the 64 KiB Hadamard tile in shared
+            # memory (264 KiB at 3 stages, over H100's 227 KiB); the layout then asks for one stage (72 KiB).
+            num_stages=layout.num_stages,
             # No FMA contraction: products round as in the torch twin (the trust mask compares |q - x|).
             enable_fp_fusion=False,
         )

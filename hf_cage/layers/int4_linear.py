@@ -18,7 +18,8 @@ class Int4Linear(nn.Module):
     rotated basis when ``weight_spec.hadamard_block`` is set) and ``weight_scale`` fp32
     ``(out, in / group)``. Inputs are quantized per token with ``activation_spec`` when given, so
     the output equals the QAT layer's forward. On the Triton backend the forward multiplies the
-    packed words directly (W4A4 GEMM for 4-bit activations, W4A16 otherwise).
+    packed words directly (W4A4 GEMM for 4-bit activations, W4A16 otherwise; :func:`hf_cage.kernels.int4_gemm`,
+    decided once at build time in ``kernel_plan`` like :class:`~hf_cage.QATLinear`'s).
     """
 
     def __init__(
@@ -44,6 +45,14 @@ class Int4Linear(nn.Module):
         )
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.kernel_plan = kernels.plan_layer(
+            "Int4Linear",
+            in_features,
+            weight_spec,
+            activation_spec,
+            quantizes_weight=False,
+            gemm=kernels.int4_gemm(weight_spec, activation_spec, in_features),
+        )
 
     @classmethod
     def from_qat_linear(cls, layer) -> Int4Linear:
@@ -76,18 +85,19 @@ class Int4Linear(nn.Module):
         return kernels.dequantize_rows(codes, self.weight_scale, self.weight_spec, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.backend_for(x, self.weight_packed) == "triton":
+        backend = self.kernel_plan.backend(x, self.weight_packed)
+        if backend == "triton":
             return self._forward_packed(x)
         if self.activation_spec is not None:
-            x = kernels.fake_quantize(x, self.activation_spec)[0]
+            x = kernels.fake_quantize(x, self.activation_spec, backend=backend)[0]
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
-        """Triton path: the GEMM reads ``weight_packed`` directly (W4A4 for 4-bit activations, else W4A16)."""
+        """Triton path: the GEMM of ``kernel_plan`` reads ``weight_packed`` directly (W4A4 or W4A16)."""
         a_spec, w_spec = self.activation_spec, self.weight_spec
         x2 = x.reshape(-1, self.in_features)
-        if a_spec is not None and a_spec.bits == 4 and a_spec.hadamard_block == w_spec.hadamard_block:
-            codes, scales = kernels.quantize_rows(x2, a_spec)
+        if self.kernel_plan.gemm == "w4a4":
+            codes, scales = kernels.quantize_rows(x2, a_spec, backend="triton")
             out = kernels.w4a4_matmul(
                 codes,
                 scales,
@@ -96,14 +106,17 @@ class Int4Linear(nn.Module):
                 x_offset=a_spec.code_offset,
                 w_offset=w_spec.code_offset,
                 out_dtype=x.dtype,
+                backend="triton",
             )
         else:
             if a_spec is not None:
-                x2 = kernels.fake_quantize(x2, a_spec)[0]
+                x2 = kernels.fake_quantize(x2, a_spec, backend="triton")[0]
             if w_spec.hadamard_block:
                 # The codes live in the rotated basis: x @ (Wr H).T = (x H) @ Wr.T, H symmetric.
                 x2 = kernels.hadamard_rotate(x2.float(), w_spec.hadamard_block).to(x.dtype)
-            out = kernels.w4a16_matmul(x2, self.weight_packed, self.weight_scale, w_offset=w_spec.code_offset)
+            out = kernels.w4a16_matmul(
+                x2, self.weight_packed, self.weight_scale, w_offset=w_spec.code_offset, backend="triton"
+            )
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -9,15 +9,7 @@ from torch import nn
 from .. import kernels
 from ..kernels.spec import QuantSpec
 from ..quant.config import QuantConfig
-from ..quant.ste import fake_quantize_ste
-
-
-def _straight_through(grad: torch.Tensor, mask: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """The STE backward of :class:`hf_cage.quant.ste.FakeQuantSTE`: mask the gradient in the rotated basis."""
-    if spec.hadamard_block:
-        rotated = kernels.hadamard_rotate(grad.float(), spec.hadamard_block) * mask
-        return kernels.hadamard_rotate(rotated, spec.hadamard_block).to(grad.dtype)
-    return grad * mask
+from ..quant.ste import fake_quantize_ste, straight_through
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -32,7 +24,8 @@ class _W4A4LinearSTE(torch.autograd.Function):
 
     Forward: one fused quantizer pass per operand gives codes + scales (for the GEMM) and ``Q`` +
     mask (kept for backward); the weight codes are packed and multiplied by the W4A4 kernel.
-    Backward: ordinary matmuls on ``Q(W)`` and ``Q(x)``, masked like :func:`fake_quantize_ste`.
+    Backward: ordinary matmuls on ``Q(W)`` and ``Q(x)``, masked by :func:`hf_cage.quant.ste.straight_through`.
+    Only built for layers whose plan says Triton (so every kernel below runs on the backend of ``x``).
     """
 
     @staticmethod
@@ -64,10 +57,10 @@ class _W4A4LinearSTE(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         # Matmuls in the output gradient's dtype (bf16 under autocast, like F.linear's backward there).
         if ctx.needs_input_grad[0]:
-            grad_x = _straight_through((g @ w_q.to(g.dtype)).to(x_q.dtype), x_mask, activation_spec)
+            grad_x = straight_through((g @ w_q.to(g.dtype)).to(x_q.dtype), x_mask, activation_spec)
             grad_x = grad_x.reshape(*grad.shape[:-1], -1)
         if ctx.needs_input_grad[1]:
-            grad_w = _straight_through((g.T @ x_q.to(g.dtype)).to(w_q.dtype), w_mask, weight_spec)
+            grad_w = straight_through((g.T @ x_q.to(g.dtype)).to(w_q.dtype), w_mask, weight_spec)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = g.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None
@@ -77,7 +70,9 @@ class QATLinear(nn.Linear):
     """An ``nn.Linear`` whose forward is ``F.linear(Qa(x), Qw(W), b)`` with straight-through gradients.
 
     On the Triton backend (CUDA, or ``HF_CAGE_BACKEND=triton``) the quantizers are the fused Triton
-    kernels, and W4A4 layers multiply int4 codes on the W4A4 GEMM instead of ``F.linear``.
+    kernels, and W4A4 layers multiply int4 codes on the W4A4 GEMM instead of ``F.linear``. Whether Triton can
+    take this layer's shape is decided once, here (``kernel_plan``, :func:`hf_cage.kernels.plan_layer`); a
+    layer it cannot take runs on the torch twins on every device, which is logged once.
 
     The full-precision ``weight`` stays the trained parameter; ``Qw`` is recomputed every forward.
     ``weight_spec`` / ``activation_spec`` are the grids (see :class:`hf_cage.kernels.QuantSpec`).
@@ -97,6 +92,15 @@ class QATLinear(nn.Linear):
         self.quant_config = quant_config
         self.weight_spec = quant_config.weight_spec(in_features)
         self.activation_spec = quant_config.activation_spec(in_features)
+        gemm = kernels.int4_gemm(self.weight_spec, self.activation_spec, in_features)
+        self.kernel_plan = kernels.plan_layer(
+            "QATLinear",
+            in_features,
+            self.weight_spec,
+            self.activation_spec,
+            quantizes_weight=True,
+            gemm="w4a4" if gemm == "w4a4" else None,
+        )
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_config: QuantConfig) -> QATLinear:
@@ -118,25 +122,19 @@ class QATLinear(nn.Linear):
     @torch.no_grad()
     def weight_quantizer(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``Qw(weight)`` (default: this layer's weight) in the weight's basis and dtype, without autograd."""
-        return kernels.fake_quantize(self.weight if weight is None else weight, self.weight_spec)[0]
+        weight = self.weight if weight is None else weight
+        return kernels.fake_quantize(weight, self.weight_spec, backend=self.kernel_plan.backend(weight))[0]
 
     def uses_int4_matmul(self, x: torch.Tensor) -> bool:
-        """True when the forward runs on the W4A4 Triton GEMM: 4-bit weights and activations on the Triton backend."""
-        a_spec, w_spec = self.activation_spec, self.weight_spec
-        return (
-            a_spec is not None
-            and a_spec.bits == 4
-            and w_spec.bits == 4
-            and a_spec.hadamard_block == w_spec.hadamard_block
-            and self.in_features % 8 == 0
-            and kernels.backend_for(x, self.weight) == "triton"
-        )
+        """True when the forward runs on the W4A4 Triton GEMM (see :func:`hf_cage.kernels.int4_gemm`)."""
+        return self.kernel_plan.gemm == "w4a4" and self.kernel_plan.backend(x, self.weight) == "triton"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_int4_matmul(x):
             return _W4A4LinearSTE.apply(x, self.weight, self.bias, self.weight_spec, self.activation_spec)
-        x = fake_quantize_ste(x, self.activation_spec)
-        return F.linear(x, fake_quantize_ste(self.weight, self.weight_spec), self.bias)
+        backend = self.kernel_plan.backend(x, self.weight)
+        x = fake_quantize_ste(x, self.activation_spec, backend)
+        return F.linear(x, fake_quantize_ste(self.weight, self.weight_spec, backend), self.bias)
 
     def extra_repr(self) -> str:
         a_bits = self.quant_config.a_bits

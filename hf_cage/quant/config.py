@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from ..kernels.reference import hadamard_block_for
 from ..kernels.spec import SCALE_RULES, SUPPORTED_BITS, QuantSpec
+from ..kernels.tiles import largest_pow2_divisor
 
 QUANTIZERS = ("quest", "int")
 GRANULARITIES = ("channel", "group")
@@ -97,7 +97,7 @@ class QuantConfig:
         return QuantSpec(self.a_bits, self.grid, self.a_clip, None, self._hadamard_block(in_features))
 
     def _hadamard_block(self, in_features: int) -> int | None:
-        return hadamard_block_for(in_features, HADAMARD_MAX_BLOCK) if self.hadamard else None
+        return largest_pow2_divisor(in_features, HADAMARD_MAX_BLOCK) if self.hadamard else None
 
     def to_dict(self) -> dict:
         return asdict(self)
