@@ -16,7 +16,8 @@ How it attaches (torch's public seams only, no private state or unwrapped method
 ``optimizer.register_step_post_hook`` (decoupled pull, schedule counter) and
 ``optimizer.register_load_state_dict_post_hook`` (the counter of a state dict saved without one).
 The optimizer is used exactly as before (``opt.step()``, LR schedulers, ``Trainer``, accelerate);
-``hf_cage.CAGE`` is ``torch.optim.AdamW`` with this correction attached to itself.
+``hf_cage.CAGE`` is ``torch.optim.AdamW`` with this correction attached to itself. The coupled variant
+refuses ``step(closure)`` (the closure would recompute the gradients after the coupled term was added).
 
 State: the schedule counter ``cage_step`` (optimizer steps taken in this run) is a plain int in
 every param group, so it travels with ``optimizer.state_dict()`` (also through
