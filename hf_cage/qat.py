@@ -65,7 +65,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QATLinear.from_linear(linear, config))
+        setattr(parent, child, QATLinear.from_linear(linear, config).train(linear.training))
     if hasattr(model, "config"):
         setattr(model.config, CONFIG_KEY, config.to_dict())
     return model
@@ -96,4 +96,33 @@ def load_qat_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", *
             "load it with transformers and call hf_cage.quantize_model(model, QuantConfig(...))"
         )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    return quantize_model(model, QuantConfig.from_dict(data))
+    quantize_model(model, QuantConfig.from_dict(data))
+    _load_layer_buffers(model, path)
+    return model
+
+
+@torch.no_grad()
+def _load_layer_buffers(model: nn.Module, path: str) -> None:
+    """Copy the quantized layers' saved buffers (an NVFP4 layer's calibrated ``input_global_scale``) from the
+    checkpoint's safetensors files: the dense model ``from_pretrained`` built has no such buffers."""
+    buffers = {f"{n}.{b}": t for n, layer in quantized_layers(model) for b, t in layer.named_buffers()}
+    if not buffers:
+        return
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    index = Path(path) / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else []
+    found = set()
+    for file in [Path(path) / f for f in files or ["model.safetensors"]]:
+        if not file.is_file():
+            continue
+        with safe_open(file, framework="pt") as f:
+            for key in buffers.keys() & set(f.keys()):
+                buffers[key].copy_(f.get_tensor(key))
+                found.add(key)
+    missing = sorted(buffers.keys() - found)
+    if missing:
+        raise ValueError(f"{path!r} lacks the quantized layers' saved state {missing[:3]}; was it saved by hf-cage?")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference, tiles
+from . import fp4, reference, tiles
 from .spec import QuantSpec
 
 logger = logging.getLogger("hf_cage.kernels")
@@ -65,8 +65,9 @@ def triton_module(name: str):
 def int4_gemm(weight_spec: QuantSpec, activation_spec: QuantSpec | None, in_features: int) -> str | None:
     """Which int4 GEMM a layer with these grids can use: ``"w4a4"`` (4-bit weights and activations, one
     rotation for both), ``"w4a16"`` (4-bit weights, other or no activation quantization), or None (weights
-    not 4-bit, or ``in_features`` not a multiple of 8, so they cannot be packed)."""
-    if weight_spec.bits != 4 or in_features % 8:
+    not 4-bit, or ``in_features`` not a multiple of 8, so they cannot be packed). FP4 grids: None (they
+    dequantize to a float dtype and run ``F.linear``; no FP4 tensor core is used)."""
+    if weight_spec.bits != 4 or in_features % 8 or weight_spec.is_fp4:
         return None
     if (
         activation_spec is not None
@@ -109,7 +110,7 @@ def plan_layer(
     the layer would use. A shape Triton cannot take is logged once per distinct reason."""
     specs = [activation_spec] + ([weight_spec] if quantizes_weight else [])
     for spec in specs:
-        if spec is None:
+        if spec is None or spec.is_fp4:  # the FP4 Triton quantizer takes every shape an FP4 QuantConfig allows
             continue
         try:
             tiles.quant_layout(in_features, spec)
@@ -128,15 +129,38 @@ def _log_once(message: str) -> None:
 # --- dispatching functions (torch twins in reference.py, Triton in triton_*.py) ----------------------
 
 
-def fake_quantize(x: torch.Tensor, spec: QuantSpec, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Q(x), straight-through mask)``; see :func:`hf_cage.kernels.reference.fake_quantize`."""
+def fake_quantize(
+    x: torch.Tensor, spec: QuantSpec, backend: str | None = None, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q(x), straight-through mask)``; see :func:`hf_cage.kernels.reference.fake_quantize` (FP4 grids:
+    :func:`hf_cage.kernels.fp4.fake_quantize`; ``global_scale``: NVFP4 only, ``None`` = the tensor's own)."""
+    if spec.is_fp4:
+        module = triton_module("triton_fp4") if (backend or backend_for(x)) == "triton" else fp4
+        return module.fake_quantize(x, spec.grid, hadamard_block=spec.hadamard_block, global_scale=global_scale)
     if (backend or backend_for(x)) == "triton":
         return triton_module("triton_quant").fake_quantize(x, spec)
     return reference.fake_quantize(x, spec)
 
 
+def quantize_fp4(
+    x: torch.Tensor, spec: QuantSpec, backend: str | None = None, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """FP4 grids: ``(E2M1 codes, group scales, global scale or None)``; see :func:`hf_cage.kernels.fp4.quantize`."""
+    if not spec.is_fp4:
+        raise ValueError(f"quantize_fp4 takes the mxfp4 / nvfp4 grids, got grid={spec.grid!r}; use quantize_rows")
+    module = triton_module("triton_fp4") if (backend or backend_for(x)) == "triton" else fp4
+    quantize = module.quantize_codes if module is not fp4 else fp4.quantize
+    return quantize(x, spec.grid, hadamard_block=spec.hadamard_block, global_scale=global_scale)
+
+
+def _not_fp4(spec: QuantSpec) -> None:
+    if spec.is_fp4:
+        raise ValueError(f"the {spec.grid} grid has E2M1 codes and a global scale: use quantize_fp4")
+
+
 def quantize_rows(x: torch.Tensor, spec: QuantSpec, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(int8 codes, fp32 scales)``; see :func:`hf_cage.kernels.reference.quantize_rows`."""
+    """``(int8 codes, fp32 scales)``; see :func:`hf_cage.kernels.reference.quantize_rows` (not FP4 grids)."""
+    _not_fp4(spec)
     if (backend or backend_for(x)) == "triton":
         return triton_module("triton_quant").quantize_rows(x, spec)
     return reference.quantize_rows(x, spec)
@@ -145,7 +169,8 @@ def quantize_rows(x: torch.Tensor, spec: QuantSpec, backend: str | None = None) 
 def quantize_with_codes(
     x: torch.Tensor, spec: QuantSpec, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(codes, scales, Q(x), mask)`` in one pass on Triton (two torch calls on the twin)."""
+    """``(codes, scales, Q(x), mask)`` in one pass on Triton (two torch calls on the twin); not FP4 grids."""
+    _not_fp4(spec)
     if (backend or backend_for(x)) == "triton":
         return triton_module("triton_quant").quantize(x, spec, codes=True, fake=True)
     codes, scales = reference.quantize_rows(x, spec)
@@ -196,6 +221,7 @@ __all__ = [
     "fake_quantize",
     "int4_gemm",
     "plan_layer",
+    "quantize_fp4",
     "quantize_rows",
     "quantize_with_codes",
     "requested_backend",

@@ -160,6 +160,18 @@ def nvfp4_group_scales(amax: torch.Tensor, global_scale: torch.Tensor) -> torch.
     return torch.where(scale.float() == 0, zero, scale)
 
 
+def tensor_global_scale(x: torch.Tensor, hadamard_block: int | None = None) -> torch.Tensor:
+    """``448 * 6 / amax`` of the whole (rotated) ``x``, fp32 ``(1,)``: the NVFP4 weight rule, and one observation
+    of the static_minmax rule that calibrates an ``input_global_scale`` (the scale of the running amax is the
+    minimum of the observed scales: the formula is monotone). Arithmetic in the dtype :func:`quantize` uses."""
+    dtype = _scale_dtype(x, hadamard_block)
+    x = x.float()
+    if hadamard_block:
+        x = hadamard_rotate(x, hadamard_block)
+    amax = x.abs().amax() if x.numel() else x.new_zeros(())
+    return nvfp4_global_scale(amax.to(dtype))
+
+
 def effective_scales(scales: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Stored scales -> the fp32 factor each group's E2M1 values are multiplied by.
 

@@ -8,6 +8,11 @@ integer codes, multiply back". The two families differ only in where the grid po
 
 In both, codes lie in ``[-2^(b-1), 2^(b-1) - 1]`` and ``step`` is the stored scale, so a
 dequantized value is always ``(code + code_offset) * scale``.
+
+The two FP4 grids (:mod:`hf_cage.kernels.fp4`) are not uniform: ``mxfp4`` and ``nvfp4`` store E2M1
+values (``0, 0.5, 1, 1.5, 2, 3, 4, 6`` and their negatives) times one scale per group of 32 / 16 inputs
+(an E8M0 power of two / an FP8 E4M3 value divided by an fp32 global scale per tensor). Their bits, group
+size and scale rule are the format's (4, 32 or 16, ``"absmax"``); their codes are E2M1 bit patterns.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-GRIDS = ("midrise", "integer")
+GRIDS = ("midrise", "integer", "mxfp4", "nvfp4")
+FP4_GRIDS = ("mxfp4", "nvfp4")
+FP4_GROUP_SIZE = {"mxfp4": 32, "nvfp4": 16}
 SCALE_RULES = ("mse", "absmax", "minmax")
 
 # Clip factor (in units of the row RMS) that minimises the MSE of a 2^b-level uniform grid on a
@@ -30,7 +37,7 @@ class QuantSpec:
 
     Args:
         bits: code width, one of ``SUPPORTED_BITS``.
-        grid: ``"midrise"`` or ``"integer"`` (see module docstring).
+        grid: ``"midrise"``, ``"integer"``, ``"mxfp4"`` or ``"nvfp4"`` (see module docstring).
         scale_rule: ``"mse"`` clips at ``alpha_b * RMS`` (Gaussian-MSE-optimal), ``"absmax"`` at
             the largest magnitude; ``"minmax"`` is compressed-tensors' dynamic rule (what stock
             loaders and vLLM apply to activations): ``step = absmax / ((2^b - 1) / 2)``, an all-zero
@@ -54,6 +61,18 @@ class QuantSpec:
             raise ValueError(f"grid={self.grid!r} is not supported; choose one of {GRIDS}")
         if self.scale_rule not in SCALE_RULES:
             raise ValueError(f"scale_rule={self.scale_rule!r} is not supported; choose one of {SCALE_RULES}")
+        if self.is_fp4:
+            group = FP4_GROUP_SIZE[self.grid]
+            if (self.bits, self.group_size, self.scale_rule) != (4, group, "absmax"):
+                raise ValueError(
+                    f"the {self.grid} grid is bits=4, group_size={group}, scale_rule='absmax'; got bits={self.bits}, "
+                    f"group_size={self.group_size}, scale_rule={self.scale_rule!r}"
+                )
+
+    @property
+    def is_fp4(self) -> bool:
+        """True for the FP4 grids (``mxfp4``, ``nvfp4``), which :mod:`hf_cage.kernels.fp4` quantizes."""
+        return self.grid in FP4_GRIDS
 
     @property
     def qmin(self) -> int:

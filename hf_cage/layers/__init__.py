@@ -1,6 +1,7 @@
-"""Quantized linear layers: ``QATLinear`` (training) and ``Int4Linear`` (packed inference)."""
+"""Quantized linear layers: ``QATLinear`` (training), ``Int4Linear`` and ``Fp4Linear`` (packed inference)."""
 
+from .fp4_linear import Fp4Linear
 from .int4_linear import Int4Linear
 from .qat_linear import QATLinear
 
-__all__ = ["Int4Linear", "QATLinear"]
+__all__ = ["Fp4Linear", "Int4Linear", "QATLinear"]

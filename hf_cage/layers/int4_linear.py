@@ -33,8 +33,11 @@ class Int4Linear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        if weight_spec.bits != 4:
-            raise ValueError(f"Int4Linear holds 4-bit weights, got weight bits={weight_spec.bits}")
+        if weight_spec.bits != 4 or weight_spec.is_fp4:
+            raise ValueError(
+                f"Int4Linear holds 4-bit integer / mid-rise weights, got bits={weight_spec.bits}, "
+                f"grid={weight_spec.grid!r} (FP4 grids load into hf_cage.layers.fp4_linear.Fp4Linear)"
+            )
         if in_features % 8:
             raise ValueError(f"in_features={in_features} must be a multiple of 8 to pack int4 weights")
         self.in_features, self.out_features = in_features, out_features

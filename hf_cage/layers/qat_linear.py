@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels import fp4
 from ..kernels.spec import QuantSpec
 from ..quant.config import QuantConfig
 from ..quant.ste import fake_quantize_ste, straight_through
@@ -76,6 +77,15 @@ class QATLinear(nn.Linear):
 
     The full-precision ``weight`` stays the trained parameter; ``Qw`` is recomputed every forward.
     ``weight_spec`` / ``activation_spec`` are the grids (see :class:`hf_cage.kernels.QuantSpec`).
+
+    FP4 grids (``mxfp4``, ``nvfp4``) always run fake quantization and ``F.linear`` (no FP4 tensor core).
+    NVFP4 activations need one fp32 global scale per layer, which the served model reads from the
+    checkpoint (compressed-tensors' ``input_global_scale``, a static scale): the buffer
+    ``input_global_scale`` is calibrated by the static_minmax rule llm-compressor uses, the running maximum
+    of ``|input|`` (stored as ``448 * 6 / amax``): every forward in training mode lowers it to cover the
+    batch, the first forward sets it (0 means not yet calibrated), and in eval mode it is frozen. It is
+    saved with the model and exported, so the exported model quantizes activations exactly as the
+    evaluated one.
     """
 
     def __init__(
@@ -101,6 +111,8 @@ class QATLinear(nn.Linear):
             quantizes_weight=True,
             gemm="w4a4" if gemm == "w4a4" else None,
         )
+        if self.activation_spec is not None and self.activation_spec.grid == "nvfp4":
+            self.register_buffer("input_global_scale", torch.zeros(1, dtype=torch.float32, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_config: QuantConfig) -> QATLinear:
@@ -109,6 +121,8 @@ class QATLinear(nn.Linear):
             layer = cls(linear.in_features, linear.out_features, linear.bias is not None, quant_config=quant_config)
         layer.weight = linear.weight
         layer.bias = linear.bias
+        if hasattr(layer, "input_global_scale"):  # built on meta: a real, uncalibrated buffer
+            layer.input_global_scale = torch.zeros(1, dtype=torch.float32, device=linear.weight.device)
         return layer
 
     def to_linear(self) -> nn.Linear:
@@ -125,6 +139,18 @@ class QATLinear(nn.Linear):
         weight = self.weight if weight is None else weight
         return kernels.fake_quantize(weight, self.weight_spec, backend=self.kernel_plan.backend(weight))[0]
 
+    @torch.no_grad()
+    def activation_global_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """NVFP4 activations: ``input_global_scale``, first updated by the calibration rule (class docstring)
+        with the batch ``x``; ``None`` for other grids."""
+        scale = getattr(self, "input_global_scale", None)
+        if scale is None:
+            return None
+        if self.training or not bool(scale > 0):  # eval: one check that it was calibrated
+            batch = fp4.tensor_global_scale(x.detach(), self.activation_spec.hadamard_block).to(scale.device)
+            scale.copy_(torch.where(scale > 0, torch.minimum(scale, batch), batch))
+        return scale
+
     def uses_int4_matmul(self, x: torch.Tensor) -> bool:
         """True when the forward runs on the W4A4 Triton GEMM (see :func:`hf_cage.kernels.int4_gemm`)."""
         return self.kernel_plan.gemm == "w4a4" and self.kernel_plan.backend(x, self.weight) == "triton"
@@ -133,7 +159,7 @@ class QATLinear(nn.Linear):
         if self.uses_int4_matmul(x):
             return _W4A4LinearSTE.apply(x, self.weight, self.bias, self.weight_spec, self.activation_spec)
         backend = self.kernel_plan.backend(x, self.weight)
-        x = fake_quantize_ste(x, self.activation_spec, backend)
+        x = fake_quantize_ste(x, self.activation_spec, backend, self.activation_global_scale(x))
         return F.linear(x, fake_quantize_ste(self.weight, self.weight_spec, backend), self.bias)
 
     def extra_repr(self) -> str:

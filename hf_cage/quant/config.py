@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from ..kernels.spec import SCALE_RULES, SUPPORTED_BITS, QuantSpec
+from ..kernels.spec import FP4_GRIDS, FP4_GROUP_SIZE, SCALE_RULES, SUPPORTED_BITS, QuantSpec
 from ..kernels.tiles import largest_pow2_divisor
 
-QUANTIZERS = ("quest", "int")
+QUANTIZERS = ("quest", "int", *FP4_GRIDS)
+FP4_QUANTIZERS = FP4_GRIDS  # quantizers whose grid is an FP4 format ("mxfp4", "nvfp4")
 GRANULARITIES = ("channel", "group")
 GROUP_SIZES = (32, 64, 128)
 HADAMARD_MAX_BLOCK = 128
@@ -28,14 +29,22 @@ class QuantConfig:
     Args:
         w_bits: weight bits, one of 2, 3, 4, 8.
         a_bits: input-activation bits (2, 3, 4, 8) or ``None`` for weight-only quantization.
-        quantizer: ``"quest"`` (mid-rise grid, scale ``alpha_b * RMS``, CAGE.md section 4) or
-            ``"int"`` (integer grid ``[-2^(b-1), 2^(b-1)-1] * scale``, exportable to int4 formats).
+        quantizer: ``"quest"`` (mid-rise grid, scale ``alpha_b * RMS``, CAGE.md section 4),
+            ``"int"`` (integer grid ``[-2^(b-1), 2^(b-1)-1] * scale``, exportable to int4 formats), or an FP4
+            grid (:mod:`hf_cage.kernels.fp4`, the scale rules of compressed-tensors): ``"mxfp4"`` (E2M1
+            values, a power-of-two E8M0 scale per group of 32 inputs) or ``"nvfp4"`` (E2M1 values, an FP8
+            E4M3 scale per group of 16 times an fp32 global scale per tensor). FP4 grids are 4-bit
+            (``w_bits=4``, ``a_bits`` 4 or None), use their format's group for weights and activations
+            (per token and group), and their scale rule is the format's (``clip`` / ``a_clip`` do not
+            apply). NVFP4 activations use a per-layer global scale calibrated during training
+            (``QATLinear.input_global_scale``).
         granularity: ``"channel"`` (one weight scale per output row) or ``"group"``.
-        group_size: inputs per weight scale when ``granularity="group"`` (32, 64, 128; default 128).
+        group_size: inputs per weight scale when ``granularity="group"`` (32, 64, 128; default 128; FP4:
+            32 for mxfp4, 16 for nvfp4, set for you).
         hadamard: rotate inputs in blocks of up to 128 before quantizing (weights and activations
-            alike). Default: True for ``quest``, False for ``int``.
-        clip: weight scale rule, ``"mse"`` (Gaussian-MSE-optimal clip ``alpha_b * RMS``), ``"absmax"`` or
-            ``"minmax"`` (see ``a_clip``).
+            alike). Default: True for ``quest``, False for ``int`` and the FP4 grids.
+        clip: weight scale rule, ``"mse"`` (Gaussian-MSE-optimal clip ``alpha_b * RMS``, the default),
+            ``"absmax"`` or ``"minmax"`` (see ``a_clip``).
         a_clip: activation scale rule (activations always use one scale per token): ``"minmax"``
             (compressed-tensors' dynamic per-token rule, ``scale = absmax / ((2^b - 1) / 2)``, bit for bit
             what stock transformers and vLLM apply at load), ``"mse"`` or ``"absmax"``. Default:
@@ -50,7 +59,7 @@ class QuantConfig:
     granularity: str = "channel"
     group_size: int | None = None
     hadamard: bool | None = None
-    clip: str = "mse"
+    clip: str | None = None
     a_clip: str | None = None
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_TARGET_MODULES))
     skip_modules: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP_MODULES))
@@ -60,6 +69,10 @@ class QuantConfig:
         _check_choice("a_bits", self.a_bits, (*SUPPORTED_BITS, None))
         _check_choice("quantizer", self.quantizer, QUANTIZERS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
+        if self.quantizer in FP4_QUANTIZERS:
+            self._fp4_settings()
+        if self.clip is None:
+            self.clip = "mse"
         _check_choice("clip", self.clip, SCALE_RULES)
         if self.a_clip is None:
             self.a_clip = DEFAULT_ACTIVATION_CLIP[self.quantizer]
@@ -67,7 +80,8 @@ class QuantConfig:
         if self.granularity == "group":
             if self.group_size is None:
                 self.group_size = 128
-            _check_choice("group_size", self.group_size, GROUP_SIZES)
+            if self.quantizer not in FP4_QUANTIZERS:
+                _check_choice("group_size", self.group_size, GROUP_SIZES)
         elif self.group_size is not None:
             raise ValueError(f"group_size={self.group_size} needs granularity='group' (got {self.granularity!r})")
         if self.hadamard is None:
@@ -77,12 +91,34 @@ class QuantConfig:
         if not self.target_modules:
             raise ValueError("target_modules is empty; name at least one module, e.g. ['q_proj', 'v_proj']")
 
+    def _fp4_settings(self) -> None:
+        """FP4 grids: 4-bit, the format's group, its own scale rule; conflicting settings are refused."""
+        fmt, group = self.quantizer, FP4_GROUP_SIZE[self.quantizer]
+        if self.w_bits != 4:
+            raise ValueError(f"w_bits={self.w_bits}: the {fmt} grid holds 4-bit (E2M1) weights; pass w_bits=4")
+        if self.a_bits not in (4, None):
+            raise ValueError(f"a_bits={self.a_bits}: {fmt} activations are 4-bit (E2M1); pass a_bits=4 or None")
+        if self.group_size not in (None, group):
+            raise ValueError(f"group_size={self.group_size}: {fmt} uses groups of {group}; leave group_size unset")
+        for name in ("clip", "a_clip"):
+            value = getattr(self, name)
+            if value not in (None, "absmax"):
+                raise ValueError(
+                    f"{name}={value!r} does not apply to the {fmt} grid (its scale is the group absmax rounded as "
+                    f"the format says); leave {name} unset"
+                )
+        self.granularity, self.group_size, self.clip, self.a_clip = "group", group, "absmax", "absmax"
+
     @property
     def grid(self) -> str:
-        return "midrise" if self.quantizer == "quest" else "integer"
+        return {"quest": "midrise", "int": "integer"}.get(self.quantizer, self.quantizer)
 
     def weight_spec(self, in_features: int) -> QuantSpec:
         """The weight grid of a linear with ``in_features`` inputs; raises if the shape does not fit."""
+        if self.quantizer in FP4_QUANTIZERS and in_features % self.group_size:
+            raise ValueError(
+                f"in_features={in_features} is not a multiple of the {self.quantizer} group size {self.group_size}"
+            )
         if self.group_size and in_features % self.group_size:
             raise ValueError(
                 f"group_size={self.group_size} does not divide in_features={in_features}; "
@@ -91,10 +127,12 @@ class QuantConfig:
         return QuantSpec(self.w_bits, self.grid, self.clip, self.group_size, self._hadamard_block(in_features))
 
     def activation_spec(self, in_features: int) -> QuantSpec | None:
-        """The per-token grid of the inputs of such a linear, or ``None`` when weight-only."""
+        """The per-token grid of the inputs of such a linear (FP4: per token and group), or ``None`` when
+        weight-only."""
         if self.a_bits is None:
             return None
-        return QuantSpec(self.a_bits, self.grid, self.a_clip, None, self._hadamard_block(in_features))
+        group = self.group_size if self.quantizer in FP4_QUANTIZERS else None
+        return QuantSpec(self.a_bits, self.grid, self.a_clip, group, self._hadamard_block(in_features))
 
     def _hadamard_block(self, in_features: int) -> int | None:
         return largest_pow2_divisor(in_features, HADAMARD_MAX_BLOCK) if self.hadamard else None

@@ -25,8 +25,10 @@ def straight_through(grad: torch.Tensor, mask: torch.Tensor, spec: QuantSpec) ->
 
 class FakeQuantSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, spec: QuantSpec, backend: str | None = None) -> torch.Tensor:
-        q, mask = kernels.fake_quantize(x, spec, backend=backend)
+    def forward(
+        ctx, x: torch.Tensor, spec: QuantSpec, backend: str | None = None, global_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        q, mask = kernels.fake_quantize(x, spec, backend=backend, global_scale=global_scale)
         ctx.save_for_backward(mask)
         ctx.spec = spec
         return q
@@ -34,12 +36,14 @@ class FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        return straight_through(grad, mask, ctx.spec), None, None
+        return straight_through(grad, mask, ctx.spec), None, None, None
 
 
-def fake_quantize_ste(x: torch.Tensor, spec: QuantSpec | None, backend: str | None = None) -> torch.Tensor:
-    """``Q(x)`` with a straight-through gradient; identity when ``spec`` is None. ``backend`` as in
-    :func:`hf_cage.kernels.fake_quantize` (None: :func:`hf_cage.kernels.backend_for`)."""
+def fake_quantize_ste(
+    x: torch.Tensor, spec: QuantSpec | None, backend: str | None = None, global_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Q(x)`` with a straight-through gradient; identity when ``spec`` is None. ``backend`` and ``global_scale``
+    (NVFP4) as in :func:`hf_cage.kernels.fake_quantize` (None: :func:`hf_cage.kernels.backend_for`)."""
     if spec is None:
         return x
-    return FakeQuantSTE.apply(x, spec, backend)
+    return FakeQuantSTE.apply(x, spec, backend, global_scale)

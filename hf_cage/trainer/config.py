@@ -31,8 +31,9 @@ class CAGEConfig(TrainingArguments):
     quant_quantizer: str = field(
         default="quest",
         metadata={
-            "help": "'quest' (mid-rise grid, scale alpha_b * RMS, Hadamard by default) or 'int' (integer grid, "
-            "exportable to int4 formats)."
+            "help": "'quest' (mid-rise grid, scale alpha_b * RMS, Hadamard by default), 'int' (integer grid, "
+            "exportable to int4 formats), or an FP4 grid: 'mxfp4' (E2M1, E8M0 scale per 32 inputs) or 'nvfp4' "
+            "(E2M1, E4M3 scale per 16 inputs times a global scale); FP4 is 4-bit with the format's group."
         },
     )
     quant_granularity: str = field(
@@ -50,9 +51,12 @@ class CAGEConfig(TrainingArguments):
             "help": "Rotate inputs by a block Hadamard (blocks up to 128). Default: true for quest, false for int."
         },
     )
-    quant_clip: str = field(
-        default="mse",
-        metadata={"help": "Scale rule: 'mse' (Gaussian-MSE-optimal clip alpha_b * RMS) or 'absmax'."},
+    quant_clip: str | None = field(
+        default=None,
+        metadata={
+            "help": "Scale rule: 'mse' (Gaussian-MSE-optimal clip alpha_b * RMS, the default) or 'absmax'; "
+            "FP4 grids have their own."
+        },
     )
     quant_a_clip: str | None = field(
         default=None,
@@ -93,7 +97,8 @@ class CAGEConfig(TrainingArguments):
         _check("quant_a_bits", self.quant_a_bits, (*SUPPORTED_BITS, None), "0 or None (weight-only)")
         _check("quant_quantizer", self.quant_quantizer, QUANTIZERS)
         _check("quant_granularity", self.quant_granularity, GRANULARITIES)
-        _check("quant_clip", self.quant_clip, SCALE_RULES)
+        if self.quant_clip is not None:
+            _check("quant_clip", self.quant_clip, SCALE_RULES)
         if self.quant_group_size is not None:
             _check("quant_group_size", self.quant_group_size, GROUP_SIZES)
         try:
