@@ -240,7 +240,7 @@ def check_text_file(path: str, flag: str) -> Path:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
                 raise RecipeInputError(
-                    f"{flag} {path}: not UTF-8 text (invalid byte at offset {offset + err.start}); convert it to "
+                    f"{flag} {path}: not UTF-8 text (invalid byte near offset {offset + err.start}); convert it to "
                     "UTF-8 first (e.g. iconv -f latin1 -t utf-8)"
                 ) from None
             blank = blank and not chunk.strip()
