@@ -174,3 +174,57 @@ def test_e2m1_ties_round_to_the_even_mantissa(tfp4, fmt):
     expected = magnitudes + [m | 0b1000 for m in magnitudes] + [0] * 16
     assert codes[0].tolist() == expected
     assert torch.equal(codes, fp4.quantize(x, fmt, global_scale=gs)[0])
+
+
+# --- through the kernels seam and QATLinear -------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", fp4.FORMATS)
+def test_the_kernels_seam_dispatches_fp4_grids_to_the_fused_quantizer(tfp4, fmt, monkeypatch):
+    from hf_cage import kernels
+    from hf_cage.quant.config import QuantConfig
+
+    calls = []
+    monkeypatch.setattr(tfp4, "quantize", lambda *a, _f=tfp4.quantize, **k: calls.append(1) or _f(*a, **k))
+    spec = QuantConfig(quantizer=fmt).weight_spec(256)
+    x = awkward(70, 256, seed=11)
+    q, mask = kernels.fake_quantize(x, spec, backend="triton")
+    ref_q, ref_mask = fp4.fake_quantize(x, fmt)
+    assert torch.equal(q, ref_q) and torch.equal(mask, ref_mask)
+    codes, scales, gs = kernels.quantize_fp4(x, spec, backend="triton")
+    ref_codes, ref_scales, ref_gs = fp4.quantize(x, fmt)
+    assert torch.equal(codes, ref_codes) and torch.equal(scales.view(torch.uint8), ref_scales.view(torch.uint8))
+    assert (gs is None and ref_gs is None) or torch.equal(gs, ref_gs)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("fmt", fp4.FORMATS)
+def test_fp4_qat_linear_on_triton_equals_the_torch_twins(tfp4, fmt, monkeypatch):
+    """Forward and straight-through backward of an FP4 QATLinear: Triton quantizer vs the twin, bit for bit."""
+    from hf_cage import QATLinear
+    from hf_cage.quant.config import QuantConfig
+
+    calls = []
+    monkeypatch.setattr(tfp4, "quantize", lambda *a, _f=tfp4.quantize, **k: calls.append(1) or _f(*a, **k))
+
+    torch.manual_seed(0)
+    layers = {}
+    for backend in ("triton", "torch"):
+        linear = torch.nn.Linear(128, 48).to(DEVICE)
+        torch.manual_seed(0)
+        linear.reset_parameters()
+        layer = QATLinear.from_linear(linear, QuantConfig(quantizer=fmt))
+        if backend == "torch":
+            layer.kernel_plan = type(layer.kernel_plan)(False, None, "test: the twins")
+        layers[backend] = layer
+    assert layers["triton"].kernel_plan.triton and layers["triton"].kernel_plan.gemm is None
+    x = awkward(2, 9, 128, seed=12)
+    outs, grads = {}, {}
+    for backend, layer in layers.items():
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.backward(torch.ones_like(out))
+        outs[backend], grads[backend] = out, (xi.grad, layer.weight.grad)
+    assert len(calls) == 2  # the triton layer quantized its input and its weight on the fused kernel, once each
+    assert torch.equal(outs["triton"], outs["torch"])
+    assert torch.equal(grads["triton"][0], grads["torch"][0]) and torch.equal(grads["triton"][1], grads["torch"][1])
