@@ -300,3 +300,4 @@ def test_fp4_format_choice_and_refusals(tmp_path):
     export_model(mx, tmp_path / "m", progress=False, log=None)
     card = (tmp_path / "m" / "README.md").read_text()
     assert "mxfp4-pack-quantized" in card and "Blackwell" in card and "Marlin" in card and "bfloat16" in card
+    assert "- mxfp4\n" in card and "- int4\n" not in card and "| Weights | 4-bit, MXFP4 (E2M1 values" in card

@@ -443,7 +443,7 @@ class Fp4CompressedTensorsFormat(ExportFormat):
         notes = [
             "**Compute dtype.** transformers (5.24, with compressed-tensors 0.20) decompresses FP4 weights into "
             "bfloat16 at load: load with `dtype=torch.bfloat16` (float32 fails at the first forward). The served "
-            "model is the trained one computed in bfloat16, hence the difference measured below (in bfloat16)."
+            "model is the trained one computed in bfloat16, hence the difference measured above (in bfloat16)."
         ]
         a_bits = trained.a_bits
         if a_bits is not None and weights_only:
