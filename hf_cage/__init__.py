@@ -5,7 +5,7 @@ Public API only; importing this package never imports triton or touches CUDA.
 
 from .export import ExportError, export_checkpoint, export_model, load_quantized
 from .kernels.spec import QuantSpec
-from .layers import Int4Linear, QATLinear
+from .layers import Fp4Linear, Int4Linear, QATLinear
 from .optim import CAGE, CAGECorrection, cage_lambda, create_cage_optimizer, weight_quantizers_of
 from .qat import load_qat_model, quant_config_of, quantize_model, quantized_layers
 from .quant import QuantConfig
@@ -30,6 +30,7 @@ __all__ = [
     "CAGECorrection",
     "CAGETrainer",
     "ExportError",
+    "Fp4Linear",
     "Int4Linear",
     "QATLinear",
     "QuantConfig",
