@@ -146,6 +146,20 @@ def test_w4a16_fp32_inputs(arch):
         check_tile("w4a16", arch, tile, None, 4, shared)
 
 
+def test_the_known_illegal_tile_really_is_over_h100_shared_memory():
+    """The tile tests/test_kernels_tiles.py expects the pruner to reject, compiled: it does not fit an H100."""
+    from test_kernels_tiles import KNOWN_ILLEGAL_TILE as tile
+
+    signature = dict(W4A16_SIGNATURE, x_ptr="*fp32", c_ptr="*fp32")
+    constexprs = dict(DOT_FP32=True, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k)
+    shared, _ = lower(
+        triton_matmul._w4a16_matmul_kernel, signature, constexprs, 90,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
+    assert shared > tiles.SHARED_MEMORY_BYTES[90]
+    assert tiles.tile_problem("w4a16", tile, 4096, None, tiles.SHARED_MEMORY_BYTES[90], 4) is not None
+
+
 QUANT_CASES = [
     (4096, QuantSpec(4, hadamard_block=128)),
     (11008, QuantSpec(4, hadamard_block=128)),

@@ -13,6 +13,7 @@ from hf_cage.kernels import QuantSpec, int4_gemm, largest_pow2_divisor, plan_lay
 from hf_cage.kernels.tiles import GemmTile
 
 H100 = tiles.SHARED_MEMORY_BYTES[90]
+KNOWN_ILLEGAL_TILE = GemmTile(128, 128, 128, 8, 4)
 
 
 def test_largest_pow2_divisor():
@@ -24,9 +25,8 @@ def test_largest_pow2_divisor():
 @pytest.mark.parametrize(
     "kind, tile, group_len, limit, a_bytes, why",
     [
-        ("w4a4", GemmTile(128, 128, 128, 8, 4), None, H100, 1, "shared memory at 4 stages"),
-        ("w4a4", GemmTile(128, 128, 128, 8, 3), None, tiles.SHARED_MEMORY_BYTES[89], 1, "shared memory"),
-        ("w4a16", GemmTile(128, 128, 128, 8, 3), None, H100, 2, "shared memory"),
+        # fp32 activations, 128 x 128 x 128 at 4 stages: Triton allocates 281 KiB (test_kernels_compile.py).
+        ("w4a16", KNOWN_ILLEGAL_TILE, None, H100, 4, "shared memory at 4 stages, over 227 KiB"),
         ("w4a4", GemmTile(64, 64, 16, 4, 3), None, H100, 1, "multiple of 32"),
         ("w4a4", GemmTile(8, 64, 64, 4, 3), None, H100, 1, "under 16"),
         ("w4a16", GemmTile(64, 64, 64, 4, 3), 32, H100, 2, "does not divide the scale group of 32"),
@@ -39,10 +39,10 @@ def test_pruner_rejects_known_illegal_tiles(kind, tile, group_len, limit, a_byte
     assert tile not in configs and configs
 
 
-def test_largest_w4a4_tile_needs_more_than_an_h100_has_at_4_stages_but_fits_at_3():
-    big = GemmTile(128, 128, 128, 8, 3)
-    assert tiles.tile_problem("w4a4", big, 4096, None, H100, 1) is None
-    assert big in tiles.gemm_configs("w4a4", 8192, 4096, 4096, None, H100, 1)
+def test_the_largest_w4a4_tile_is_kept_on_every_arch():
+    big = GemmTile(128, 128, 128, 8, 3)  # 48 KiB measured (each packed word is loaded once)
+    for limit in tiles.SHARED_MEMORY_BYTES.values():
+        assert big in tiles.gemm_configs("w4a4", 8192, 4096, 4096, None, limit, 1)
 
 
 @pytest.mark.parametrize("kind, a_bytes", [("w4a4", 1), ("w4a16", 2), ("w4a16", 4)])

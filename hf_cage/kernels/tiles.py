@@ -130,19 +130,21 @@ def _block_m_choices(m: int) -> tuple[int, ...]:
 def gemm_shared_bytes(kind: str, tile: GemmTile, a_bytes: int) -> int:
     """Upper bound of a GEMM tile's shared memory in bytes, pipeline stages included.
 
-    ``stages * (A + 3 B) + B * operand_bytes`` with ``A = BLOCK_M x BLOCK_K x a_bytes`` (the activation
-    tile), ``B = BLOCK_K x BLOCK_N`` (weights, one byte per code) and ``operand_bytes`` the width of the
-    weight tile fed to ``tl.dot`` (int8 for W4A4, the activation dtype for W4A16). Fitted as an upper bound
-    to what Triton 3.9 allocates for these kernels (the packed words are loaded one int32 per ``(k, n)`` and converted
-    to the dot layout through shared memory); ``tests/test_kernels_compile.py`` compiles every config for
-    sm_80, sm_89 and sm_90 and checks that this bound holds and that the kept configs fit.
+    ``max(stages * (A + W) + B * operand_bytes, BLOCK_M x BLOCK_N x 4)``: each stage buffers the activation
+    tile ``A = BLOCK_M x BLOCK_K x a_bytes`` and the packed words ``W = BLOCK_K / 8 x BLOCK_N x 4``; the
+    unpacked weight tile ``B = BLOCK_K x BLOCK_N`` goes to the dot layout through shared memory in the dot's
+    input width (int8 for W4A4, the activation dtype for W4A16); the output tile (fp32 at most) is converted
+    for the store through the same memory later. An upper bound of what Triton 3.9 allocates for these
+    kernels: ``tests/test_kernels_compile.py`` compiles every config for sm_80, sm_89 and sm_90 and checks
+    that it holds and that the kept configs fit.
     """
     if kind not in GEMM_KINDS:
         raise ValueError(f"kind={kind!r}; choose one of {GEMM_KINDS}")
     a_tile = tile.block_m * tile.block_k * a_bytes
-    b_tile = tile.block_k * tile.block_n
-    operand_bytes = 1 if kind == "w4a4" else a_bytes  # the dequantized weight tile, in the dot's input dtype
-    return tile.num_stages * (a_tile + 3 * b_tile) + b_tile * operand_bytes
+    words = tile.block_k // 8 * tile.block_n * 4
+    operand_bytes = 1 if kind == "w4a4" else a_bytes
+    staged = tile.num_stages * (a_tile + words) + tile.block_k * tile.block_n * operand_bytes
+    return max(staged, tile.block_m * tile.block_n * 4)
 
 
 def tile_problem(

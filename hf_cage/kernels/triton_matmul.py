@@ -2,8 +2,8 @@
 
 Weights arrive packed in the compressed-tensors layout (:mod:`hf_cage.kernels.packing`):
 ``w_packed`` int32 ``(N, K / 8)``, code ``k`` of row ``n`` in bits ``4 (k % 8) .. 4 (k % 8) + 3`` of
-word ``k // 8``, stored as ``code + 8``. Each kernel loads the word of every ``(k, n)`` of its tile
-and unpacks in registers, ``((word >> 4 (k % 8)) & 0xF) - 8``; the bytes never reach memory as int8.
+word ``k // 8``, stored as ``code + 8``. Each kernel loads every word of its tile once and unpacks it in
+registers into its 8 codes, ``((word >> 4 (k % 8)) & 0xF) - 8``; the codes never reach memory as int8.
 
 W4A4 (:func:`w4a4_matmul`). Hopper has no int4 tensor cores, so codes go through ``tl.dot`` as
 int8 with an int32 accumulator, which is exact. A mid-rise grid adds ``+1/2`` to every code; rather
@@ -40,10 +40,19 @@ _ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _unpack_tile(b_ptr, rn, kk, n_ok, k_ok, stride_bn):
-    """Codes ``(BLOCK_K, BLOCK_N)`` int32 in ``[-8, 7]`` of packed rows ``rn`` at inputs ``kk``."""
-    words = tl.load(b_ptr + rn[None, :] * stride_bn + (kk // 8)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0)
-    return ((words >> ((kk % 8) * 4)[:, None]) & 0xF) - 8
+def _unpack_tile(b_ptr, rn, k0, n_ok, K, stride_bn, BLOCK_K: tl.constexpr):
+    """Codes ``(BLOCK_K, BLOCK_N)`` int32 in ``[-8, 7]`` of packed rows ``rn`` at inputs ``k0 .. k0 + BLOCK_K``.
+
+    Each word is loaded once (a ``(BLOCK_K / 8, BLOCK_N)`` tile) and spread over its 8 codes in registers:
+    ``[w, j, n] = (word[w, n] >> 4 j) & 0xF``, reshaped row-major so that input ``k = 8 w + j``.
+    """
+    kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(
+        b_ptr + rn[None, :] * stride_bn + kw[:, None], mask=(kw < K // 8)[:, None] & n_ok[None, :], other=0
+    )
+    shifts = tl.arange(0, 8) * 4
+    nibbles = (words[:, None, :] >> shifts[None, :, None]) & 0xF
+    return tl.reshape(nibbles, (BLOCK_K, words.shape[1])) - 8
 
 
 @triton.jit
@@ -85,7 +94,7 @@ def _w4a4_matmul_kernel(
         a = a.to(tl.int32)
         if A_DOUBLE:
             a = tl.where(k_ok[None, :], 2 * a + 1, 0)
-        w = _unpack_tile(b_ptr, rn, kk, n_ok, k_ok, stride_bn)
+        w = _unpack_tile(b_ptr, rn, k0, n_ok, K, stride_bn, BLOCK_K)
         if B_DOUBLE:
             w = tl.where(k_ok[:, None], 2 * w + 1, 0)
         dot = tl.dot(a.to(tl.int8), w.to(tl.int8), out_dtype=tl.int32)
@@ -138,7 +147,7 @@ def _w4a16_matmul_kernel(
         kk = k0 + rk
         k_ok = kk < K
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        codes = _unpack_tile(b_ptr, rn, kk, n_ok, k_ok, stride_bn)
+        codes = _unpack_tile(b_ptr, rn, k0, n_ok, K, stride_bn, BLOCK_K)
         # The K tile lies inside one scale group (the tile rules make BLOCK_K divide the group).
         w_scale = tl.load(b_scale_ptr + rn * n_groups + k0 // group_len, mask=n_ok, other=0.0)
         w = (codes.to(tl.float32) + w_offset) * w_scale[None, :]
