@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -95,10 +96,38 @@ def load_qat_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", *
             f"{path!r} holds no hf-cage quantization config (config.json has no {CONFIG_KEY!r}); "
             "load it with transformers and call hf_cage.quantize_model(model, QuantConfig(...))"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    with _layer_buffers_expected(hf_config):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     quantize_model(model, QuantConfig.from_dict(data))
     _load_layer_buffers(model, path)
     return model
+
+
+# State of quantized layers saved beside the dense weights (QATLinear buffers), as regexes on checkpoint keys.
+LAYER_BUFFER_PATTERNS = (r"\.input_global_scale$",)
+
+
+@contextmanager
+def _layer_buffers_expected(hf_config):
+    """While the dense model loads, declare the quantized layers' buffers as expected extra keys (transformers'
+    ``_keys_to_ignore_on_load_unexpected``), so its load report does not flag them; they are loaded afterwards."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
+    except KeyError:
+        yield
+        return
+    missing = object()
+    own = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", missing)
+    cls._keys_to_ignore_on_load_unexpected = [*(cls._keys_to_ignore_on_load_unexpected or []), *LAYER_BUFFER_PATTERNS]
+    try:
+        yield
+    finally:
+        if own is missing:
+            del cls._keys_to_ignore_on_load_unexpected
+        else:
+            cls._keys_to_ignore_on_load_unexpected = own
 
 
 @torch.no_grad()
