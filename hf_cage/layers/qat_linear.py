@@ -85,7 +85,9 @@ class QATLinear(nn.Linear):
     of ``|input|`` (stored as ``448 * 6 / amax``): every forward in training mode lowers it to cover the
     batch, the first forward sets it (0 means not yet calibrated), and in eval mode it is frozen. It is
     saved with the model and exported, so the exported model quantizes activations exactly as the
-    evaluated one.
+    evaluated one. Under DDP torch broadcasts rank 0's buffers before each forward, so the ranks share one
+    scale. Not handled: under FSDP2 the CAGE correction quantizes each rank's row shard, and NVFP4's per-tensor
+    weight global scale is then the shard's own, so the pull targets a slightly different grid than the forward.
     """
 
     def __init__(
