@@ -87,9 +87,9 @@ class GemmTile:
 
 
 # Every config the autotuner may try (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): thin M tiles for decoding,
-# square ones for prefill and training, K tiles of 32 only for group-32 scales. Kept short on purpose: each
-# config compiles once per kernel variant on first use, and tests/test_kernels_compile.py compiles all of them
-# for sm_80, sm_89 and sm_90.
+# square and 128 x 256 ones for prefill and training, K tiles of 32 only for group-32 scales. Kept short on
+# purpose: each config compiles once per kernel variant on first use, and tests/test_kernels_compile.py
+# compiles all of them for sm_80, sm_89 and sm_90.
 GEMM_SPACE = tuple(
     GemmTile(*t)
     for t in (
@@ -105,14 +105,16 @@ GEMM_SPACE = tuple(
         (128, 128, 128, 8, 3),
         (128, 64, 128, 4, 4),
         (128, 128, 32, 8, 4),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
     )
 )
 
 
 def m_bucket(m: int) -> int:
-    """The autotune key for M: the next power of two, at most 256 (larger M all tune alike)."""
+    """The autotune key for M: the next power of two, at most 4096 (larger M all tune alike)."""
     bucket = 1
-    while bucket < min(m, 256):
+    while bucket < min(m, 4096):
         bucket *= 2
     return bucket
 
@@ -124,7 +126,9 @@ def _block_m_choices(m: int) -> tuple[int, ...]:
         return (16, 32)
     if m <= 64:
         return (32, 64)
-    return (64, 128)
+    if m <= 1024:
+        return (64, 128)
+    return (64, 128, 256)
 
 
 def gemm_shared_bytes(kind: str, tile: GemmTile, a_bytes: int) -> int:
