@@ -5,8 +5,9 @@ in ``tests/test_fp4.py``; here they are wired into training and export.
 
 Tolerances, and why:
 - hf-cage's own paths are exact (atol=0): QATLinear's forward is the twin on both operands, the export
-  stores ``Q(W)`` bit for bit, ``load_quantized`` (float32) rebuilds the trained logits, and the export's
-  emulation of the stock loader (bf16) is what stock transformers computes, bit for bit.
+  stores ``Q(W)`` bit for bit, ``load_quantized`` (float32) rebuilds the trained logits, and both the export's
+  emulation of the stock loader and ``load_quantized(dtype=torch.bfloat16)`` compute what stock transformers
+  computes (bf16), bit for bit.
 - Stock transformers decompresses FP4 weights into bf16 and must compute in bf16 (float32 fails at the
   first forward), so against the float32-trained model its logits carry bf16 rounding: 8 significant bits
   per matmul, norm and residual, and with FP4 activations an input that bf16 moves across an E2M1 rounding
@@ -219,7 +220,7 @@ def test_fp4_exports_with_defaults_serve_as_trained_in_stock_transformers(tmp_pa
     from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
 
     batch = sample_batch(make_tiny_llama(0, **WIDE))  # the batch the export's own parity measurement uses
-    trained, results, exports = {}, {}, []
+    trained, results, in_bf16, exports = {}, {}, {}, []
     for seed, (name, quant) in enumerate(CASES.items()):
         run = tmp_path / "runs" / name
         model = trained_checkpoint(run, seed, **quant)
@@ -242,13 +243,16 @@ def test_fp4_exports_with_defaults_serve_as_trained_in_stock_transformers(tmp_pa
                    if isinstance(m, QATLinear))  # fmt: skip
         with torch.no_grad():
             assert torch.equal(loaded(input_ids=batch).logits, trained[name].logits), name
+            in_bf16[name] = load_quantized(tmp_path / "exports" / name, dtype=torch.bfloat16)(input_ids=batch).logits
         results[name] = result
         exports.append(tmp_path / "exports" / name)
 
     served = served_eval_many(exports, batch, logits=True, loss=True)
     for (name, reference), stock in zip(trained.items(), served):
         diff = (stock.logits - reference.logits).abs()
-        # hf-cage's emulation of the stock loader (bf16) is what stock transformers computed, bit for bit
+        # hf-cage's emulation of the stock loader (bf16) is what stock transformers computed, bit for bit, and so
+        # is load_quantized in bf16
+        assert torch.equal(stock.logits, in_bf16[name].float()), name
         assert diff.max().item() == results[name].parity["logit_max_abs_diff"], name
         assert diff.mean().item() == pytest.approx(results[name].parity["logit_mean_abs_diff"], rel=1e-6), name
         # against the float32-trained model: bf16 compute (see the module docstring)

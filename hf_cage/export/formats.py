@@ -20,7 +20,7 @@
 - ``auto`` (:func:`choose_format`): the compressed-tensors format of the model's grid when it serves the
   model as trained, else hf-cage.
 
-Both keep the model's :class:`~hf_cage.QuantConfig` under ``hf_cage_quantization`` (the grid actually
+All keep the model's :class:`~hf_cage.QuantConfig` under ``hf_cage_quantization`` (the grid actually
 stored) and describe the export under :data:`EXPORT_KEY`.
 """
 
@@ -28,12 +28,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..kernels import fp4
 from ..kernels.spec import QuantSpec
-from ..quant.config import QuantConfig
+from ..quant.config import FP4_QUANTIZERS, QuantConfig
 from .errors import ExportError
 
-FP4_QUANTIZERS = fp4.FORMATS  # the quantizers whose grids are the FP4 formats ("mxfp4", "nvfp4")
 EXPORT_KEY = "hf_cage_export"
 FORMAT_VERSION = 2
 PACKING = "pack-quantized: code + 2^(bits-1), 32/bits codes per int32 along inputs, lowest bits first"

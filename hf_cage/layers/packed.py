@@ -42,7 +42,7 @@ FP4_PACKED_NAMES = ("weight_packed", "weight_scale", "weight_global_scale")
 
 def is_fp4(spec: QuantSpec) -> bool:
     """True for the FP4 grids (``spec.grid`` ``"mxfp4"`` or ``"nvfp4"``)."""
-    return spec.grid in fp4.FORMATS
+    return spec.is_fp4
 
 
 def packing_problem(in_features: int, spec: QuantSpec) -> str | None:
