@@ -114,6 +114,22 @@ def test_qat_linear_fp4_is_the_twin_on_both_operands_with_the_clip_mask_backward
     assert torch.equal(layer.weight.grad, (g.reshape(-1, 32).T @ qx.reshape(-1, 64)) * mask_w)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_fp4_linear_packs_a_trained_layer_and_computes_its_forward(fmt, hadamard):
+    layer = fp4_layer(fmt, hadamard=hadamard).train()
+    x = randn(6, 64, seed=4) * 2
+    layer(x)  # calibrates an NVFP4 input scale
+    layer.eval()
+    packed = Fp4Linear.from_qat_linear(layer)
+    assert packed.weight_packed.dtype == torch.uint8 and packed.weight_packed.shape == (32, 32)
+    assert torch.equal(packed.dequantized_weight(), layer.weight_quantizer())
+    with torch.no_grad():
+        assert torch.equal(packed(x), layer(x))
+    with pytest.raises(ValueError, match="weight_scale"):
+        packed.load_packed({"weight_scale": torch.zeros(32, 2)})
+
+
 def test_nvfp4_input_global_scale_is_a_running_calibration_frozen_in_eval(tmp_path):
     """The static_minmax rule: the running max of |input| over training batches, stored as 448 * 6 / amax."""
     layer = fp4_layer("nvfp4")
