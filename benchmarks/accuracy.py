@@ -229,22 +229,27 @@ def plan_map(seeds: int = 2) -> list[Spec]:
 
 
 def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
-    """Priority order. Compute is scarce (a 2-core machine shared with other work, measured at 1.7-2.6 s per
-    step instead of 0.26-0.32 s alone), so one of each first: pretraining W4A4 seed 0, fine-tuning W4A4 seed 0
-    with its sweep, the map's first seed with one CAGE setting (QuEST, then int and coupled), pretraining W3A3
-    seed 0; then the other formats, seeds and settings."""
+    """Priority order. Compute is scarce (a 2-core machine shared with other work, measured at 0.9-2.6 s per
+    step instead of 0.12-0.32 s alone), so one of each first: pretraining W4A4 seed 0, fine-tuning W4A4 seed 0
+    with its sweep, the map's first seed with lambda 13 at 15 and 50 tokens per parameter, the other fine-tuning
+    formats, int W4A4 (served), the map's 150 point at W4A4, then the rest of seed 0 and the other seeds."""
     pre, ft, mp = plan_pretrain(), plan_finetune(results), plan_map()
 
     def first(r: Spec) -> bool:  # BF16, STE and the first CAGE setting of the map
         return r.method != "cage" or (r.lam, r.silence) == MAP_VARIANTS[0]
 
+    def plain(r: Spec) -> bool:  # not the coupled variant
+        return r.variant == "decoupled"
+
     ordered = (
         [r for r in pre if r.seed == 0 and r.fmt in ("bf16", "w4a4-quest")]
         + [r for r in ft if r.seed == 0 and r.fmt in ("bf16", FT_W4A4)]
-        + [r for r in mp if r.seed == 0 and r.quantizer == "quest" and r.variant == "decoupled" and first(r)]
+        + [r for r in mp if r.seed == 0 and r.quantizer == "quest" and plain(r) and first(r) and r.steps < 975]
+        + [r for r in ft if r.seed == 0]
+        + [r for r in mp if r.seed == 0 and r.fmt == "w4a4-int" and first(r)]
+        + [r for r in mp if r.seed == 0 and r.fmt in ("bf16", "w4a4-quest") and plain(r) and first(r)]
         + [r for r in mp if r.seed == 0 and first(r)]
         + [r for r in pre if r.seed == 0]
-        + [r for r in ft if r.seed == 0]
         + [r for r in pre if r.seed == 1 and r.method != "bf16"]
         + [r for r in mp if r.seed == 1 and first(r)]
         + [r for r in pre if r.seed == 1]
