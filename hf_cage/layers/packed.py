@@ -69,13 +69,16 @@ def pack_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor
     problem = packing_problem(weight.shape[-1], spec)
     if problem:
         raise ValueError(problem)
+    # The one conversion runs wherever the weight is, on the quantizer its shape allows (decided like a layer's).
+    plan = kernels.plan_layer("pack_weight", weight.shape[-1], spec, None, quantizes_weight=True, gemm=None)
+    backend = plan.backend(weight)
     if is_fp4(spec):
-        codes, scales, global_scale = kernels.quantize_fp4(weight.detach(), spec)
+        codes, scales, global_scale = kernels.quantize_fp4(weight.detach(), spec, backend=backend)
         tensors = {"weight_packed": fp4.pack_fp4(codes), "weight_scale": scales.contiguous()}
         if global_scale is not None:
             tensors["weight_global_scale"] = global_scale.float().reshape(1)
         return tensors
-    codes, scales = kernels.quantize_rows(weight.detach(), spec)
+    codes, scales = kernels.quantize_rows(weight.detach(), spec, backend=backend)
     return {
         "weight_packed": pack_codes(codes, spec.bits, validate=False),
         "weight_scale": scales.float().contiguous(),
