@@ -106,10 +106,10 @@ def cached(run_dir: Path, argv: list[str]) -> dict | None:
 class Run:
     """One ``pretrain_llama.py`` process (one torch thread), its output in ``logs/<method>.log``."""
 
-    def __init__(self, method: str, argv: list[str], out: Path, logging_steps: int):
+    def __init__(self, method: str, argv: list[str], out: Path, logging_steps: int, first_step: int = 1):
         self.method, self.argv, self.run_dir = method, argv, out / method
         self.log = out / "logs" / f"{method}.log"
-        self.logging_steps = logging_steps
+        self.logging_steps, self.steps_before = logging_steps, first_step - 1
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -119,11 +119,11 @@ class Run:
             self.proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
 
     def step(self) -> int:
-        """Optimizer steps done so far, from the training-loss lines the Trainer has logged."""
+        """The last optimizer step done, from the training-loss lines the Trainer has logged."""
         try:
-            return self.log.read_text(errors="replace").count("'loss':") * self.logging_steps
+            return self.steps_before + self.log.read_text(errors="replace").count("'loss':") * self.logging_steps
         except OSError:
-            return 0
+            return self.steps_before
 
     def finish(self) -> dict:
         code = self.proc.wait()
@@ -182,7 +182,8 @@ def train_in_parallel(done: dict, argvs: dict, out: Path, checkpoint: Path, trai
             runs["ste"].finish()
             raise RunFailed(f"the STE run ended without its branch checkpoint {checkpoint}")
         print(f"demo: branching CAGE from {checkpoint}", flush=True)
-        runs["cage"] = Run("cage", argvs["cage"], out, logging_steps)
+        branch = int(checkpoint.name.rsplit("-", 1)[1])
+        runs["cage"] = Run("cage", argvs["cage"], out, logging_steps, first_step=branch + 1)
         wait(list(runs.values()), lambda: all(r.proc.poll() is not None for r in runs.values()), total, started)
         return {method: run.finish() for method, run in runs.items()}
     finally:
