@@ -781,10 +781,16 @@ def pretrain_table(done: dict[str, dict], study: str = "pretrain") -> str:
             label = f"CAGE lambda {lam:g}, silence {sil:g}" + (", coupled" if variant == "coupled" else "")
             lines.append(
                 f"| {label} | {fmt} | {len(cage)} | {_mean(vals):.4f} | {_fmt_losses(vals)} | "
-                f"{' / '.join(f'{d:+.4f}' for d in diffs)} | {_mean(shares):+.1%} "
-                f"({' / '.join(f'{s:+.0%}' for s in shares)}) |"
+                f"{' / '.join(f'{d:+.4f}' for d in diffs)} | {share_cell(shares)} |"
             )
     return "\n".join(lines)
+
+
+def share_cell(shares: list[float]) -> str:
+    """``mean (per seed)``; a seed where STE is not worse than BF16 has no gap to close and reads ``no gap``."""
+    if any(x != x for x in shares):
+        return "no gap (STE not worse than BF16): " + " / ".join("no gap" if x != x else f"{x:+.0%}" for x in shares)
+    return f"{_mean(shares):+.1%} ({' / '.join(f'{x:+.0%}' for x in shares)})"
 
 
 def _with_fmt(r: dict) -> dict:
@@ -890,16 +896,16 @@ def map_points(done: dict[str, dict]) -> list[dict]:
 
 def map_table(done: dict[str, dict]) -> str:
     lines = [
-        "| tokens / block param | format | CAGE setting | seeds | BF16 | STE | CAGE | "
+        "| tokens / block param | format | CAGE setting | seeds | BF16 | STE | CAGE | STE - CAGE (per seed) | "
         "share of gap closed (mean, per seed) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in map_points(done):
         setting = f"lambda {p['lam']:g}, silence {p['silence']:g}" + (", coupled" if p["variant"] == "coupled" else "")
         lines.append(
             f"| {p['tpp']:.0f} | {p['fmt']} | {setting} | {len(p['shares'])} | {_mean(p['bf16']):.4f} | "
-            f"{_mean(p['ste']):.4f} | {_mean(p['cage']):.4f} | {_mean(p['shares']):+.1%} "
-            f"({' / '.join(f'{s:+.0%}' for s in p['shares'])}) |"
+            f"{_mean(p['ste']):.4f} | {_mean(p['cage']):.4f} | "
+            f"{' / '.join(f'{s - c:+.4f}' for s, c in zip(p['ste'], p['cage']))} | {share_cell(p['shares'])} |"
         )
     return "\n".join(lines)
 
@@ -911,6 +917,8 @@ def _setting(r: dict) -> str:
 
 
 def plot_map(done: dict[str, dict], path: Path) -> bool:
+    """Left: the STE-to-BF16 gap and CAGE's paired gain over STE, in nats; right: the share of the gap closed (where
+    there is a gap). Per-seed points, lines through the means."""
     points = [p for p in map_points(done) if p["variant"] == "decoupled" and p["fmt"].endswith("quest")]
     if not points:
         return False
@@ -919,34 +927,40 @@ def plot_map(done: dict[str, dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     series = sorted({(p["fmt"], p["setting"]) for p in points})
     settings = sorted({p["setting"] for p in points})
     for fmt, setting in series:
-        i = settings.index(setting)
+        color = f"C{2 * settings.index(setting) + (0 if fmt.startswith('w4') else 1)}"
         ps = sorted((p for p in points if (p["fmt"], p["setting"]) == (fmt, setting)), key=lambda p: p["tpp"])
         xs = [p["tpp"] for p in ps]
-        ys = [100 * _mean(p["shares"]) for p in ps]
-        style = "-" if fmt.startswith("w4") else "--"
-        ax.plot(
+        name = f"{fmt.split('-')[0].upper()}, {setting}"
+        gains = [[s - c for s, c in zip(p["ste"], p["cage"])] for p in ps]
+        left.plot(xs, [_mean(g) for g in gains], "-", marker="o", color=color, label=f"STE - CAGE: {name}")
+        left.plot(
             xs,
-            ys,
-            style,
-            marker="o",
-            color=f"C{i % 2}",
-            label=f"{fmt.split('-')[0].upper()}, {setting}",
+            [_mean([s - b for s, b in zip(p["ste"], p["bf16"])]) for p in ps],
+            ":",
+            marker="x",
+            color=color,
+            label=f"STE - BF16 gap: {fmt.split('-')[0].upper()}",
         )
-        for p in ps:
-            ax.scatter(
-                [p["tpp"]] * len(p["shares"]), [100 * s for s in p["shares"]], s=8, color=f"C{i % 2}", alpha=0.5
-            )
-    ax.axhline(0, color="k", lw=0.8)
-    ax.axhline(15, color="gray", ls=":", lw=0.8, label="target: 15%")
-    ax.set_xscale("log")
-    ax.set_xlabel("training tokens per block parameter")
-    ax.set_ylabel("share of the STE-to-BF16 gap closed by CAGE (%)")
-    ax.set_title("Regime map: tiny Llama (hidden 32), QuEST, paired with STE")
-    ax.legend(fontsize=7)
+        shares = [(p["tpp"], 100 * _mean(p["shares"])) for p in ps if all(s == s for s in p["shares"])]
+        if shares:
+            right.plot(*zip(*shares), "-", marker="o", color=color, label=name)
+        for p, g in zip(ps, gains):
+            left.scatter([p["tpp"]] * len(g), g, s=8, color=color, alpha=0.5)
+    for ax in (left, right):
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens per block parameter")
+    right.axhline(15, color="gray", ls="--", lw=0.8, label="target: 15% of the gap")
+    left.set_ylabel("nats (positive: STE worse than BF16 / CAGE better than STE)")
+    right.set_ylabel("share of the STE-to-BF16 gap closed by CAGE (%)")
+    left.set_title("Gap and CAGE's paired gain (hidden 32, QuEST)", fontsize=9)
+    right.set_title("Share of the gap closed (where STE is worse than BF16)", fontsize=9)
+    left.legend(fontsize=6)
+    right.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

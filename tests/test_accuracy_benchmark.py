@@ -86,7 +86,7 @@ def test_report_write_docs_writes_the_tables_and_the_plot(accuracy, quick_result
     bf16 = accuracy.Spec("pretrain", "bf16", 0, **accuracy.QUICK)
     share = accuracy.gap_closed(done[ste.key]["eval_loss"], done[cage.key]["eval_loss"], done[bf16.key]["eval_loss"])
     row = next(line for line in text.splitlines() if line.startswith("| CAGE lambda 10, silence 0.5 | w4a4-quest | 1"))
-    assert f"{share:+.1%}" in row and f"{done[cage.key]['eval_loss']:.4f}" in row
+    assert accuracy.share_cell([share]) in row and f"{done[cage.key]['eval_loss']:.4f}" in row
     ft_ste = replace(ste, study="finetune", init=bf16.key, steps=8, lr=1e-3, data_seed=7)
     ft_bf16 = replace(bf16, study="finetune", init=bf16.key, steps=8, lr=1e-3, data_seed=7)
     increase = done[ft_ste.key]["eval_loss"] - done[ft_bf16.key]["eval_loss"]
