@@ -295,6 +295,10 @@ def test_flags_override_the_yaml_preset():
     for flag, value in (("--a_bits", "none"), ("--a_bits", "0"), ("--quant_a_bits", "None")):
         args = recipe_common.parse_arguments(pretrain_llama.argument_types(), ["--config", "tiny", flag, value])
         assert args[3].quant_config().a_bits is None  # weight-only
+    args = recipe_common.parse_arguments(
+        pretrain_llama.argument_types(), ["--config", "tiny", "--quantizer", "int", "--a_clip", "absmax"]
+    )
+    assert (args[3].quant_config().quantizer, args[3].quant_config().a_clip) == ("int", "absmax")
 
 
 @pytest.mark.parametrize("name", ["tiny", *PAPER_PRESETS])
