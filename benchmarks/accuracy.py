@@ -94,6 +94,9 @@ class Spec:
     batch: int = BATCH
     vocab: int = VOCAB
     eval_blocks: int = EVAL_BLOCKS
+    # BF16 only: "trainer" = Trainer's own AdamW groups (decays embeddings and lm_head too, the recipes' baseline);
+    # "blocks" = weight decay on the block linears only, as CAGETrainer decays (a like-for-like control)
+    bf16_decay: str = "trainer"
 
     @property
     def fmt(self) -> str:
@@ -109,6 +112,8 @@ class Spec:
             name += f"-l{self.lam:g}-q{self.silence:g}" + ("-coupled" if self.variant == "coupled" else "")
         if self.lr != 2e-3:
             name += f"-lr{self.lr:g}"
+        if self.bf16_decay != "trainer":
+            name += f"-decay{self.bf16_decay}"
         return name
 
     @property
@@ -241,13 +246,20 @@ def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
     def plain(r: Spec) -> bool:  # not the coupled variant
         return r.variant == "decoupled"
 
+    controls = [
+        Spec("map", "bf16", 0, MAP_STEPS[1], **MAP_SHAPE, bf16_decay="blocks"),
+        Spec("pretrain", "bf16", 0, 1500, bf16_decay="blocks"),
+        Spec("map", "bf16", 0, MAP_STEPS[2], **MAP_SHAPE, bf16_decay="blocks"),
+    ]
     ordered = (
         [r for r in pre if r.seed == 0 and r.fmt in ("bf16", "w4a4-quest")]
         + [r for r in ft if r.seed == 0 and r.fmt in ("bf16", FT_W4A4)]
         + [r for r in mp if r.seed == 0 and r.quantizer == "quest" and plain(r) and first(r) and r.steps < 975]
         + [r for r in ft if r.seed == 0]
         + [r for r in mp if r.seed == 0 and r.fmt == "w4a4-int" and first(r)]
+        + controls[:1]
         + [r for r in mp if r.seed == 0 and r.fmt in ("bf16", "w4a4-quest") and plain(r) and first(r)]
+        + controls[1:]
         + [r for r in pre if r.seed == 0]
         + [r for r in pre if r.seed == 1 and r.fmt == "w4a4-quest"]
         + [r for r in mp if r.seed == 0 and first(r)]
@@ -359,6 +371,22 @@ def _save_at_callback(steps: set[int]):
     return SaveAt()
 
 
+def block_decay_adamw(model, args):
+    """AdamW with weight decay on the block linears only (CAGETrainer's policy), for the like-for-like BF16 control."""
+    import torch
+
+    from hf_cage.quant import LLAMA_TARGET_MODULES
+
+    decay, other = [], []
+    for name, param in model.named_parameters():
+        is_block_linear = name.endswith(".weight") and name.split(".")[-2] in LLAMA_TARGET_MODULES
+        (decay if is_block_linear else other).append(param)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon
+    )
+
+
 def train(spec: Spec, out: Path) -> dict:
     """Train ``spec`` through the Trainer and return its result line."""
     import torch
@@ -400,6 +428,9 @@ def train(spec: Spec, out: Path) -> dict:
     if spec.method == "ste":
         callbacks.append(_save_at_callback({round(f * spec.steps) for f in BRANCH_POINTS}))
     cls = Trainer if spec.method == "bf16" else CAGETrainer
+    optimizers = (None, None)
+    if spec.method == "bf16" and spec.bf16_decay == "blocks":
+        optimizers = (block_decay_adamw(model, args), None)
     trainer = cls(
         model=model,
         args=args,
@@ -407,6 +438,7 @@ def train(spec: Spec, out: Path) -> dict:
         eval_dataset=val_blocks,
         data_collator=default_data_collator,
         callbacks=callbacks,
+        optimizers=optimizers,
     )
     resume = None
     if spec.parent is not None:
@@ -610,7 +642,7 @@ def served_record(record: dict, out: Path) -> dict:
     from hf_cage.export import ExportError, export_checkpoint, load_quantized
     from hf_cage.export.served import served_loss
 
-    spec = Spec(**{k: record[k] for k in Spec.__dataclass_fields__})
+    spec = spec_of(record)
     export_dir = out / "exports" / spec.key
     common = dict(overwrite=True, progress=False, log=None)
     loss, loader, error, result = None, None, None, None
@@ -747,7 +779,7 @@ def total_pull(steps: int, lr: float, lam: float, silence: float) -> float:
 def pretrain_table(done: dict[str, dict], study: str = "pretrain") -> str:
     """BF16 / STE / CAGE per bit width, per seed, with the share of the STE-to-BF16 gap closed (paired by seed)."""
     rows = [r for r in done.values() if r["study"] == study]
-    bf16 = {r["seed"]: r["eval_loss"] for r in rows if r["method"] == "bf16"}
+    bf16 = {r["seed"]: r["eval_loss"] for r in rows if is_baseline(r)}
     lines = [
         "| run | format | seeds | eval loss (mean) | per seed | STE - CAGE (per seed) | share of STE-to-BF16 gap "
         "closed (mean, per seed) |",
@@ -795,7 +827,43 @@ def share_cell(shares: list[float]) -> str:
 
 
 def _with_fmt(r: dict) -> dict:
-    return {**r, "fmt_name": Spec(**{k: r[k] for k in Spec.__dataclass_fields__}).fmt}
+    return {**r, "fmt_name": spec_of(r).fmt}
+
+
+def spec_of(record: dict) -> Spec:
+    """The ``Spec`` a result line was trained from (fields added later take their defaults)."""
+    return Spec(**{k: record[k] for k in Spec.__dataclass_fields__ if k in record})
+
+
+def is_baseline(r: dict) -> bool:
+    """BF16 as the recipes train it (Trainer's own optimizer groups), not the weight-decay control."""
+    return r["method"] == "bf16" and r.get("bf16_decay", "trainer") == "trainer"
+
+
+def controls_table(done: dict[str, dict]) -> str:
+    """The BF16 weight-decay control: Trainer's groups vs block-linear decay, and the gap CAGE closes against each."""
+    lines = [
+        "| study | tokens / block param | format | BF16 (Trainer's decay) | BF16 (block-linear decay) | STE | "
+        "CAGE lambda 13, silence 0.5 | share closed vs Trainer's BF16 | share closed vs block-decay BF16 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in sorted((r for r in done.values() if r.get("bf16_decay", "trainer") != "trainer"), key=lambda r: r["key"]):
+        base = spec_of({**c, "bf16_decay": "trainer"})
+        if base.key not in done:
+            continue
+        for bits in (4, 3):
+            ste = replace(base, method="ste", w_bits=bits, a_bits=bits)
+            cage = replace(ste, method="cage", lam=13.0, silence=0.5)
+            if ste.key not in done or cage.key not in done:
+                continue
+            b0, s0, c0 = (done[x.key]["eval_loss"] for x in (base, ste, cage))
+            k = c["eval_loss"]
+            lines.append(
+                f"| {c['study']} (hidden {c['hidden']}) | {c['tokens_per_block_param']:.0f} | {ste.fmt} | {b0:.4f} | "
+                f"{k:.4f} | {s0:.4f} | {c0:.4f} | {share_cell([gap_closed(s0, c0, b0)])} | "
+                f"{share_cell([gap_closed(s0, c0, k)])} |"
+            )
+    return "\n".join(lines)
 
 
 def gap_closed(ste: float, cage: float, bf16: float) -> float:
@@ -807,7 +875,7 @@ def gap_closed(ste: float, cage: float, bf16: float) -> float:
 def finetune_table(done: dict[str, dict]) -> str:
     """Fine-tuning: loss increase over the BF16 model fine-tuned the same way, and the share CAGE removes."""
     rows = [_with_fmt(r) for r in done.values() if r["study"] == "finetune"]
-    bf16 = {r["seed"]: r["eval_loss"] for r in rows if r["method"] == "bf16"}
+    bf16 = {r["seed"]: r["eval_loss"] for r in rows if is_baseline(r)}
     lines = [
         "| format | method | seeds | eval loss (mean) | per seed | increase over BF16 fine-tuned (mean) | "
         "share of STE's increase removed (mean, per seed) |",
@@ -862,7 +930,7 @@ def finetune_table(done: dict[str, dict]) -> str:
 def map_points(done: dict[str, dict]) -> list[dict]:
     """Per (steps, format, CAGE setting): the share of the gap closed per seed (paired with STE and BF16)."""
     rows = [_with_fmt(r) for r in done.values() if r["study"] == "map"]
-    bf16 = {(r["steps"], r["seed"]): r["eval_loss"] for r in rows if r["method"] == "bf16"}
+    bf16 = {(r["steps"], r["seed"]): r["eval_loss"] for r in rows if is_baseline(r)}
     ste = {(r["steps"], r["fmt_name"], r["seed"]): r["eval_loss"] for r in rows if r["method"] == "ste"}
     points: dict[tuple, dict] = {}
     for r in rows:
@@ -979,6 +1047,9 @@ def command_report(args) -> int:
         "finetune": finetune_table(done) if any(r["study"] == "finetune" for r in done.values()) else "",
         "map": map_table(done) if any(r["study"] == "map" for r in done.values()) else "",
         "served": served_table(load_served(results)) if load_served(results) else "",
+        "controls": controls_table(done)
+        if any(not is_baseline(r) and r["method"] == "bf16" for r in done.values())
+        else "",
     }
     for name, table in sections.items():
         if table:
