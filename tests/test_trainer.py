@@ -205,6 +205,18 @@ def test_logged_metrics_equal_their_formulas(tmp_path):
     assert errors[2] < errors[0]  # the pull shrinks the quantization error
 
 
+@pytest.mark.parametrize("quantizer", ["int", "nvfp4"])
+def test_layer_statistics_stay_on_the_weights_device(quantizer):
+    # meta stands in for CUDA on a CPU machine: a CPU tensor stacked with them raises a mixed-device error
+    from hf_cage import QuantConfig
+    from hf_cage.trainer.metrics import layer_statistics
+
+    model = quantize_model(make_tiny_llama(), QuantConfig(quantizer=quantizer))
+    _, layer = next(iter(quantized_layers(model)))
+    stats = layer_statistics(layer.weight.detach().to("meta"), layer.weight_spec)
+    assert stats.device.type == "meta" and stats.shape == (4,) and stats.dtype == torch.float64
+
+
 # ---- Runs, schedules, resume ----
 
 

@@ -11,6 +11,20 @@ from ..qat import quantized_layers
 
 
 @torch.no_grad()
+def layer_statistics(w: torch.Tensor, spec) -> torch.Tensor:
+    """``[||W - Q(W)||^2, ||W||^2, clipped entries, entries]`` of one weight (shard), float64, on ``w``'s device."""
+    if w.numel() == 0:
+        return w.new_zeros(4, dtype=torch.float64)
+    q, mask = kernels.fake_quantize(w, spec)
+    w32 = w.float()
+    error_sq = (w32 - q.float()).square().sum()
+    norm_sq = w32.square().sum()
+    clipped = (~mask).sum()
+    entries = torch.tensor(mask.numel(), dtype=torch.float64, device=w.device)
+    return torch.stack([error_sq, norm_sq, clipped, entries]).double()
+
+
+@torch.no_grad()
 def quantization_metrics(model: nn.Module) -> dict[str, float]:
     """``cage/quant_error``: mean over quantized layers of ``||W - Q(W)||_F / ||W||_F``;
     ``cage/clip_fraction``: fraction of all quantized weight entries outside the clip range (where the
@@ -24,15 +38,7 @@ def quantization_metrics(model: nn.Module) -> dict[str, float]:
         weight = layer.weight.detach()
         w = local_shard(weight)
         sharded = sharded or w is not weight
-        if w.numel() == 0:
-            stats.append(torch.zeros(4, dtype=torch.float64))
-            continue
-        q, mask = kernels.fake_quantize(w, layer.weight_spec)
-        w32 = w.float()
-        error_sq = (w32 - q.float()).square().sum()
-        norm_sq = w32.square().sum()
-        clipped = (~mask).sum()
-        stats.append(torch.stack([error_sq, norm_sq, clipped, torch.tensor(mask.numel())]).double().cpu())
+        stats.append(layer_statistics(w, layer.weight_spec).cpu())
     if not stats:
         return {}
     totals = torch.stack(stats)
