@@ -220,6 +220,20 @@ def test_weights_only_drops_activations_and_prints_the_difference(tmp_path):
     assert "served unquantized (W4A16)" in lines[0]
 
 
+def test_weights_only_export_loads_as_w4a16_in_hf_cage_and_transformers(tmp_path, token_batch):
+    from transformers import AutoModelForCausalLM
+
+    model = qat_model(quantizer="int", a_bits=4)
+    export_model(model, tmp_path / "out", weights_only=True, progress=False, log=None)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())[CONFIG_KEY]["a_bits"] is None
+    loaded = load_quantized(tmp_path / "out")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    with activations_unquantized(model):
+        expected = logits(model, token_batch)
+    torch.testing.assert_close(logits(loaded, token_batch), expected, atol=0, rtol=0)
+    torch.testing.assert_close(logits(stock, token_batch), expected, atol=0, rtol=0)
+
+
 def test_int8_export_loads_in_transformers_exactly(tmp_path, token_batch):
     from transformers import AutoModelForCausalLM
 

@@ -95,7 +95,13 @@ class ExportFormat:
         return conversion
 
     def exported_config(self, config: QuantConfig, conversion: Conversion, *, weights_only: bool) -> QuantConfig:
-        """The :class:`QuantConfig` of what is stored (the trained one unless converted)."""
+        """The :class:`QuantConfig` of what is stored: the trained one unless converted, with no activation bits
+        under ``weights_only`` (what the loaders serve, so :func:`hf_cage.load_quantized` serves it too)."""
+        config = self.converted_config(config, conversion)
+        return replace(config, a_bits=None) if weights_only else config
+
+    def converted_config(self, config: QuantConfig, conversion: Conversion) -> QuantConfig:
+        """The trained :class:`QuantConfig` with the grid the format actually stores."""
         return config
 
     def served_activation_spec(self, config: QuantConfig, in_features: int, *, weights_only: bool) -> QuantSpec | None:
@@ -198,7 +204,7 @@ class CompressedTensorsFormat(ExportFormat):
             notes.append(f"activations are served unquantized (W{config.w_bits}A16), trained at {config.a_bits} bits")
         return Conversion(weights=weights, activations=activations, notes=notes)
 
-    def exported_config(self, config, conversion, *, weights_only):
+    def converted_config(self, config, conversion):
         if conversion.weights:
             config = replace(config, quantizer="int", hadamard=False, clip="absmax")
         if conversion.activations or conversion.weights:
@@ -399,12 +405,8 @@ class Fp4CompressedTensorsFormat(ExportFormat):
             notes.append(f"activations are served unquantized (W4A16), trained at {config.a_bits} bits")
         return Conversion(weights=weights, activations=activations, notes=notes)
 
-    def exported_config(self, config, conversion, *, weights_only):
-        if conversion.weights:
-            config = replace(config, hadamard=False)
-        if weights_only:  # what the loaders serve (no calibrated NVFP4 input scale is stored)
-            config = replace(config, a_bits=None)
-        return config
+    def converted_config(self, config, conversion):
+        return replace(config, hadamard=False) if conversion.weights else config
 
     def served_activation_spec(self, config, in_features, *, weights_only):
         return config.activation_spec(in_features) if self.declares_activations(config, weights_only) else None
