@@ -35,6 +35,11 @@ def _is_target(name: str, config: QuantConfig) -> bool:
     return parts[-1] in config.target_modules
 
 
+def target_linears(model: nn.Module, config: QuantConfig) -> list[tuple[str, nn.Linear]]:
+    """``(name, linear)`` for every ``nn.Linear`` of ``model`` that :func:`quantize_model` would quantize."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_target(n, config)]
+
+
 def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Replace every target ``nn.Linear`` of ``model`` by a ``QATLinear`` sharing its Parameters.
 
@@ -48,7 +53,7 @@ def quantize_model(model: nn.Module, config: QuantConfig) -> nn.Module:
     """
     if any(True for _ in quantized_layers(model)):
         raise ValueError("model is already quantized (it contains QATLinear layers)")
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and _is_target(n, config)]
+    targets = target_linears(model, config)
     if not targets:
         linear_names = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(

@@ -358,10 +358,26 @@ def branch_checkpoint_callback(silence_ratio: float):
     return SaveAtSilenceEnd()
 
 
+def block_decay_trainer_class():
+    """A ``transformers.Trainer`` whose weight decay follows hf-cage's policy on the dense model: only the
+    block linears ``args.quant_config()`` targets (what ``CAGETrainer`` decays in the QAT runs), not
+    ``embed_tokens`` / ``lm_head`` / norms, so the BF16 baseline is like-for-like with STE and CAGE."""
+    from transformers import Trainer
+
+    from hf_cage.optim import decay_parameter_names
+
+    class BlockDecayTrainer(Trainer):
+        def get_decay_parameter_names(self, model) -> list[str]:
+            return decay_parameter_names(model, self.args.quant_config())
+
+    return BlockDecayTrainer
+
+
 def make_trainer(
     method: str, model, training_args, train_dataset, eval_dataset, plain: bool = False, branch_checkpoint=False
 ):
-    """``bf16`` (or ``plain``) -> ``transformers.Trainer``; ``ste`` / ``cage`` -> ``hf_cage.CAGETrainer``.
+    """``bf16`` -> ``transformers.Trainer`` with CAGETrainer's weight-decay policy (:func:`block_decay_trainer_class`);
+    ``plain`` -> ``transformers.Trainer``; ``ste`` / ``cage`` -> ``hf_cage.CAGETrainer``.
 
     ``plain`` is for a model quantized beforehand whose quantized weights are all frozen (LoRA): STE
     training needs no more than the model's own ``QATLinear`` forward. ``branch_checkpoint`` adds
@@ -369,8 +385,10 @@ def make_trainer(
     """
     from transformers import Trainer, default_data_collator
 
-    if method == "bf16" or plain:
+    if plain:
         cls = Trainer
+    elif method == "bf16":
+        cls = block_decay_trainer_class()
     else:
         from hf_cage import CAGETrainer
 

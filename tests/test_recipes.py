@@ -431,3 +431,26 @@ def test_finetune_bf16_baseline_and_a_cage_branch_from_the_ste_finetune(bf16_che
         ste["eval_loss_start"],
     )
     assert cage["eval_loss"] != ste["eval_loss"]
+
+
+def test_bf16_baseline_decays_the_same_block_linears_as_the_qat_runs(tmp_path):
+    from conftest import make_tiny_llama
+
+    from hf_cage import CAGEConfig
+
+    args = CAGEConfig(output_dir=str(tmp_path), weight_decay=0.1, use_cpu=True, report_to=[], max_steps=1)
+    groups = {}
+    for method in ("bf16", "ste"):
+        model = make_tiny_llama()
+        trainer = recipe_common.make_trainer(method, model, args, None, None)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups[method] = {
+            g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in trainer.create_optimizer().param_groups
+        }
+    blocks = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    expected = {n for n, _ in make_tiny_llama().named_parameters() if n.endswith(tuple(f"{b}.weight" for b in blocks))}
+    assert groups["bf16"][0.1] == groups["ste"][0.1] == expected
+    no_decay = groups["bf16"][0.0]
+    assert "model.embed_tokens.weight" in no_decay and "model.norm.weight" in no_decay
+    assert "lm_head.weight" in no_decay or make_tiny_llama().config.tie_word_embeddings
+    assert no_decay == groups["ste"][0.0]

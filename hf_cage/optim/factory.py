@@ -13,14 +13,23 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..qat import quantized_layers
+from ..qat import quantized_layers, target_linears
+from ..quant.config import QuantConfig
 from .cage import CAGE
 
 
-def decay_parameter_names(model: nn.Module) -> list[str]:
-    """Names (as ``model.named_parameters()`` spells them) of the parameters that get weight decay."""
-    quantized = {id(layer.weight) for _, layer in quantized_layers(model)}
-    return [name for name, p in model.named_parameters() if id(p) in quantized]
+def decay_parameter_names(model: nn.Module, quant_config: QuantConfig | None = None) -> list[str]:
+    """Names (as ``model.named_parameters()`` spells them) of the parameters that get weight decay.
+
+    A quantized model: its ``QATLinear`` weights. A dense model with ``quant_config``: the weights of the
+    linears :func:`hf_cage.quantize_model` would quantize with that config (so a BF16 baseline decays the
+    same block linears as its QAT runs); a dense model without one: nothing.
+    """
+    layers = [layer for _, layer in quantized_layers(model)]
+    if not layers and quant_config is not None:
+        layers = [linear for _, linear in target_linears(model, quant_config)]
+    decayed = {id(layer.weight) for layer in layers}
+    return [name for name, p in model.named_parameters() if id(p) in decayed]
 
 
 def cage_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
