@@ -387,6 +387,21 @@ def test_bad_config_raises_naming_the_field(tmp_path, overrides, field):
         config(tmp_path, **overrides)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(quant_quantizer="nvfp4", quant_group_size=16),
+        dict(quant_quantizer="mxfp4", quant_granularity="group", quant_group_size=32),
+        dict(quant_quantizer="int", quant_clip="minmax"),
+    ],
+)
+def test_config_accepts_what_quant_config_accepts(tmp_path, overrides):
+    from hf_cage import QuantConfig
+
+    expected = QuantConfig(**{k.removeprefix("quant_"): v for k, v in overrides.items()})
+    assert config(tmp_path, **overrides).quant_config() == expected
+
+
 def test_config_parses_from_the_command_line(tmp_path):
     from transformers import HfArgumentParser
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -42,7 +42,8 @@ class CAGEConfig(TrainingArguments):
     quant_group_size: int | None = field(
         default=None,
         metadata={
-            "help": f"Inputs per weight scale with quant_granularity='group', one of {GROUP_SIZES} (default 128)."
+            "help": f"Inputs per weight scale with quant_granularity='group', one of {GROUP_SIZES} (default 128); "
+            "FP4 grids: their format's group (mxfp4 32, nvfp4 16)."
         },
     )
     quant_hadamard: bool | None = field(
@@ -54,8 +55,9 @@ class CAGEConfig(TrainingArguments):
     quant_clip: str | None = field(
         default=None,
         metadata={
-            "help": "Scale rule: 'mse' (Gaussian-MSE-optimal clip alpha_b * RMS, the default) or 'absmax'; "
-            "FP4 grids have their own."
+            "help": f"Weight scale rule, one of {', '.join(SCALE_RULES)}: mse = Gaussian-MSE-optimal clip "
+            "alpha_b * RMS (the default), absmax, minmax = compressed-tensors' rule (as quant_a_clip). FP4 grids: "
+            "leave unset (the format's own rule)."
         },
     )
     quant_a_clip: str | None = field(
@@ -97,15 +99,14 @@ class CAGEConfig(TrainingArguments):
         _check("quant_a_bits", self.quant_a_bits, (*SUPPORTED_BITS, None), "0 or None (weight-only)")
         _check("quant_quantizer", self.quant_quantizer, QUANTIZERS)
         _check("quant_granularity", self.quant_granularity, GRANULARITIES)
-        if self.quant_clip is not None:
-            _check("quant_clip", self.quant_clip, SCALE_RULES)
-        if self.quant_group_size is not None:
-            _check("quant_group_size", self.quant_group_size, GROUP_SIZES)
         try:
-            self.quant_config()
+            self.quant_config()  # the one validation of clip, group_size and their combinations (FP4 grids)
         except ValueError as err:
+            message = str(err)
+            if message.split("=", 1)[0] in {f.name for f in fields(QuantConfig)}:
+                message = f"quant_{message}"  # name the field as it is set here
             raise ValueError(
-                f"invalid quant_* settings: {err} (each QuantConfig field is set by quant_<name>)"
+                f"invalid quant_* settings: {message} (each QuantConfig field is set by quant_<name>)"
             ) from err
         check_cage_hyperparameters(self.cage_lambda, self.cage_silence_ratio, self.cage_schedule, self.cage_variant, 1)
 
