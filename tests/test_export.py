@@ -332,6 +332,27 @@ def test_sharded_export_loads_to_the_same_logits(tmp_path, token_batch):
         export_model(model, tmp_path / "bad", max_shard_size="lots", progress=False, log=None)
 
 
+@pytest.mark.parametrize(
+    "size, expected",
+    [
+        ("40KB", 40_000),
+        ("1.5GB", 1_500_000_000),
+        ("5 mb", 5_000_000),
+        ("2TB", 2 * 10**12),
+        ("1000", 1000),
+        (1000, 1000),
+        ("lots", -1),
+        ("5XB", -1),
+        ("", -1),
+        (None, -1),
+    ],
+)
+def test_shard_sizes_are_read_as_huggingface_hub_reads_them(size, expected):
+    from hf_cage.export.api import _parse_size
+
+    assert _parse_size(size) == expected
+
+
 # ----------------------------------------------------------------------------- formats: exact, or measured and loud
 def test_auto_format_picks_hf_cage_for_quest_and_says_why(tmp_path):
     lines = []
@@ -566,6 +587,26 @@ def test_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_model(qat_model(**INT_W4), tmp_path / "out", progress=False, log=None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_between_the_renames_restores_the_previous_export(tmp_path, monkeypatch):
+    import hf_cage.export.api as api
+
+    out = tmp_path / "out"
+    export_model(qat_model(**INT_W4), out, progress=False, log=None)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    rename = os.rename
+
+    def interrupted_rename(src, dst):
+        if Path(dst) == out and "staging" in Path(src).name:
+            raise KeyboardInterrupt
+        rename(src, dst)
+
+    monkeypatch.setattr(api.os, "rename", interrupted_rename)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(qat_model(seed=1, **INT_W4), out, overwrite=True, progress=False, log=None)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_os_error_while_writing_is_one_export_write_error_and_leaves_nothing(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ behind).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -128,6 +129,15 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
+def _folder_identity(path) -> tuple[int, int] | None:
+    """``(device, inode)`` of a folder (an export replaces the folder, so this changes), or ``None``."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..export import CardOptions, ExportError, ExportWriteError, PushError, export_checkpoint
 
@@ -137,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         datasets=list(args.dataset),
         model_name=args.model_name,
     )
+    before = _folder_identity(args.output_dir)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         result = export_checkpoint(
@@ -165,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
         where = err.result.output_dir if err.result is not None else args.output_dir
         return _fail(f"push to {args.push_to_hub} failed ({err}); the export is kept in {where}", 1)
     except (KeyboardInterrupt, _Terminated):
+        after = _folder_identity(args.output_dir)
+        if after is not None and after != before:  # the new export was moved into place (e.g. during the push)
+            return _fail(f"interrupted; the export is kept in {args.output_dir}", 130)
         return _fail("interrupted; nothing was written", 130)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -107,15 +107,28 @@ def _check_existing_output(output_dir: Path, overwrite: bool) -> None:
             )
 
 
-def _check_options(dtype: str, max_shard_size) -> int:
-    from huggingface_hub.serialization._base import parse_size_to_int
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's units (decimal)
 
+
+def _parse_size(size) -> int:
+    """Bytes of ``5GB`` / ``500MB`` / ``40KB`` / a byte count (as huggingface_hub reads them); -1 if not a size."""
+    if not isinstance(size, str):
+        try:
+            return int(size)
+        except (TypeError, ValueError):
+            return -1
+    match = _SIZE.fullmatch(size)
+    if not match:
+        return -1
+    return int(float(match.group(1)) * _SIZE_UNITS.get((match.group(2) or "").upper(), 1))
+
+
+def _check_options(dtype: str, max_shard_size) -> int:
+    """Validate the options before anything is loaded or written; returns the shard size in bytes."""
     if dtype not in DTYPE_CHOICES:
         raise ExportError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPE_CHOICES)}")
-    try:
-        size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
-    except (TypeError, ValueError):
-        size = -1
+    size = _parse_size(max_shard_size)
     if size <= 0:
         raise ExportError(f"max_shard_size={max_shard_size!r} is not a size; pass e.g. 5GB, 500MB or a byte count")
     return size
@@ -471,7 +484,7 @@ def _move_into_place(staging: Path, output_dir: Path) -> None:
         os.rename(output_dir, old / "previous")
         try:
             os.rename(staging, output_dir)
-        except OSError:
+        except BaseException:  # OSError, or Ctrl-C / SIGTERM between the renames: the old export stays in place
             os.rename(old / "previous", output_dir)
             shutil.rmtree(old, ignore_errors=True)
             raise
