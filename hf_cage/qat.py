@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -89,7 +88,7 @@ def load_qat_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", *
 
     The result computes the same outputs, bit for bit, as the model that was saved.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -101,8 +100,7 @@ def load_qat_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", *
             f"{path!r} holds no hf-cage quantization config (config.json has no {CONFIG_KEY!r}); "
             "load it with transformers and call hf_cage.quantize_model(model, QuantConfig(...))"
         )
-    with _layer_buffers_expected(hf_config):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    model = _load_dense_model(hf_config, path, dtype=dtype, **kwargs)
     quantize_model(model, QuantConfig.from_dict(data))
     _load_layer_buffers(model, path)
     return model
@@ -112,27 +110,24 @@ def load_qat_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", *
 LAYER_BUFFER_PATTERNS = (r"\.input_global_scale$",)
 
 
-@contextmanager
-def _layer_buffers_expected(hf_config):
-    """While the dense model loads, declare the quantized layers' buffers as expected extra keys (transformers'
-    ``_keys_to_ignore_on_load_unexpected``), so its load report does not flag them; they are loaded afterwards."""
+def _load_dense_model(hf_config, path: str, **kwargs) -> nn.Module:
+    """The dense model ``from_pretrained`` builds, loaded through a throwaway subclass of the architecture's class
+    whose ``_keys_to_ignore_on_load_unexpected`` adds the quantized layers' buffers (loaded afterwards by
+    :func:`_load_layer_buffers`), so transformers' load report does not flag them. A subclass, not the class itself:
+    that would be global state shared by every load and thread. The model returned is of the architecture's own
+    class (the subclass adds no state)."""
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
     except KeyError:
-        yield
-        return
-    missing = object()
-    own = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", missing)
-    cls._keys_to_ignore_on_load_unexpected = [*(cls._keys_to_ignore_on_load_unexpected or []), *LAYER_BUFFER_PATTERNS]
-    try:
-        yield
-    finally:
-        if own is missing:
-            del cls._keys_to_ignore_on_load_unexpected
-        else:
-            cls._keys_to_ignore_on_load_unexpected = own
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    keys = [*(cls._keys_to_ignore_on_load_unexpected or []), *LAYER_BUFFER_PATTERNS]
+    loader = type(cls.__name__, (cls,), {"_keys_to_ignore_on_load_unexpected": keys})
+    model = loader.from_pretrained(path, **kwargs)
+    model.__class__ = cls
+    return model
 
 
 @torch.no_grad()

@@ -118,3 +118,36 @@ def test_int4_linear_packs_a_trained_layer_and_reproduces_its_forward(config):
     torch.testing.assert_close(packed(x), layer(x), atol=0, rtol=0)
     with pytest.raises(ValueError, match="4-bit"):
         Int4Linear.from_qat_linear(QATLinear.from_linear(nn.Linear(128, 48), QuantConfig(w_bits=3)))
+
+
+def test_load_qat_model_leaves_the_architecture_class_alone(tiny_llama, token_batch, tmp_path, monkeypatch, caplog):
+    """The quantized layers' buffers are declared expected on a throwaway subclass, not on LlamaForCausalLM
+    (global state shared by every load and thread); the model comes back as a plain LlamaForCausalLM."""
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    quantize_model(tiny_llama, QuantConfig(quantizer="nvfp4"))
+    tiny_llama(input_ids=token_batch)  # calibrate the NVFP4 input global scales (train mode)
+    tiny_llama.eval()
+    expected = tiny_llama(input_ids=token_batch).logits
+    tiny_llama.save_pretrained(tmp_path / "saved")
+    before = LlamaForCausalLM.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    seen = []
+    post_init = LlamaForCausalLM.post_init
+
+    def spy(self):
+        seen.append(LlamaForCausalLM.__dict__.get("_keys_to_ignore_on_load_unexpected"))
+        post_init(self)
+
+    monkeypatch.setattr(LlamaForCausalLM, "post_init", spy)
+    hf_logging.enable_propagation()
+    try:
+        loaded = load_qat_model(tmp_path / "saved").eval()
+    finally:
+        hf_logging.disable_propagation()
+    assert seen and all(keys == before for keys in seen)  # never modified, even while loading
+    assert type(loaded) is LlamaForCausalLM
+    torch.testing.assert_close(loaded(input_ids=token_batch).logits, expected, atol=0, rtol=0)
+    assert "input_global_scale" not in caplog.text  # not reported as an unexpected key
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
