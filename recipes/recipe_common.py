@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -492,7 +492,3 @@ class Stopwatch:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
-
-
-def dataclass_keys(*types) -> set[str]:
-    return {f.name for t in types for f in fields(t)}
