@@ -4,7 +4,8 @@ Weight-decay policy (the CAGE reference's, CAGE.md section 5): weight decay appl
 the quantized block linears (the ``QATLinear`` layers: q, k, v, o, gate, up, down) and to nothing
 else: embeddings, ``lm_head`` (tied or not), norms and biases are not decayed.
 :func:`decay_parameter_names` is that rule; ``create_cage_optimizer`` and
-``CAGETrainer.get_decay_parameter_names`` both use it.
+``CAGETrainer.get_decay_parameter_names`` both use it, and the recipes' BF16 baseline applies it to the dense
+model with the runs' ``QuantConfig`` (the same block linears decay in all three methods).
 
 Frozen parameters (``requires_grad=False``) are left out of the optimizer; empty groups are dropped.
 """
