@@ -19,6 +19,7 @@ import torch
 
 from hf_cage.kernels import fp4
 from hf_cage.kernels.reference import hadamard_rotate
+from hf_cage.kernels.spec import FP4_GRIDS, FP4_GROUP_SIZE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -60,7 +61,7 @@ def assert_same_scales(scales, ref_scales):
     assert torch.equal(scales.view(torch.uint8), ref_scales.view(torch.uint8))
 
 
-@pytest.mark.parametrize("fmt", fp4.FORMATS)
+@pytest.mark.parametrize("fmt", FP4_GRIDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_quantize_is_bit_exact_without_rotation(tfp4, fmt, shape):
     x = awkward(*shape, seed=1)
@@ -71,7 +72,7 @@ def test_quantize_is_bit_exact_without_rotation(tfp4, fmt, shape):
     assert codes.dtype == torch.int8 and torch.equal(codes, ref_codes)
 
 
-@pytest.mark.parametrize("fmt", fp4.FORMATS)
+@pytest.mark.parametrize("fmt", FP4_GRIDS)
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
 def test_fake_quantize_is_bit_exact_without_rotation(tfp4, fmt, shape):
     x = awkward(*shape, seed=2)
@@ -82,7 +83,7 @@ def test_fake_quantize_is_bit_exact_without_rotation(tfp4, fmt, shape):
     assert not mask.all()  # the outliers' groups clip something: the mask is not trivially True
 
 
-@pytest.mark.parametrize("fmt", fp4.FORMATS)
+@pytest.mark.parametrize("fmt", FP4_GRIDS)
 def test_a_given_global_scale_is_used(tfp4, fmt):
     x = awkward(20, 128, seed=3)
     gs = torch.tensor([37.0], device=DEVICE) if fmt == "nvfp4" else None
@@ -95,7 +96,7 @@ def test_a_given_global_scale_is_used(tfp4, fmt):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("fmt", fp4.FORMATS)
+@pytest.mark.parametrize("fmt", FP4_GRIDS)
 def test_half_inputs_use_the_half_scale_rule(tfp4, fmt, dtype):
     x = awkward(33, 128, seed=4, dtype=dtype)
     codes, scales, gs = tfp4.quantize_codes(x, fmt)
@@ -111,7 +112,7 @@ def test_half_inputs_use_the_half_scale_rule(tfp4, fmt, dtype):
 
 
 @pytest.mark.parametrize("hadamard_block", [16, 64, 128])
-@pytest.mark.parametrize("fmt", fp4.FORMATS)
+@pytest.mark.parametrize("fmt", FP4_GRIDS)
 def test_rotated_quantization_matches_the_twin(tfp4, fmt, hadamard_block):
     x = awkward(70, 256, seed=5)
     codes, scales, gs = tfp4.quantize_codes(x, fmt, hadamard_block=hadamard_block)
@@ -121,7 +122,7 @@ def test_rotated_quantization_matches_the_twin(tfp4, fmt, hadamard_block):
     assert_same_scales(scales, ref_scales)
     # Codes: the twin's rounding of the kernel's own scales, away from thresholds.
     rotated = hadamard_rotate(x.float(), hadamard_block)
-    group = fp4.GROUP_SIZE[fmt]
+    group = FP4_GROUP_SIZE[fmt]
     step = fp4.effective_scales(scales, fmt, gs).unsqueeze(-1)
     scaled = (rotated.unflatten(-1, (-1, group)) / step).flatten(-2)
     expected = fp4.e2m1_codes(scaled)
@@ -162,7 +163,7 @@ def test_rejects_bad_shapes(tfp4):
         tfp4.quantize_codes(torch.zeros(2, 64, dtype=torch.int8, device=DEVICE), "mxfp4")
 
 
-@pytest.mark.parametrize("fmt", fp4.FORMATS)
+@pytest.mark.parametrize("fmt", FP4_GRIDS)
 def test_e2m1_ties_round_to_the_even_mantissa(tfp4, fmt):
     # Scale 1 for both grids (MX: amax 6 -> byte 127; NV: gs = 1, amax 6 -> s8 = 1.0): values sit on the ties.
     ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]
@@ -179,7 +180,7 @@ def test_e2m1_ties_round_to_the_even_mantissa(tfp4, fmt):
 # --- through the kernels seam and QATLinear -------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", fp4.FORMATS)
+@pytest.mark.parametrize("fmt", FP4_GRIDS)
 def test_the_kernels_seam_dispatches_fp4_grids_to_the_fused_quantizer(tfp4, fmt, monkeypatch):
     from hf_cage import kernels
     from hf_cage.quant.config import QuantConfig
@@ -198,7 +199,7 @@ def test_the_kernels_seam_dispatches_fp4_grids_to_the_fused_quantizer(tfp4, fmt,
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("fmt", fp4.FORMATS)
+@pytest.mark.parametrize("fmt", FP4_GRIDS)
 def test_fp4_qat_linear_on_triton_equals_the_torch_twins(tfp4, fmt, monkeypatch):
     """Forward and straight-through backward of an FP4 QATLinear: Triton quantizer vs the twin, bit for bit."""
     from hf_cage import QATLinear

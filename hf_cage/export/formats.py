@@ -28,8 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ..kernels.spec import QuantSpec
-from ..quant.config import FP4_QUANTIZERS, QuantConfig
+from ..kernels.spec import FP4_GRIDS, QuantSpec
+from ..quant.config import QuantConfig
 from .errors import ExportError
 
 EXPORT_KEY = "hf_cage_export"
@@ -121,7 +121,7 @@ class ExportFormat:
         if config.w_bits != 4:
             return ""
         what = f", {config.a_bits}-bit activations as stored in the export's config" if config.a_bits else ""
-        layer = "Fp4Linear" if config.quantizer in FP4_QUANTIZERS else "Int4Linear"
+        layer = "Fp4Linear" if config.quantizer in FP4_GRIDS else "Int4Linear"
         return (
             f"With hf-cage (packed `{layer}` layers{what}):\n\n```python\nimport hf_cage\n"
             "from huggingface_hub import snapshot_download\n\n"
@@ -163,7 +163,7 @@ class CompressedTensorsFormat(ExportFormat):
         return QuantSpec(bits, "integer", "minmax", None, None)
 
     def problem(self, config, *, weights_only=False):
-        if config.quantizer in FP4_QUANTIZERS:
+        if config.quantizer in FP4_GRIDS:
             return (
                 f"--format compressed-tensors (pack-quantized) holds integer grids; the {config.quantizer} grid is "
                 f"exported with --format {config.quantizer}-pack-quantized (or auto)"
@@ -385,7 +385,7 @@ class Fp4CompressedTensorsFormat(ExportFormat):
         if config.quantizer != self.grid:
             other = (
                 f"--format {config.quantizer}-pack-quantized"
-                if config.quantizer in FP4_QUANTIZERS
+                if config.quantizer in FP4_GRIDS
                 else "--format compressed-tensors or hf-cage"
             )
             return (
@@ -521,7 +521,7 @@ def get_format(name: str) -> ExportFormat:
 
 def stock_format_for(config: QuantConfig) -> ExportFormat:
     """The compressed-tensors format of the model's grid: ``{mx,nv}fp4-pack-quantized`` or ``pack-quantized``."""
-    if config.quantizer in FP4_QUANTIZERS:
+    if config.quantizer in FP4_GRIDS:
         return FORMATS[f"{config.quantizer}-pack-quantized"]
     return FORMATS["compressed-tensors"]
 
@@ -577,7 +577,7 @@ def export_metadata(
         "code_offset": spec.code_offset,
         "hadamard": bool(config.hadamard),
         "hadamard_max_block": 128 if config.hadamard else None,
-        "packing": FP4_PACKING if config.quantizer in FP4_QUANTIZERS else PACKING,
+        "packing": FP4_PACKING if config.quantizer in FP4_GRIDS else PACKING,
         "weights_only": weights_only,
         "parity": parity,
     }

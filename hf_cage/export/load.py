@@ -19,7 +19,6 @@ from torch import nn
 
 from ..layers.fp4_linear import Fp4Linear
 from ..layers.int4_linear import Int4Linear
-from ..layers.packed import is_fp4
 from ..qat import CONFIG_KEY
 from ..quant.config import QuantConfig
 from .formats import EXPORT_KEY
@@ -94,7 +93,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", d
         if shape is not None and shape.tolist() != [linear.out_features, linear.in_features]:
             raise ValueError(f"{name}: weight_shape {shape.tolist()} does not match the model config")
         weight_spec = quant_config.weight_spec(linear.in_features)
-        layer = (Fp4Linear if is_fp4(weight_spec) else Int4Linear)(
+        layer = (Fp4Linear if weight_spec.is_fp4 else Int4Linear)(
             linear.in_features,
             linear.out_features,
             linear.bias is not None,

@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..kernels import fp4
-from ..kernels.spec import QuantSpec
-from .packed import is_fp4, pack_weight, unpack_weight
+from ..kernels.spec import FP4_GROUP_SIZE, QuantSpec
+from .packed import FP4_PACKED_NAMES, PackedLinear, packing_problem
 
 
-class Fp4Linear(nn.Module):
+class Fp4Linear(PackedLinear):
     """Linear layer holding E2M1 weight codes packed two per byte plus their group scales.
 
     Buffers (compressed-tensors ``{mx,nv}fp4-pack-quantized`` names): ``weight_packed`` uint8
@@ -27,6 +26,8 @@ class Fp4Linear(nn.Module):
     ``(1,)``, the calibrated global scale of the inputs. Inputs are quantized per token group with
     ``activation_spec`` when given.
     """
+
+    packed_names = FP4_PACKED_NAMES
 
     def __init__(
         self,
@@ -39,11 +40,12 @@ class Fp4Linear(nn.Module):
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        if not is_fp4(weight_spec):
+        if not weight_spec.is_fp4:
             raise ValueError(f"Fp4Linear holds mxfp4 / nvfp4 weights, got grid={weight_spec.grid!r}")
-        group = fp4.check_format(weight_spec.grid)
-        if in_features % group:
-            raise ValueError(f"in_features={in_features} must be a multiple of the {weight_spec.grid} group {group}")
+        problem = packing_problem(in_features, weight_spec)
+        if problem:
+            raise ValueError(problem)
+        group = FP4_GROUP_SIZE[weight_spec.grid]
         self.in_features, self.out_features = in_features, out_features
         self.weight_spec, self.activation_spec = weight_spec, activation_spec
         nvfp4 = weight_spec.grid == "nvfp4"
@@ -59,44 +61,6 @@ class Fp4Linear(nn.Module):
         if activation_spec is not None and activation_spec.grid == "nvfp4":
             self.register_buffer("input_global_scale", torch.ones(1, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-
-    @classmethod
-    def from_qat_linear(cls, layer) -> Fp4Linear:
-        """Pack a trained FP4 :class:`~hf_cage.QATLinear`; the dequantized weight equals its ``Qw(W)`` exactly."""
-        new = cls(
-            layer.in_features,
-            layer.out_features,
-            layer.bias is not None,
-            layer.weight_spec,
-            layer.activation_spec,
-            device=layer.weight.device,
-            dtype=layer.weight.dtype,
-        )
-        new.load_packed(pack_weight(layer.weight, layer.weight_spec))
-        if hasattr(new, "input_global_scale"):
-            new.input_global_scale.copy_(layer.input_global_scale)
-        if layer.bias is not None:
-            new.bias.data.copy_(layer.bias.detach())
-        return new
-
-    @torch.no_grad()
-    def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy in the tensors of :func:`hf_cage.layers.packed.pack_weight` (shapes and dtypes checked)."""
-        for name, tensor in tensors.items():
-            buffer = getattr(self, name)
-            if buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-                raise ValueError(
-                    f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(buffer.shape)} {buffer.dtype}"
-                )
-            buffer.copy_(tensor)
-
-    def packed_tensors(self) -> dict[str, torch.Tensor]:
-        names = ("weight_packed", "weight_scale", "weight_global_scale")
-        return {n: getattr(self, n) for n in names if hasattr(self, n)}
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``Q(W)`` computed in fp32 (the trained weight), cast to ``dtype``."""
-        return unpack_weight(self.packed_tensors(), self.weight_spec, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activation_spec is not None:

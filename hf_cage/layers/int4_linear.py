@@ -8,10 +8,10 @@ from torch import nn
 
 from .. import kernels
 from ..kernels.spec import QuantSpec
-from .packed import pack_weight
+from .packed import PACKED_NAMES, PackedLinear
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(PackedLinear):
     """Linear layer holding int4 weight codes packed 8 per int32 plus fp32 scales.
 
     Buffers: ``weight_packed`` int32 ``(out, in / 8)`` (compressed-tensors layout, codes in the
@@ -21,6 +21,8 @@ class Int4Linear(nn.Module):
     packed words directly (W4A4 GEMM for 4-bit activations, W4A16 otherwise; :func:`hf_cage.kernels.int4_gemm`,
     decided once at build time in ``kernel_plan`` like :class:`~hf_cage.QATLinear`'s).
     """
+
+    packed_names = PACKED_NAMES
 
     def __init__(
         self,
@@ -56,36 +58,6 @@ class Int4Linear(nn.Module):
             quantizes_weight=False,
             gemm=kernels.int4_gemm(weight_spec, activation_spec, in_features),
         )
-
-    @classmethod
-    def from_qat_linear(cls, layer) -> Int4Linear:
-        """Pack a trained :class:`~hf_cage.QATLinear`; the dequantized weight equals its ``Qw(W)`` exactly."""
-        new = cls(
-            layer.in_features,
-            layer.out_features,
-            layer.bias is not None,
-            layer.weight_spec,
-            layer.activation_spec,
-            device=layer.weight.device,
-            dtype=layer.weight.dtype,
-        )
-        new.load_packed(pack_weight(layer.weight, layer.weight_spec))
-        if layer.bias is not None:
-            new.bias.data.copy_(layer.bias.detach())
-        return new
-
-    @torch.no_grad()
-    def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy in the tensors of :func:`hf_cage.layers.packed.pack_weight` (shapes checked)."""
-        shape = tensors.get("weight_shape")
-        if shape is not None and shape.tolist() != [self.out_features, self.in_features]:
-            raise ValueError(f"weight_shape {shape.tolist()} != [{self.out_features}, {self.in_features}]")
-        self.weight_packed.copy_(tensors["weight_packed"])
-        self.weight_scale.copy_(tensors["weight_scale"])
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = kernels.unpack_int4(self.weight_packed)
-        return kernels.dequantize_rows(codes, self.weight_scale, self.weight_spec, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.kernel_plan.backend(x, self.weight_packed)

@@ -22,7 +22,7 @@ layouts, shared by every export format and by the packed inference layers:
   ``e2m1(code) * scale`` (NVFP4: ``scale / global_scale``) is exactly the training-time ``Q(W)``; with a
   Hadamard rotation (hf-cage format only) the codes are in the rotated basis and the weight is rotated back.
 
-Every caller uses :func:`pack_weight`: ``Int4Linear.from_qat_linear``, the export (a trained layer's
+Every caller uses :func:`pack_weight`: :meth:`PackedLinear.from_qat_linear`, the export (a trained layer's
 weight on its own grid, or a lossy re-quantization of ``Q(W)`` to another grid), and the LoRA merge
 (the dequantized weight plus the adapters' delta, back on the layer's grid).
 """
@@ -30,25 +30,21 @@ weight on its own grid, or a lossy re-quantization of ``Q(W)`` to another grid),
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from .. import kernels
 from ..kernels import fp4
 from ..kernels.packing import PACKABLE_BITS, pack_codes, unpack_codes
-from ..kernels.spec import QuantSpec
+from ..kernels.spec import FP4_GROUP_SIZE, QuantSpec
 
 PACKED_NAMES = ("weight_packed", "weight_scale", "weight_shape")
 FP4_PACKED_NAMES = ("weight_packed", "weight_scale", "weight_global_scale")
 
 
-def is_fp4(spec: QuantSpec) -> bool:
-    """True for the FP4 grids (``spec.grid`` ``"mxfp4"`` or ``"nvfp4"``)."""
-    return spec.is_fp4
-
-
 def packing_problem(in_features: int, spec: QuantSpec) -> str | None:
     """Why a weight with ``in_features`` inputs cannot be packed on ``spec``'s grid, or ``None`` when it can."""
-    if is_fp4(spec):
-        group = fp4.GROUP_SIZE[spec.grid]
+    if spec.is_fp4:
+        group = FP4_GROUP_SIZE[spec.grid]
         if in_features % group:
             return f"in_features={in_features} is not a multiple of the {spec.grid} group size {group}"
         return None
@@ -72,7 +68,7 @@ def pack_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor
     # The one conversion runs wherever the weight is, on the quantizer its shape allows (decided like a layer's).
     plan = kernels.plan_layer("pack_weight", weight.shape[-1], spec, None, quantizes_weight=True, gemm=None)
     backend = plan.backend(weight)
-    if is_fp4(spec):
+    if spec.is_fp4:
         codes, scales, global_scale = kernels.quantize_fp4(weight.detach(), spec, backend=backend)
         tensors = {"weight_packed": fp4.pack_fp4(codes), "weight_scale": scales.contiguous()}
         if global_scale is not None:
@@ -90,7 +86,7 @@ def unpack_weight(
     tensors: dict[str, torch.Tensor], spec: QuantSpec, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Inverse of :func:`pack_weight`: the dequantized ``(out, in)`` weight (``Q(W)``, computed in fp32)."""
-    if is_fp4(spec):
+    if spec.is_fp4:
         return fp4.dequantize(
             fp4.unpack_fp4(tensors["weight_packed"]),
             tensors["weight_scale"],
@@ -101,3 +97,56 @@ def unpack_weight(
         )
     codes = unpack_codes(tensors["weight_packed"], spec.bits)
     return kernels.dequantize_rows(codes, tensors["weight_scale"], spec, dtype)
+
+
+class PackedLinear(nn.Module):
+    """What the packed inference layers share (:class:`~hf_cage.Int4Linear`, :class:`~hf_cage.layers.Fp4Linear`).
+
+    A subclass registers the buffers named in ``packed_names`` (those it has) with the layouts of
+    :func:`pack_weight` and takes ``(in_features, out_features, bias, weight_spec, activation_spec, device,
+    dtype)``; NVFP4 layers with activations also hold ``input_global_scale``.
+    """
+
+    packed_names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_qat_linear(cls, layer):
+        """Pack a trained :class:`~hf_cage.QATLinear`; the dequantized weight equals its ``Qw(W)`` exactly."""
+        new = cls(
+            layer.in_features,
+            layer.out_features,
+            layer.bias is not None,
+            layer.weight_spec,
+            layer.activation_spec,
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+        )
+        new.load_packed(pack_weight(layer.weight, layer.weight_spec))
+        if hasattr(new, "input_global_scale"):
+            new.input_global_scale.copy_(layer.input_global_scale)
+        if layer.bias is not None:
+            new.bias.data.copy_(layer.bias.detach())
+        return new
+
+    @torch.no_grad()
+    def load_packed(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy in the tensors of :func:`pack_weight` (``weight_shape``, shapes and dtypes checked)."""
+        for name, tensor in tensors.items():
+            if name == "weight_shape":
+                if tensor.tolist() != [self.out_features, self.in_features]:
+                    raise ValueError(f"weight_shape {tensor.tolist()} != [{self.out_features}, {self.in_features}]")
+                continue
+            buffer = getattr(self, name)
+            if buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                raise ValueError(
+                    f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(buffer.shape)} {buffer.dtype}"
+                )
+            buffer.copy_(tensor)
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        """The layer's tensors of :func:`pack_weight` (what :func:`unpack_weight` reads)."""
+        return {n: getattr(self, n) for n in self.packed_names if hasattr(self, n)}
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``Q(W)`` computed in fp32 (the trained weight), cast to ``dtype``."""
+        return unpack_weight(self.packed_tensors(), self.weight_spec, dtype)

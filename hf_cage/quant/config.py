@@ -8,7 +8,6 @@ from ..kernels.spec import FP4_GRIDS, FP4_GROUP_SIZE, SCALE_RULES, SUPPORTED_BIT
 from ..kernels.tiles import largest_pow2_divisor
 
 QUANTIZERS = ("quest", "int", *FP4_GRIDS)
-FP4_QUANTIZERS = FP4_GRIDS  # quantizers whose grid is an FP4 format ("mxfp4", "nvfp4")
 GRANULARITIES = ("channel", "group")
 GROUP_SIZES = (32, 64, 128)
 HADAMARD_MAX_BLOCK = 128
@@ -69,7 +68,7 @@ class QuantConfig:
         _check_choice("a_bits", self.a_bits, (*SUPPORTED_BITS, None))
         _check_choice("quantizer", self.quantizer, QUANTIZERS)
         _check_choice("granularity", self.granularity, GRANULARITIES)
-        if self.quantizer in FP4_QUANTIZERS:
+        if self.quantizer in FP4_GRIDS:
             self._fp4_settings()
         if self.clip is None:
             self.clip = "mse"
@@ -80,7 +79,7 @@ class QuantConfig:
         if self.granularity == "group":
             if self.group_size is None:
                 self.group_size = 128
-            if self.quantizer not in FP4_QUANTIZERS:
+            if self.quantizer not in FP4_GRIDS:
                 _check_choice("group_size", self.group_size, GROUP_SIZES)
         elif self.group_size is not None:
             raise ValueError(f"group_size={self.group_size} needs granularity='group' (got {self.granularity!r})")
@@ -115,15 +114,13 @@ class QuantConfig:
 
     def weight_spec(self, in_features: int) -> QuantSpec:
         """The weight grid of a linear with ``in_features`` inputs; raises if the shape does not fit."""
-        if self.quantizer in FP4_QUANTIZERS and in_features % self.group_size:
-            raise ValueError(
-                f"in_features={in_features} is not a multiple of the {self.quantizer} group size {self.group_size}"
-            )
         if self.group_size and in_features % self.group_size:
-            raise ValueError(
-                f"group_size={self.group_size} does not divide in_features={in_features}; "
-                f"choose a group_size among {GROUP_SIZES} that divides it, or granularity='channel'"
+            fix = (
+                f"the {self.quantizer} grid fixes its group size"
+                if self.quantizer in FP4_GRIDS
+                else f"choose a group_size among {GROUP_SIZES} that divides it, or granularity='channel'"
             )
+            raise ValueError(f"group_size={self.group_size} does not divide in_features={in_features}; {fix}")
         return QuantSpec(self.w_bits, self.grid, self.clip, self.group_size, self._hadamard_block(in_features))
 
     def activation_spec(self, in_features: int) -> QuantSpec | None:
@@ -131,7 +128,7 @@ class QuantConfig:
         weight-only."""
         if self.a_bits is None:
             return None
-        group = self.group_size if self.quantizer in FP4_QUANTIZERS else None
+        group = self.group_size if self.quantizer in FP4_GRIDS else None
         return QuantSpec(self.a_bits, self.grid, self.a_clip, group, self._hadamard_block(in_features))
 
     def _hadamard_block(self, in_features: int) -> int | None:
