@@ -1,4 +1,5 @@
-"""Launch-time checks shared by hf-cage's Triton kernels (imported lazily, only by ``triton_*`` modules).
+"""Launch-time checks and device helpers shared by hf-cage's Triton kernels (imported lazily, only by
+``triton_*`` modules).
 
 On CPU tensors a Triton kernel only runs under the interpreter (``TRITON_INTERPRET=1``, set before
 the kernel modules are imported). Outside it we raise rather than fall back, so forcing
@@ -11,6 +12,7 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 
 from .reference import hadamard_matrix
 
@@ -45,3 +47,14 @@ def _block_diagonal_hadamard(chunk: int, block: int, device: str) -> torch.Tenso
 def block_diagonal_hadamard(chunk: int, block: int, device: torch.device) -> torch.Tensor:
     """``kron(I_{chunk/block}, H_block)``, fp32 ``(chunk, chunk)``: rotates a ``chunk``-wide tile in one ``tl.dot``."""
     return _block_diagonal_hadamard(chunk, block, str(device))
+
+
+@triton.jit
+def round_half_even(v):
+    """``torch.round`` of fp32 ``v``: to nearest, ties to even, a zero result keeping ``v``'s sign."""
+    f = tl.floor(v)
+    d = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+    # torch.round keeps the sign of a zero result (-0.3 -> -0.0); v * 0 is a zero with v's sign.
+    return tl.where(r == 0.0, v * 0.0, r)

@@ -32,19 +32,11 @@ import triton
 import triton.language as tl
 
 from . import fp4
-from .triton_common import block_diagonal_hadamard, check_device, interpreting
+from .triton_common import block_diagonal_hadamard, check_device, interpreting, round_half_even
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_CHUNK = 128
 _SCALE_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-@triton.jit
-def _round_half_even(v):
-    f = tl.floor(v)
-    d = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
 
 
 @triton.jit
@@ -62,7 +54,7 @@ def _round_to_e4m3(v):
     # step 2^(e - 127 - 3) for normals (v >= 2^-6), 2^-9 for subnormals; built from bits.
     step_bits = tl.where(v >= 0.015625, (exponent - 3) << 23, 118 << 23)
     step = step_bits.to(tl.float32, bitcast=True)
-    return _round_half_even(v / step) * step
+    return round_half_even(v / step) * step
 
 
 @triton.jit

@@ -26,20 +26,10 @@ import triton.language as tl
 
 from . import tiles
 from .spec import QuantSpec
-from .triton_common import block_diagonal_hadamard, check_device, interpreting
+from .triton_common import block_diagonal_hadamard, check_device, interpreting, round_half_even
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TINY = torch.finfo(torch.float32).tiny
-
-
-@triton.jit
-def _round_half_even(v):
-    f = tl.floor(v)
-    d = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
-    # torch.round keeps the sign of a zero result (-0.3 -> -0.0); v * 0 is a zero with v's sign.
-    return tl.where(r == 0.0, v * 0.0, r)
 
 
 @triton.jit
@@ -118,10 +108,10 @@ def _quantize_kernel(
         x = _load_rotated(x_ptr, had_ptr, rows, row_ok, cols, seg_start + c, stride_xm, CHUNK, HADAMARD)
         xg = tl.reshape(x, (BLOCK_M, GROUPS_PER_CHUNK, CHUNK // GROUPS_PER_CHUNK))
         if MIDRISE:
-            code = _round_half_even(tl.div_rn(tl.minimum(tl.maximum(xg, -clip3), clip3), step3) + 0.5) - 1.0
+            code = round_half_even(tl.div_rn(tl.minimum(tl.maximum(xg, -clip3), clip3), step3) + 0.5) - 1.0
             value = (code + 0.5) * step3
         else:
-            code = _round_half_even(tl.minimum(tl.maximum(tl.div_rn(xg, step3) + 0.0, qmin), qmax))
+            code = round_half_even(tl.minimum(tl.maximum(tl.div_rn(xg, step3) + 0.0, qmin), qmax))
             value = code * step3
         offs = rows[:, None] * k + (seg_start + c + cols)[None, :]  # outputs are contiguous (M, K)
         if STORE_CODES:
