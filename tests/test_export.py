@@ -489,6 +489,19 @@ def test_card_without_training_logs_has_no_training_section(tmp_path):
     assert not (tmp_path / "out" / "loss_curve.png").exists()
 
 
+def test_usage_load_and_served_dtype_come_from_the_format_objects(tmp_path):
+    from hf_cage.export.formats import FORMATS, stock_load_dtype
+
+    ct, mx = FORMATS["compressed-tensors"], FORMATS["mxfp4-pack-quantized"]
+    assert "dtype=torch.float32" in ct.usage("me/m") and "dtype=torch.bfloat16" in mx.usage("me/m")
+    assert [stock_load_dtype(f) for f in ("pack-quantized", "mxfp4-pack-quantized", "nvfp4-pack-quantized")] == [
+        "float32",
+        "bfloat16",
+        "bfloat16",
+    ]
+    assert stock_load_dtype(None) == "float32"
+
+
 def test_card_template_is_package_data():
     from importlib import resources
 

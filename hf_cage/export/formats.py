@@ -145,10 +145,41 @@ class ExportFormat:
         raise NotImplementedError
 
 
-class CompressedTensorsFormat(ExportFormat):
+class StockFormat(ExportFormat):
+    """A format stock transformers (with compressed-tensors) and vLLM load: one usage text and one loader,
+    in the dtype the loader computes in (``compute_dtype``, float32 when the checkpoint's own)."""
+
+    library_name = "transformers"
+    quantization_format = ""  # the ``format`` its ``quantization_config`` declares
+    dtype_note = ""  # why the usage loads in that dtype
+
+    @property
+    def load_dtype(self) -> str:
+        return self.compute_dtype or "float32"
+
+    def usage(self, repo_id):
+        return (
+            f"With transformers (needs `compressed-tensors`; {self.dtype_note}):\n\n"
+            "```python\nimport torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype=torch.{self.load_dtype})\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
+            "With vLLM:\n\n```python\nfrom vllm import LLM\n\n"
+            f'llm = LLM("{repo_id}")\nprint(llm.generate("To be, or not to be")[0].outputs[0].text)\n```\n'
+        )
+
+    def load(self, path, **kwargs):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        kwargs.setdefault("dtype", getattr(torch, self.load_dtype))
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+class CompressedTensorsFormat(StockFormat):
     name = "compressed-tensors"
     label = "`compressed-tensors` (`pack-quantized`)"
-    library_name = "transformers"
+    quantization_format = "pack-quantized"
+    dtype_note = "compute in float32 to reproduce the trained numbers"
     summary = "pack-quantized; loads in stock transformers (with compressed-tensors) and vLLM"
     weight_bits = (4, 8)
     activation_bits = (4, 8)
@@ -241,7 +272,7 @@ class CompressedTensorsFormat(ExportFormat):
             }
         return {
             "quant_method": "compressed-tensors",
-            "format": "pack-quantized",
+            "format": self.quantization_format,
             "quantization_status": "compressed",
             "config_groups": {
                 "group_0": {
@@ -249,7 +280,7 @@ class CompressedTensorsFormat(ExportFormat):
                     "weights": weights,
                     "input_activations": activations,
                     "output_activations": None,
-                    "format": "pack-quantized",
+                    "format": self.quantization_format,
                 }
             },
             "ignore": sorted(ignore),
@@ -291,23 +322,6 @@ class CompressedTensorsFormat(ExportFormat):
         if a_bits is not None and not weights_only:
             notes.append(f"**vLLM.** {VLLM_NOTE}")
         return notes
-
-    def usage(self, repo_id):
-        return (
-            "With transformers (needs `compressed-tensors`; compute in float32 to reproduce the trained "
-            "numbers):\n\n```python\nimport torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype=torch.float32)\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
-            "With vLLM:\n\n```python\nfrom vllm import LLM\n\n"
-            f'llm = LLM("{repo_id}")\nprint(llm.generate("To be, or not to be")[0].outputs[0].text)\n```\n'
-        )
-
-    def load(self, path, **kwargs):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        kwargs.setdefault("dtype", torch.float32)
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 class HfCageFormat(ExportFormat):
@@ -354,7 +368,7 @@ class HfCageFormat(ExportFormat):
         return load_quantized(path, **kwargs)
 
 
-class Fp4CompressedTensorsFormat(ExportFormat):
+class Fp4CompressedTensorsFormat(StockFormat):
     """compressed-tensors' ``mxfp4-pack-quantized`` or ``nvfp4-pack-quantized``: one object per FP4 grid.
 
     Holds the grid of the quantizer of the same name without rotation. The ``quantization_config`` is
@@ -365,12 +379,12 @@ class Fp4CompressedTensorsFormat(ExportFormat):
     compute in bf16 (``compute_dtype``): the parity measurement runs the served model in bf16.
     """
 
-    library_name = "transformers"
     compute_dtype = "bfloat16"
+    dtype_note = "FP4 weights are decompressed to bfloat16"
 
     def __init__(self, grid: str):
         self.grid = grid
-        self.name = f"{grid}-pack-quantized"
+        self.name = self.quantization_format = f"{grid}-pack-quantized"
         self.label = f"`compressed-tensors` (`{self.name}`)"
         self.preset = grid.upper()
         self.summary = (
@@ -425,10 +439,10 @@ class Fp4CompressedTensorsFormat(ExportFormat):
 
         preset = self.preset if self.declares_activations(config, weights_only) else f"{self.preset}A16"
         scheme = preset_name_to_scheme(preset, ["Linear"])
-        scheme.format = self.name
+        scheme.format = self.quantization_format
         return {
             "quant_method": "compressed-tensors",
-            "format": self.name,
+            "format": self.quantization_format,
             "quantization_status": "compressed",
             "config_groups": {"group_0": scheme.model_dump(mode="json")},
             "ignore": sorted(ignore),
@@ -470,23 +484,6 @@ class Fp4CompressedTensorsFormat(ExportFormat):
         notes.append(f"**Serving.** {FP4_SERVING_NOTE}")
         return notes
 
-    def usage(self, repo_id):
-        return (
-            "With transformers (needs `compressed-tensors`; FP4 weights are decompressed to bfloat16):\n\n"
-            "```python\nimport torch\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype=torch.bfloat16)\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```\n\n'
-            "With vLLM:\n\n```python\nfrom vllm import LLM\n\n"
-            f'llm = LLM("{repo_id}")\nprint(llm.generate("To be, or not to be")[0].outputs[0].text)\n```\n'
-        )
-
-    def load(self, path, **kwargs):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        kwargs.setdefault("dtype", torch.bfloat16)
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-
 
 def _input_global_scale(name: str, layer, config: QuantConfig) -> dict:
     """``{"input_global_scale": ...}`` of an NVFP4 W4A4 layer; refuses one that was never calibrated."""
@@ -511,6 +508,15 @@ FORMATS: dict[str, ExportFormat] = {
     )
 }
 FORMAT_CHOICES = ("auto", *FORMATS)
+
+
+def stock_load_dtype(quantization_format: str | None) -> str:
+    """The dtype stock transformers loads and computes a checkpoint in, from its ``quantization_config``'s
+    ``format`` (``"bfloat16"`` for the FP4 formats, else ``"float32"``)."""
+    for fmt in FORMATS.values():
+        if isinstance(fmt, StockFormat) and fmt.quantization_format == quantization_format:
+            return fmt.load_dtype
+    return "float32"
 
 
 def get_format(name: str) -> ExportFormat:

@@ -134,14 +134,15 @@ def served_eval_many(
     ]
 
 
-BF16_FORMATS = ("mxfp4-pack-quantized", "nvfp4-pack-quantized")
-
-
 def stock_dtype(export_dir: str | os.PathLike) -> str:
-    """The dtype stock transformers loads ``export_dir`` in: ``"bfloat16"`` for the FP4 formats, else ``"float32"``.
+    """The dtype stock transformers loads ``export_dir`` in: ``"bfloat16"`` for the FP4 formats, else ``"float32"``
+    (the format objects' :func:`~hf_cage.export.formats.stock_load_dtype`; computed here in the parent, the child
+    gets it as a string and never imports hf_cage).
 
     Refuses, with what to do, an export stock transformers cannot load (the hf-cage format).
     """
+    from .formats import stock_load_dtype
+
     config_file = Path(export_dir) / "config.json"
     try:
         config = json.loads(config_file.read_text())
@@ -153,7 +154,7 @@ def stock_dtype(export_dir: str | os.PathLike) -> str:
             "evaluate it with hf_cage.load_quantized, or export with --format compressed-tensors"
         )
     quantization = config.get("quantization_config") or {}
-    return "bfloat16" if quantization.get("format") in BF16_FORMATS else "float32"
+    return stock_load_dtype(quantization.get("format"))
 
 
 def served_eval(export_dir: str | os.PathLike, input_ids: torch.Tensor, **kwargs) -> ServedResult:
