@@ -112,7 +112,13 @@ def test_demo_reuses_matching_baselines_and_retrains_changed_ones(tmp_path, text
     assert json.loads((out / "ste" / "metrics.json").read_text()) == first["ste"]
     again = json.loads((out / "cage" / "metrics.json").read_text())
     assert again["eval_loss"] == first["cage"]["eval_loss"]  # the CAGE branch is retrained, deterministically
+    record = out / "bf16" / demo.RUN_RECORD  # a run cached before the training changed (no revision): retrained
+    record.write_text(json.dumps({"argv": json.loads(record.read_text())["argv"]}))
     capsys.readouterr()
+    assert demo.main(_argv(out, text_pair, "--in_process")) == 0
+    printed = capsys.readouterr().out
+    assert "reusing the cached bf16 run" not in printed and "reusing the cached ste run" in printed
+    assert json.loads(record.read_text())["training_revision"] == demo.TRAINING_REVISION
     assert demo.main(_argv(out, text_pair, "--in_process", "--seed", "1")) == 0
     assert "reusing" not in capsys.readouterr().out
 
