@@ -40,6 +40,29 @@ def make_tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
 
 
+WIDE = dict(hidden_size=128, intermediate_size=256)  # every linear has >= 128 inputs
+
+
+def trained_checkpoint(path, seed: int, **quant):
+    """A tiny wide QAT Llama (``QuantConfig(**quant)``) trained for 4 CAGE steps (correction active, seeded),
+    saved to ``path`` like the recipes; returns the model in eval mode."""
+    from hf_cage import QuantConfig, create_cage_optimizer, quantize_model
+
+    model = make_tiny_llama(seed, **WIDE)
+    quantize_model(model, QuantConfig(**quant))
+    optimizer = create_cage_optimizer(model, lr=3e-3, cage_lambda=10.0, cage_silence_ratio=0.0, total_steps=4)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(4):
+        ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=generator)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(path)
+    return model
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from conftest import WIDE, make_tiny_llama
 
 from hf_cage import Int4Linear, QuantConfig, quantize_model, quantized_layers
 from hf_cage.export import (
@@ -28,7 +28,6 @@ from hf_cage.qat import CONFIG_KEY
 INT_W4 = dict(quantizer="int", a_bits=None)
 INT_W4A4_GROUP = dict(quantizer="int", a_bits=4, granularity="group", group_size=32)
 QUEST_W4A4 = dict(quantizer="quest", a_bits=4)
-WIDE = dict(hidden_size=128, intermediate_size=256)
 
 
 # ----------------------------------------------------------------------------- helpers shared by the export tests

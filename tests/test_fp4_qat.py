@@ -25,7 +25,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_llama
+from conftest import WIDE, make_tiny_llama, trained_checkpoint
 
 from hf_cage import CAGE, QATLinear, QuantConfig, create_cage_optimizer, load_qat_model, quantize_model
 from hf_cage.export import ExportError, export_checkpoint, export_model, load_quantized
@@ -210,24 +210,6 @@ CASES = {
     "nvfp4-w4a4": dict(quantizer="nvfp4"),
     "nvfp4-w4a16": dict(quantizer="nvfp4", a_bits=None),
 }
-WIDE = dict(hidden_size=128, intermediate_size=256)
-
-
-def trained_checkpoint(path, seed: int, **quant):
-    """A tiny FP4 QAT Llama trained for 4 CAGE steps (correction active), saved like the recipes."""
-    model = make_tiny_llama(seed, **WIDE)
-    quantize_model(model, QuantConfig(**quant))
-    optimizer = create_cage_optimizer(model, lr=3e-3, cage_lambda=10.0, cage_silence_ratio=0.0, total_steps=4)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(4):
-        ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=generator)
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    model.save_pretrained(path)
-    return model
 
 
 def test_fp4_exports_with_defaults_serve_as_trained_in_stock_transformers(tmp_path):

@@ -14,10 +14,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_llama
-from test_export import WIDE
+from conftest import trained_checkpoint
 
-from hf_cage import QuantConfig, create_cage_optimizer, load_qat_model, quantize_model
+from hf_cage import load_qat_model
 from hf_cage.export import export_checkpoint
 from hf_cage.export.served import served_eval_many
 
@@ -30,29 +29,12 @@ CASES = {
 }
 
 
-def trained_checkpoint(path, seed: int, **quant):
-    """A tiny int QAT Llama (a_clip left at its default) trained for 4 CAGE steps, saved like the recipes."""
-    model = make_tiny_llama(seed, **WIDE)
-    quantize_model(model, QuantConfig(quantizer="int", **quant))
-    assert model.config.hf_cage_quantization["a_clip"] == "minmax"
-    optimizer = create_cage_optimizer(model, lr=3e-3, cage_lambda=10.0, cage_silence_ratio=0.0, total_steps=4)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(4):
-        ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=generator)
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    model.save_pretrained(path)
-    return model
-
-
 def test_trained_int_models_exported_with_defaults_serve_exactly_as_trained(tmp_path):
     batch = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(7))
     trained, exports = {}, []
     for seed, (name, quant) in enumerate(CASES.items()):
-        model = trained_checkpoint(tmp_path / "runs" / name, seed, **quant)
+        model = trained_checkpoint(tmp_path / "runs" / name, seed, quantizer="int", **quant)
+        assert model.config.hf_cage_quantization["a_clip"] == "minmax"  # a_clip left at the int default
         with torch.no_grad():
             trained[name] = model(input_ids=batch, labels=batch)
         # the checkpoint as reloaded is the trained model, bit for bit
