@@ -88,6 +88,9 @@ class QATLinear(nn.Linear):
     evaluated one. Under DDP torch broadcasts rank 0's buffers before each forward, so the ranks share one
     scale. Not handled: under FSDP2 the CAGE correction quantizes each rank's row shard, and NVFP4's per-tensor
     weight global scale is then the shard's own, so the pull targets a slightly different grid than the forward.
+    Nor is ``input_global_scale`` under FSDP2: FSDP2 does not broadcast buffers, so each rank calibrates its
+    own from its own batches, and only rank 0's (saved by the checkpoint) is exported; the other ranks trained
+    with slightly different activation scales than the exported model serves.
     """
 
     def __init__(
