@@ -1019,12 +1019,36 @@ def plot_map(done: dict[str, dict], path: Path) -> bool:
             right.plot(*zip(*shares), "-", marker="o", color=color, label=name)
         for p, g in zip(ps, gains):
             left.scatter([p["tpp"]] * len(g), g, s=8, color=color, alpha=0.5)
+    # the headline (hidden 64) beside the map, as stars
+    for bits, color in ((4, "C0"), (3, "C1")):
+        heads = [
+            (r, done.get(replace(spec_of(r), method="ste", lam=0.0, silence=0.0).key))
+            for r in done.values()
+            if r["study"] == "pretrain" and r["method"] == "cage" and r["w_bits"] == bits
+        ]
+        bf16 = [r["eval_loss"] for r in done.values() if r["study"] == "pretrain" and is_baseline(r)]
+        for r, ste in heads:
+            if ste is None:
+                continue
+            label = f"hidden 64 headline, W{bits}A{bits}"
+            left.scatter(
+                [r["tokens_per_block_param"]],
+                [ste["eval_loss"] - r["eval_loss"]],
+                marker="*",
+                s=60,
+                color=color,
+                label=f"STE - CAGE: {label}",
+            )
+            share = gap_closed(ste["eval_loss"], r["eval_loss"], _mean(bf16))
+            if share == share:
+                right.scatter([r["tokens_per_block_param"]], [100 * share], marker="*", s=60, color=color, label=label)
     for ax in (left, right):
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
+        ax.set_xlim(10, 200)
         ax.set_xlabel("training tokens per block parameter")
     right.axhline(15, color="gray", ls="--", lw=0.8, label="target: 15% of the gap")
-    left.set_ylabel("nats (positive: STE worse than BF16 / CAGE better than STE)")
+    left.set_ylabel("nats (positive = CAGE better / STE worse)")
     right.set_ylabel("share of the STE-to-BF16 gap closed by CAGE (%)")
     left.set_title("Gap and CAGE's paired gain (hidden 32, QuEST)", fontsize=9)
     right.set_title("Share of the gap closed (where STE is worse than BF16)", fontsize=9)
