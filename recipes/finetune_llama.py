@@ -64,6 +64,7 @@ from recipe_common import (
     RecipeArguments,
     RecipeInputError,
     Stopwatch,
+    end_distributed,
     evaluate_loss,
     load_tokenizer,
     make_trainer,
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         run(argv)
     except (RecipeInputError, FileNotFoundError) as err:
         return report_error("finetune_llama.py", err)
+    finally:
+        end_distributed()
     return 0
 
 

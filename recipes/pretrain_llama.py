@@ -52,6 +52,7 @@ from recipe_common import (
     RecipeArguments,
     RecipeInputError,
     Stopwatch,
+    end_distributed,
     load_tokenizer,
     make_trainer,
     parse_arguments,
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         run(argv)
     except (RecipeInputError, FileNotFoundError) as err:
         return report_error("pretrain_llama.py", err)
+    finally:
+        end_distributed()
     return 0
 
 

@@ -43,6 +43,15 @@ class RecipeInputError(ValueError):
     """Bad user input (missing file, empty text, unknown preset or key): reported as one line, exit code 2."""
 
 
+def end_distributed() -> None:
+    """Destroy the process group of a multi-process launch before the interpreter exits: a gloo group left to
+    interpreter shutdown can abort a rank ("terminate called without an active exception") after training."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def report_error(script: str, err: BaseException) -> int:
     """Print ``err`` as one line on stderr, prefixed by the script name; returns :data:`EXIT_BAD_INPUT`."""
     print(f"{script}: error: {' '.join(str(err).split())}", file=sys.stderr)
