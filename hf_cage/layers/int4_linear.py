@@ -8,7 +8,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels.spec import QuantSpec
-from .packed import PACKED_NAMES, PackedLinear
+from .packed import PACKED_NAMES, PackedLinear, packing_problem
 
 
 class Int4Linear(PackedLinear):
@@ -40,8 +40,9 @@ class Int4Linear(PackedLinear):
                 f"Int4Linear holds 4-bit integer / mid-rise weights, got bits={weight_spec.bits}, "
                 f"grid={weight_spec.grid!r} (FP4 grids load into hf_cage.layers.fp4_linear.Fp4Linear)"
             )
-        if in_features % 8:
-            raise ValueError(f"in_features={in_features} must be a multiple of 8 to pack int4 weights")
+        problem = packing_problem(in_features, weight_spec)
+        if problem:
+            raise ValueError(problem)
         self.in_features, self.out_features = in_features, out_features
         self.weight_spec, self.activation_spec = weight_spec, activation_spec
         groups = in_features // (weight_spec.group_size or in_features)
