@@ -25,7 +25,11 @@ skipped, so every command is resumable):
   (hidden 32, 26.6K block parameters) trained 100 / 325 / 975 steps (15 / 50 / 150 tokens per block
   parameter), W4A4 and W3A3, CAGE lambda 13 held fixed and lambda scaled to a total pull of 2, silence 0.5,
   2 seeds; the ``int`` quantizer (deployable activation rule) and the coupled variant at the middle point.
-- ``served`` (a command, not a study): the saved ``int`` runs exported with ``hf-cage export``'s defaults and
+- ``formats``: the 4-bit grids side by side at W4A4: the deployable ``int`` rule, MXFP4 and NVFP4 (E2M1 values,
+  compressed-tensors' scale rules) next to ``pretrain``'s QuEST rows and BF16, pretraining as ``pretrain`` does and
+  fine-tuning as ``finetune`` does (same steps, LR, data, lambda / silence), 3 seeds; seed 0 models are saved
+  for ``served``.
+- ``served`` (a command, not a study): the saved QAT runs exported with ``hf-cage export``'s defaults and
   evaluated by stock transformers in a process without hf_cage, next to their training-time eval loss.
 
 Runs train with ``hf_cage`` as committed (a snapshot of a commit under OUT/code, ``--code-commit``), not the
@@ -59,7 +63,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-STUDIES = ("pretrain", "finetune", "map")
+STUDIES = ("pretrain", "finetune", "map", "formats")
 # Every STE run leaves a checkpoint at these fractions of its steps; CAGE runs branch from them.
 BRANCH_POINTS = (0.25, 0.5, 0.8)
 BATCH, BLOCK, VOCAB, EVAL_BLOCKS = 16, 256, 2048, 512
@@ -153,6 +157,8 @@ FT_STEPS, FT_LR = 300, 5e-4
 FT_SWEEP = ((50.0, 0.5), (250.0, 0.5), (13.0, 0.5))  # total pulls 0.39, 1.9, 0.10
 FT_FORMATS = ((4, 4, "quest", None), (3, 3, "quest", None), (4, None, "int", 64))
 FT_W4A4 = "w4a4-quest"
+# the formats study: W4A4 grids beside pretrain's QuEST
+FORMAT_QUANTIZERS = ("int", "mxfp4", "nvfp4")
 
 
 def plan_pretrain(seeds: int = 3) -> list[Spec]:
@@ -179,12 +185,12 @@ def finetune_choice(results: dict[str, dict]) -> tuple[float, float] | None:
     return best["lam"], best["silence"]
 
 
-def _ft(method: str, seed: int, fmt: tuple = (4, 4, "quest", None), **kw) -> Spec:
+def _ft(method: str, seed: int, fmt: tuple = (4, 4, "quest", None), study: str = "finetune", **kw) -> Spec:
     w, a, quantizer, group = fmt
     common = dict(steps=FT_STEPS, lr=FT_LR, init=finetune_base().key, data_seed=1000 + seed)
     if method == "bf16":
-        return Spec("finetune", "bf16", seed, **common)
-    return Spec("finetune", method, seed, w_bits=w, a_bits=a, quantizer=quantizer, group=group, **common, **kw)
+        return Spec(study, "bf16", seed, **common)
+    return Spec(study, method, seed, w_bits=w, a_bits=a, quantizer=quantizer, group=group, **common, **kw)
 
 
 def plan_finetune_sweep() -> list[Spec]:
@@ -200,6 +206,23 @@ def plan_finetune(results: dict[str, dict], seeds: int = 3) -> list[Spec]:
             runs.append(_ft("ste", seed, fmt))
             if choice is not None:
                 runs.append(_ft("cage", seed, fmt, lam=choice[0], silence=choice[1]))
+    return runs
+
+
+def plan_formats(results: dict[str, dict], seeds: int = 3) -> list[Spec]:
+    """Per seed: pretraining (as ``pretrain``) then fine-tuning (as ``finetune``, once its sweep has chosen) of each
+    W4A4 grid of ``FORMAT_QUANTIZERS``; the BF16 and QuEST rows come from those two studies."""
+    choice = finetune_choice(results)
+    runs = []
+    for seed in range(seeds):
+        for quantizer in FORMAT_QUANTIZERS:
+            ste = Spec("formats", "ste", seed, 1500, w_bits=4, a_bits=4, quantizer=quantizer, save=seed == 0)
+            runs += [ste, replace(ste, method="cage", lam=PRETRAIN_VARIANT[0], silence=PRETRAIN_VARIANT[1])]
+        for quantizer in FORMAT_QUANTIZERS:
+            fmt = (4, 4, quantizer, None)
+            runs.append(_ft("ste", seed, fmt, study="formats", save=seed == 0))
+            if choice is not None:
+                runs.append(_ft("cage", seed, fmt, study="formats", lam=choice[0], silence=choice[1], save=seed == 0))
     return runs
 
 
@@ -237,8 +260,9 @@ def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
     """Priority order. Compute is scarce (a 2-core machine shared with other work, measured at 0.9-2.6 s per
     step instead of 0.12-0.32 s alone), so one of each first: pretraining W4A4 seed 0, fine-tuning W4A4 seed 0
     with its sweep, the map's first seed with lambda 13 at 15 and 50 tokens per parameter, the other fine-tuning
-    formats, int W4A4 (served), the map's 150 point at W4A4, then the rest of seed 0 and the other seeds."""
-    pre, ft, mp = plan_pretrain(), plan_finetune(results), plan_map()
+    formats, int W4A4 (served), the map's 150 point at W4A4, then the rest of seed 0 and the other seeds; the FP4
+    formats after the second pretraining seed, one seed at a time."""
+    pre, ft, mp, fm = plan_pretrain(), plan_finetune(results), plan_map(), plan_formats(results)
 
     def first(r: Spec) -> bool:  # BF16, STE and the first CAGE setting of the map
         return r.method != "cage" or (r.lam, r.silence) == MAP_VARIANTS[0]
@@ -266,11 +290,14 @@ def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
         + [r for r in pre if r.seed == 1 and r.method != "bf16"]
         + [r for r in mp if r.seed == 1 and first(r)]
         + [r for r in pre if r.seed == 1]
+        + [r for r in fm if r.seed == 0]
         + [r for r in pre if r.seed == 2 and r.method != "bf16"]
         + [r for r in ft if r.seed == 1]
-        + [r for r in mp if r.seed == 0]
+        + [r for r in fm if r.seed == 1]
         + [r for r in pre if r.seed == 2]
         + [r for r in ft if r.seed >= 2]
+        + [r for r in fm if r.seed >= 2]
+        + [r for r in mp if r.seed == 0]
         + [r for r in mp if r.seed == 1]
     )
     seen, out = set(), []
@@ -633,13 +660,15 @@ def command_plan(args) -> int:
 def served_record(record: dict, out: Path) -> dict:
     """Export a saved QAT run with ``hf-cage export``'s defaults and evaluate the export as a user serves it.
 
-    A compressed-tensors export is loaded by stock transformers in a separate process that never imports hf_cage
-    (``hf_cage.export.served``); an hf-cage-format export (QuEST, Hadamard: what stock loaders cannot express)
-    by :func:`hf_cage.load_quantized`. Both on the validation blocks the training-time loss was measured on.
+    A compressed-tensors export (integer or FP4) is loaded by stock transformers in a separate process that never
+    imports hf_cage (``hf_cage.export.served``; bfloat16 for FP4, as that loader computes); an hf-cage-format export
+    (QuEST, Hadamard: what stock loaders cannot express) by :func:`hf_cage.load_quantized`. Both on the validation
+    blocks the training-time loss was measured on.
     """
     import torch
 
     from hf_cage.export import ExportError, export_checkpoint, load_quantized
+    from hf_cage.export.formats import StockFormat, get_format
     from hf_cage.export.served import served_loss
 
     spec = spec_of(record)
@@ -658,7 +687,7 @@ def served_record(record: dict, out: Path) -> dict:
             error = str(err)
     if result is not None:
         ids = torch.as_tensor(prepare_data(out, spec)[2].with_format("torch")[:]["input_ids"])
-        if result.format == "compressed-tensors":
+        if isinstance(get_format(result.format), StockFormat):
             loss, loader = served_loss(export_dir, ids, batch_size=32), "stock transformers (no hf_cage)"
         else:
             model = load_quantized(export_dir, dtype=torch.float32)
@@ -776,9 +805,8 @@ def total_pull(steps: int, lr: float, lam: float, silence: float) -> float:
     return pull
 
 
-def pretrain_table(done: dict[str, dict], study: str = "pretrain") -> str:
-    """BF16 / STE / CAGE per bit width, per seed, with the share of the STE-to-BF16 gap closed (paired by seed)."""
-    rows = [r for r in done.values() if r["study"] == study]
+def pretrain_table(rows: list[dict]) -> str:
+    """BF16 / STE / CAGE per format, per seed, with the share of the STE-to-BF16 gap closed (paired by seed)."""
     bf16 = {r["seed"]: r["eval_loss"] for r in rows if is_baseline(r)}
     lines = [
         "| run | format | seeds | eval loss (mean) | per seed | STE - CAGE (per seed) | share of STE-to-BF16 gap "
@@ -872,9 +900,9 @@ def gap_closed(ste: float, cage: float, bf16: float) -> float:
     return (ste - cage) / gap if gap > 0 else float("nan")
 
 
-def finetune_table(done: dict[str, dict]) -> str:
+def finetune_table(rows: list[dict]) -> str:
     """Fine-tuning: loss increase over the BF16 model fine-tuned the same way, and the share CAGE removes."""
-    rows = [_with_fmt(r) for r in done.values() if r["study"] == "finetune"]
+    rows = [_with_fmt(r) for r in rows]
     bf16 = {r["seed"]: r["eval_loss"] for r in rows if is_baseline(r)}
     lines = [
         "| format | method | seeds | eval loss (mean) | per seed | increase over BF16 fine-tuned (mean) | "
@@ -925,6 +953,19 @@ def finetune_table(done: dict[str, dict]) -> str:
                     f"{_mean(increases):+.4f} | {removed} |"
                 )
     return "\n".join(lines)
+
+
+def formats_rows(done: dict[str, dict], finetuning: bool) -> list[dict]:
+    """The formats study's pretraining (or fine-tuning) runs with BF16 and QuEST W4A4 from ``pretrain`` (or
+    ``finetune``): the same model, data, steps and seeds."""
+    home = "finetune" if finetuning else "pretrain"
+    rows = [_with_fmt(r) for r in done.values()]
+    return [
+        r
+        for r in rows
+        if (r["study"] == home and (is_baseline(r) or r["fmt_name"] == "w4a4-quest"))
+        or (r["study"] == "formats" and (r["init"] is not None) == finetuning)
+    ]
 
 
 def map_points(done: dict[str, dict]) -> list[dict]:
@@ -1066,9 +1107,16 @@ def command_report(args) -> int:
     if not done:
         print(f"no finished runs in {results}; run `python benchmarks/accuracy.py run` first", file=sys.stderr)
         return 2
+
+    def study(name: str) -> list[dict]:
+        return [r for r in done.values() if r["study"] == name]
+
+    has_formats = bool(study("formats"))
     sections = {
-        "pretrain": pretrain_table(done) if any(r["study"] == "pretrain" for r in done.values()) else "",
-        "finetune": finetune_table(done) if any(r["study"] == "finetune" for r in done.values()) else "",
+        "pretrain": pretrain_table(study("pretrain")) if study("pretrain") else "",
+        "finetune": finetune_table(study("finetune")) if study("finetune") else "",
+        "formats-pretrain": pretrain_table(formats_rows(done, finetuning=False)) if has_formats else "",
+        "formats-finetune": finetune_table(formats_rows(done, finetuning=True)) if has_formats else "",
         "map": map_table(done) if any(r["study"] == "map" for r in done.values()) else "",
         "served": served_table(load_served(results)) if load_served(results) else "",
         "controls": controls_table(done)

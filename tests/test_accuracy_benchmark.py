@@ -23,13 +23,17 @@ def accuracy():
 
 @pytest.fixture(scope="module")
 def quick_results(accuracy, tmp_path_factory):
-    """Every run of the quick plan (pretraining, fine-tuning from the BF16 run) plus a quick map point, in-process."""
+    """Every run of the quick plan (pretraining, fine-tuning from the BF16 run), a quick map point and MXFP4 runs of
+    the formats study, in-process."""
     out = tmp_path_factory.mktemp("accuracy")
     results = out / "results"
     specs = accuracy.quick_plan()
     base = accuracy.Spec("map", "bf16", 0, **accuracy.QUICK)
     ste = replace(base, method="ste", w_bits=4, a_bits=4)
     specs += [base, ste, replace(ste, method="cage", lam=10.0, silence=0.5)]
+    fp4 = accuracy.Spec("formats", "ste", 0, w_bits=4, a_bits=4, quantizer="mxfp4", **accuracy.QUICK)
+    fp4_ft = replace(fp4, init=accuracy.quick_plan()[0].key, steps=8, lr=1e-3, data_seed=7)
+    specs += [fp4, replace(fp4, method="cage", lam=10.0, silence=0.5), fp4_ft]
     for spec in specs:
         accuracy._append(results, accuracy.train(spec, out))
     return out, accuracy.load_results(results)
@@ -78,7 +82,7 @@ def test_report_write_docs_writes_the_tables_and_the_plot(accuracy, quick_result
     assert accuracy.main(["report", "--results", str(results), "--docs", str(docs), "--write-docs"]) == 0
     text = (docs / "results.md").read_text()
     assert text.startswith("# Results\n\nhand-written text\n") and "\nold\n" not in text
-    for name in ("pretrain", "finetune", "map"):
+    for name in ("pretrain", "finetune", "map", "formats-pretrain", "formats-finetune"):
         assert text.count(f"<!-- {name}-table -->") == 2
     # the written shares are the paired arithmetic of the results file
     ste = accuracy.Spec("pretrain", "ste", 0, w_bits=4, a_bits=4, **accuracy.QUICK)
@@ -92,6 +96,20 @@ def test_report_write_docs_writes_the_tables_and_the_plot(accuracy, quick_result
     increase = done[ft_ste.key]["eval_loss"] - done[ft_bf16.key]["eval_loss"]
     row = next(line for line in text.splitlines() if re.match(r"\| w4a4-quest \| STE \| 1 \|", line))
     assert f"{increase:+.4f}" in row
+    # the formats tables put MXFP4 beside pretrain's QuEST and BF16 rows, paired with the same BF16 seed
+    formats = text.split("<!-- formats-pretrain-table -->")[1]
+    fp4 = accuracy.Spec("formats", "ste", 0, w_bits=4, a_bits=4, quantizer="mxfp4", **accuracy.QUICK)
+    fp4_cage = replace(fp4, method="cage", lam=10.0, silence=0.5)
+    share = accuracy.gap_closed(
+        done[fp4.key]["eval_loss"], done[fp4_cage.key]["eval_loss"], done[bf16.key]["eval_loss"]
+    )
+    row = next(
+        line for line in formats.splitlines() if line.startswith("| CAGE lambda 10, silence 0.5 | w4a4-mxfp4 |")
+    )
+    assert accuracy.share_cell([share]) in row
+    assert "| STE | w4a4-quest | 1 |" in formats and "| BF16 | - | 1 |" in formats
+    formats_ft = text.split("<!-- formats-finetune-table -->")[1]
+    assert re.search(r"\| w4a4-mxfp4 \| STE \| 1 \|", formats_ft) and "| BF16 | fine-tuned | 1 |" in formats_ft
     assert (docs / "regime_map.png").stat().st_size > 1000
     assert "## pretrain" in capsys.readouterr().out
 
@@ -111,17 +129,25 @@ def test_plans_pair_every_cage_run_with_an_ste_parent_in_the_plan(accuracy):
     pretrain = [s for s in specs if s.study == "pretrain"]
     assert {s.seed for s in pretrain} == {0, 1, 2}
     assert {round(s.tokens_per_block_param) for s in specs if s.study == "map"} == {15, 50, 150}
+    formats = [s for s in specs if s.study == "formats"]
+    assert {s.quantizer for s in formats} == {"int", "mxfp4", "nvfp4"} and {s.seed for s in formats} == {0, 1, 2}
+    assert {s.fmt for s in formats} == {"w4a4-int", "w4a4-mxfp4", "w4a4-nvfp4"}
     assert json.dumps([s.key for s in specs])  # keys are plain strings
 
 
-def test_served_export_of_an_int_w4a4_run_serves_its_training_loss(accuracy, tmp_path):
+@pytest.mark.parametrize(
+    ("quantizer", "export_format", "tolerance"),
+    # int: fp32 both sides; MXFP4: stock transformers computes in bfloat16 (the fp32 model does not)
+    [("int", "compressed-tensors", 1e-5), ("mxfp4", "mxfp4-pack-quantized", 1e-2)],
+)
+def test_served_export_of_a_w4a4_run_serves_its_training_loss(accuracy, tmp_path, quantizer, export_format, tolerance):
     """The served-loss column: export with the CLI's defaults, stock transformers in a process without hf_cage."""
-    spec = accuracy.Spec("map", "ste", 0, w_bits=4, a_bits=4, quantizer="int", save=True, **accuracy.QUICK)
+    spec = accuracy.Spec("map", "ste", 0, w_bits=4, a_bits=4, quantizer=quantizer, save=True, **accuracy.QUICK)
     record = accuracy.train(spec, tmp_path)
     row = accuracy.served_record(record, tmp_path)
-    assert (row["export_format"], row["export_options"]) == ("compressed-tensors", "default")
+    assert (row["export_format"], row["export_options"]) == (export_format, "default")
     assert row["loader"] == "stock transformers (no hf_cage)"
-    assert row["eval_loss_served"] == pytest.approx(record["eval_loss"], abs=1e-5)
+    assert row["eval_loss_served"] == pytest.approx(record["eval_loss"], abs=tolerance)
     table = accuracy.served_table([row])
     assert f"{record['eval_loss']:.4f} | {row['eval_loss_served']:.4f}" in table
 
