@@ -568,6 +568,18 @@ def test_models_no_format_can_hold_are_refused(tmp_path, build, match):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("w_bits, a_bits", [(3, 3), (3, None), (2, None)])
+def test_refusals_never_advise_a_conversion_that_is_refused_too(tmp_path, w_bits, a_bits):
+    """A 2- or 3-bit model fits no packed format: the advice is the QAT checkpoint, not --allow-lossy."""
+    model = qat_model(quantizer="int", w_bits=w_bits, a_bits=a_bits)
+    with pytest.raises(ExportError) as info:
+        export_model(model, tmp_path / "out", progress=False, log=None)
+    assert "--allow-lossy" not in str(info.value) and "hf_cage.load_qat_model" in str(info.value)
+    with pytest.raises(ExportError, match=f"w_bits={w_bits}"):
+        export_model(model, tmp_path / "out", format="compressed-tensors", allow_lossy=True, progress=False, log=None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_weights_only_never_silently_becomes_an_hf_cage_export(tmp_path):
     with pytest.raises(ExportError, match="--weights-only is a compressed-tensors declaration") as info:
         export_model(qat_model(**QUEST_W4A4), tmp_path / "out", weights_only=True, progress=False, log=None)

@@ -540,7 +540,8 @@ def choose_format(config: QuantConfig, *, weights_only: bool = False) -> tuple[E
     """
     ct, hf = stock_format_for(config), FORMATS["hf-cage"]
     why = ct.problem(config, weights_only=weights_only)
-    if why is None:
+    convertible = why is None  # --allow-lossy can only convert what the stock format holds at all
+    if convertible:
         conversion = ct.conversion(config, weights_only=weights_only)
         if not conversion.lossy:
             return ct, None
@@ -550,9 +551,13 @@ def choose_format(config: QuantConfig, *, weights_only: bool = False) -> tuple[E
             f"format auto: hf-cage, because {why}; load it with hf_cage.load_quantized(path) "
             f"(--format {ct.name} --allow-lossy converts it for stock loaders, with the difference printed)"
         )
-    raise ExportError(
-        f"no format serves this model as trained: {why}; {hf.problem(config, weights_only=weights_only)}; "
+    advice = (
         f"pass --format {ct.name} --allow-lossy to convert it and print the measured difference"
+        if convertible
+        else "no packed format holds it; the training checkpoint itself loads with hf_cage.load_qat_model(path)"
+    )
+    raise ExportError(
+        f"no format serves this model as trained: {why}; {hf.problem(config, weights_only=weights_only)}; {advice}"
     )
 
 
