@@ -54,7 +54,6 @@ and ``hf_cage_quant_config.json``; ``merged/`` with ``--merge``; the tokenizer; 
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +65,7 @@ from recipe_common import (
     Stopwatch,
     end_distributed,
     evaluate_loss,
+    exit_process,
     load_tokenizer,
     make_trainer,
     parse_arguments,
@@ -247,4 +247,4 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -44,7 +44,6 @@ after a one-line error on bad input, with nothing written).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from recipe_common import (
@@ -53,6 +52,7 @@ from recipe_common import (
     RecipeInputError,
     Stopwatch,
     end_distributed,
+    exit_process,
     load_tokenizer,
     make_trainer,
     parse_arguments,
@@ -172,4 +172,4 @@ def run(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

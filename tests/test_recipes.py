@@ -454,3 +454,27 @@ def test_bf16_baseline_decays_the_same_block_linears_as_the_qat_runs(tmp_path):
     assert "model.embed_tokens.weight" in no_decay and "model.norm.weight" in no_decay
     assert "lm_head.weight" in no_decay or make_tiny_llama().config.tie_word_embeddings
     assert no_decay == groups["ste"][0.0]
+
+
+@pytest.mark.parametrize("world_size", [None, "1", "2"])
+def test_exit_process_skips_interpreter_shutdown_only_for_a_rank_of_a_multi_process_launch(tmp_path, world_size):
+    """A rank leaves with its exit code and flushed output but without interpreter shutdown (where a gloo group
+    that DDP / FSDP2 keep alive can abort it); a single process exits normally."""
+    import os
+    import subprocess
+
+    script = (
+        "import atexit, sys\n"
+        f"sys.path.insert(0, {str(RECIPES)!r})\n"
+        "from recipe_common import exit_process\n"
+        "atexit.register(lambda: print('interpreter shutdown ran', flush=True))\n"
+        "print('trained', end='')\n"
+        "exit_process(3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    if world_size is not None:
+        env["WORLD_SIZE"] = world_size
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 3
+    shutdown = world_size != "2"
+    assert run.stdout == "trained" + ("interpreter shutdown ran\n" if shutdown else "")
