@@ -838,7 +838,11 @@ def pretrain_table(rows: list[dict]) -> str:
                 continue
             vals = [r["eval_loss"] for r in cage]
             diffs = [ste[r["seed"]]["eval_loss"] - r["eval_loss"] for r in cage]
-            shares = [gap_closed(ste[r["seed"]]["eval_loss"], r["eval_loss"], _mean(bf16.values())) for r in cage]
+            # BF16 of the same seed (same init and data order) where it was trained, else the BF16 mean
+            shares = [
+                gap_closed(ste[r["seed"]]["eval_loss"], r["eval_loss"], bf16.get(r["seed"], _mean(bf16.values())))
+                for r in cage
+            ]
             label = f"CAGE lambda {lam:g}, silence {sil:g}" + (", coupled" if variant == "coupled" else "")
             lines.append(
                 f"| {label} | {fmt} | {len(cage)} | {_mean(vals):.4f} | {_fmt_losses(vals)} | "
