@@ -734,11 +734,9 @@ def command_served(args) -> int:
         row = served_record(record, out)
         with open(served_file, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
-        print(
-            f"{row['key']}: trained {row['eval_loss_trained']:.4f}, served {row['eval_loss_served']:.4f} "
-            f"({row['export_format']}, {row['loader']})",
-            flush=True,
-        )
+        served = row["eval_loss_served"]
+        how = f"{served:.4f} ({row['export_format']}, {row['loader']})" if served is not None else "not exportable"
+        print(f"{row['key']}: trained {row['eval_loss_trained']:.4f}, served {how}", flush=True)
     return 0
 
 
