@@ -1049,14 +1049,15 @@ def plot_map(done: dict[str, dict], path: Path) -> bool:
         name = f"{fmt.split('-')[0].upper()}, {setting}"
         gains = [[s - c for s, c in zip(p["ste"], p["cage"])] for p in ps]
         left.plot(xs, [_mean(g) for g in gains], "-", marker="o", color=color, label=f"STE - CAGE: {name}")
-        left.plot(
-            xs,
-            [_mean([s - b for s, b in zip(p["ste"], p["bf16"])]) for p in ps],
-            ":",
-            marker="x",
-            color=color,
-            label=f"STE - BF16 gap: {fmt.split('-')[0].upper()}",
-        )
+        if setting == settings[0]:  # the gap does not depend on the CAGE setting: one line per format
+            left.plot(
+                xs,
+                [_mean([s - b for s, b in zip(p["ste"], p["bf16"])]) for p in ps],
+                ":",
+                marker="x",
+                color=color,
+                label=f"STE - BF16 gap: {fmt.split('-')[0].upper()}",
+            )
         shares = [(p["tpp"], 100 * _mean(p["shares"])) for p in ps if all(s == s for s in p["shares"])]
         if shares:
             right.plot(*zip(*shares), "-", marker="o", color=color, label=name)
@@ -1069,22 +1070,25 @@ def plot_map(done: dict[str, dict], path: Path) -> bool:
             for r in done.values()
             if r["study"] == "pretrain" and r["method"] == "cage" and r["w_bits"] == bits
         ]
-        bf16 = [r["eval_loss"] for r in done.values() if r["study"] == "pretrain" and is_baseline(r)]
+        bf16 = {r["seed"]: r["eval_loss"] for r in done.values() if r["study"] == "pretrain" and is_baseline(r)}
+        label = f"hidden 64 headline, W{bits}A{bits} (per seed)"
         for r, ste in heads:
             if ste is None:
                 continue
-            label = f"hidden 64 headline, W{bits}A{bits}"
+            shown = label != "_nolegend_"
             left.scatter(
                 [r["tokens_per_block_param"]],
                 [ste["eval_loss"] - r["eval_loss"]],
                 marker="*",
                 s=60,
                 color=color,
-                label=f"STE - CAGE: {label}",
+                label=f"STE - CAGE: {label}" if shown else label,
             )
-            share = gap_closed(ste["eval_loss"], r["eval_loss"], _mean(bf16))
+            # paired as in the pretraining table: the BF16 run of the same seed where it exists
+            share = gap_closed(ste["eval_loss"], r["eval_loss"], bf16.get(r["seed"], _mean(bf16.values())))
             if share == share:
                 right.scatter([r["tokens_per_block_param"]], [100 * share], marker="*", s=60, color=color, label=label)
+            label = "_nolegend_"
     for ax in (left, right):
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
