@@ -836,10 +836,8 @@ def pretrain_table(rows: list[dict]) -> str:
                 continue
             vals = [r["eval_loss"] for r in cage]
             diffs = [ste[r["seed"]]["eval_loss"] - r["eval_loss"] for r in cage]
-            # BF16 of the same seed (same init and data order) where it was trained, else the BF16 mean
             shares = [
-                gap_closed(ste[r["seed"]]["eval_loss"], r["eval_loss"], bf16.get(r["seed"], _mean(bf16.values())))
-                for r in cage
+                gap_closed(ste[r["seed"]]["eval_loss"], r["eval_loss"], paired_bf16(bf16, r["seed"])) for r in cage
             ]
             label = f"CAGE lambda {lam:g}, silence {sil:g}" + (", coupled" if variant == "coupled" else "")
             lines.append(
@@ -847,6 +845,12 @@ def pretrain_table(rows: list[dict]) -> str:
                 f"{' / '.join(f'{d:+.4f}' for d in diffs)} | {share_cell(shares)} |"
             )
     return "\n".join(lines)
+
+
+def paired_bf16(bf16: dict[int, float], seed: int) -> float:
+    """The BF16 loss a run of ``seed`` is measured against: the BF16 run of the same seed (same initialization
+    and data order) where it was trained, else the BF16 mean."""
+    return bf16.get(seed, _mean(bf16.values()))
 
 
 def share_cell(shares: list[float]) -> str:
@@ -1071,24 +1075,20 @@ def plot_map(done: dict[str, dict], path: Path) -> bool:
             if r["study"] == "pretrain" and r["method"] == "cage" and r["w_bits"] == bits
         ]
         bf16 = {r["seed"]: r["eval_loss"] for r in done.values() if r["study"] == "pretrain" and is_baseline(r)}
-        label = f"hidden 64 headline, W{bits}A{bits} (per seed)"
-        for r, ste in heads:
-            if ste is None:
-                continue
-            shown = label != "_nolegend_"
+        heads = [(r, ste) for r, ste in heads if ste is not None]
+        for i, (r, ste) in enumerate(heads):
+            label = f"hidden 64 headline, W{bits}A{bits} (per seed)" if i == 0 else "_nolegend_"
             left.scatter(
                 [r["tokens_per_block_param"]],
                 [ste["eval_loss"] - r["eval_loss"]],
                 marker="*",
                 s=60,
                 color=color,
-                label=f"STE - CAGE: {label}" if shown else label,
+                label=f"STE - CAGE: {label}" if i == 0 else label,
             )
-            # paired as in the pretraining table: the BF16 run of the same seed where it exists
-            share = gap_closed(ste["eval_loss"], r["eval_loss"], bf16.get(r["seed"], _mean(bf16.values())))
+            share = gap_closed(ste["eval_loss"], r["eval_loss"], paired_bf16(bf16, r["seed"]))
             if share == share:
                 right.scatter([r["tokens_per_block_param"]], [100 * share], marker="*", s=60, color=color, label=label)
-            label = "_nolegend_"
     for ax in (left, right):
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
