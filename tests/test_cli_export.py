@@ -128,7 +128,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "malformed-config": (_write(tmp_path / "bad" / "config.json", "{not json").parent, "malformed"),
         "dense-model": (_write(tmp_path / "dense" / "config.json", json.dumps(dense)).parent, "no quantized layers"),
         "no-weights": (no_weights, "has no weights"),
-        "truncated-weights": (truncated, "could not load the checkpoint"),
+        "truncated-weights": (truncated, "not a readable safetensors file"),
         "quest-to-compressed-tensors": (quest, "--format hf-cage"),
         "unsupported-bits": (two_bit, "w_bits=2"),
         "bad-shard-size": (good, "max_shard_size"),

@@ -29,10 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..kernels.spec import FP4_GRIDS, QuantSpec
+from ..qat import EXPORT_KEY
 from ..quant.config import QuantConfig
 from .errors import ExportError
-
-EXPORT_KEY = "hf_cage_export"
 FORMAT_VERSION = 2
 PACKING = "pack-quantized: code + 2^(bits-1), 32/bits codes per int32 along inputs, lowest bits first"
 FP4_PACKING = "fp4: E2M1 codes (sign bit 3), two per uint8 along inputs, even input in the low nibble"
