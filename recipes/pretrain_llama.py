@@ -85,6 +85,7 @@ class ModelArguments:
     def llama_config(self, tokenizer=None, block_size: int = 2, vocab_size: int | None = None):
         """The ``LlamaConfig`` of this shape (vocabulary and special tokens from ``tokenizer``); a shape
         transformers refuses (e.g. an odd head width, which RoPE cannot rotate) is a ``RecipeInputError``."""
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import LlamaConfig
 
         sizes = {k: v for k, v in vars(self).items() if k.endswith(("_size", "_layers", "_heads", "head_dim"))}
@@ -112,8 +113,8 @@ class ModelArguments:
                 eos_token_id=getattr(tokenizer, "eos_token_id", None),
                 pad_token_id=getattr(tokenizer, "pad_token_id", None),
             )
-        except ValueError as err:  # huggingface_hub's strict-dataclass validation errors are ValueErrors
-            reason = " ".join(str(err).split()).removeprefix("Class validation error for validator ")
+        except (ValueError, TypeError, StrictDataclassError) as err:
+            reason = " ".join(str(err.__cause__ or err).split())  # the validator's own words
             raise RecipeInputError(f"model shape refused by transformers: {reason}") from None
 
 
