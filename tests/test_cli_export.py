@@ -237,6 +237,43 @@ def test_ctrl_c_is_one_line_with_exit_130(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+def test_safetensors_disk_full_is_one_line_exit_3_and_nothing_left(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", full_disk)
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
+    capsys.readouterr()
+    assert export(str(ckpt), "-o", str(tmp_path / "new" / "parents" / "out")) == 3
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"hf-cage export: error: could not write the export to {str(tmp_path / 'new' / 'parents' / 'out')!r}: "
+        "No space left on device"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_ctrl_c_during_start_up_is_one_line_with_exit_130(capsys, monkeypatch):
+    import hf_cage.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["export", "run", "-o", "out"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["hf-cage: interrupted; nothing was written"]
+
+
+def test_max_shard_size_accepts_binary_units(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
+    assert export(str(ckpt), "-o", str(tmp_path / "gib"), "--max-shard-size", "2GiB") == 0
+    assert export(str(ckpt), "-o", str(tmp_path / "kib"), "--max-shard-size", "30KiB") == 0
+    assert (tmp_path / "gib" / "model.safetensors").is_file()
+    assert len(list((tmp_path / "kib").glob("model-*-of-*.safetensors"))) > 2
+
+
 # Runs the CLI with the card step slowed down, so a signal can arrive while the staging folder exists.
 SLOW_EXPORT = """
 import sys, time

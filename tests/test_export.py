@@ -338,6 +338,9 @@ def test_sharded_export_loads_to_the_same_logits(tmp_path, token_batch):
         ("1.5GB", 1_500_000_000),
         ("5 mb", 5_000_000),
         ("2TB", 2 * 10**12),
+        ("2GiB", 2 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("64KiB", 64 * 2**10),
         ("1000", 1000),
         (1000, 1000),
         ("lots", -1),
@@ -346,7 +349,7 @@ def test_sharded_export_loads_to_the_same_logits(tmp_path, token_batch):
         (None, -1),
     ],
 )
-def test_shard_sizes_are_read_as_huggingface_hub_reads_them(size, expected):
+def test_shard_sizes_are_read_as_huggingface_hub_and_transformers_read_them(size, expected):
     from hf_cage.export.api import _parse_size
 
     assert _parse_size(size) == expected
@@ -427,6 +430,39 @@ def test_card_notes_per_format(tmp_path):
 
     lossy = _card(tmp_path, "lossy", QUEST_W4A4, format="compressed-tensors", allow_lossy=True)
     assert "**Hadamard.**" in lossy and "not the rule this model was trained with" in lossy
+
+
+def _card_row(card: str, name: str) -> str:
+    rows = [line for line in card.splitlines() if line.startswith(f"| {name} |")]
+    assert len(rows) == 1, rows
+    return rows[0].split("|")[2].strip()
+
+
+def test_card_activations_row_says_how_activations_were_quantized(tmp_path):
+    assert _card_row(_card(tmp_path, "w4a4", INT_W4A4_GROUP), "Activations") == (
+        "4-bit per token, integer grid, `a_clip='minmax'`"
+    )
+    assert _card_row(_card(tmp_path, "quest", QUEST_W4A4), "Activations") == (
+        "4-bit per token, mid-rise grid, `a_clip='mse'`"
+    )
+    assert _card_row(_card(tmp_path, "mx", dict(quantizer="mxfp4", a_bits=4)), "Activations") == (
+        "4-bit per token and group of 32, MXFP4 (E2M1) grid, dynamic group scales"
+    )
+    assert _card_row(_card(tmp_path, "w4", INT_W4), "Activations") == "not quantized (16-bit)"
+
+
+@pytest.mark.parametrize("grid", ["mxfp4", "nvfp4"])
+def test_fp4_w4a4_card_says_the_loaders_apply_the_trained_activation_rule(tmp_path, token_batch, grid):
+    model = qat_model(quantizer=grid, a_bits=4)
+    model(input_ids=token_batch)  # calibrates NVFP4's input_global_scale
+    export_model(model, tmp_path / "w4a4", progress=False, log=None)
+    card = (tmp_path / "w4a4" / "README.md").read_text()
+    scale = "E8M0) scale per token and group of 32" if grid == "mxfp4" else "E4M3 scale per token and group of 16"
+    assert f"**Activations.** The loaders quantize each linear's input to FP4 (E2M1) with" in card
+    assert scale in card and "the rule this model was trained with" in card
+    export_model(model, tmp_path / "w4a16", weights_only=True, progress=False, log=None)
+    card = (tmp_path / "w4a16" / "README.md").read_text()
+    assert "export declares weights only, so transformers and vLLM run it with unquantized activations" in card
 
 
 def test_card_has_metadata_training_summary_and_loss_curve(tmp_path):
@@ -678,6 +714,25 @@ def test_export_folder_mode_follows_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == mode
+    files = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in files and set(files.values()) == {mode & 0o666}  # safetensors alone wrote 0600
+
+
+def test_safetensors_write_error_is_an_export_write_error_and_leaves_no_folder(tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError (not an OSError): exit 3's error, parents removed too."""
+    import errno
+
+    import huggingface_hub
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", full_disk)
+    with pytest.raises(ExportWriteError, match="No space left on device") as info:
+        export_model(qat_model(**INT_W4), tmp_path / "a" / "b" / "out", progress=False, log=None)
+    assert info.value.errno == errno.ENOSPC and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("shape", [(3, 8), (5, 64), (2, 3, 128)])
