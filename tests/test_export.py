@@ -122,6 +122,27 @@ def test_pack_int8_matches_compressed_tensors_and_round_trips():
         pack_codes(codes, 3)
 
 
+def test_sub_4_bit_codes_pack_densely_as_compressed_tensors_unpacks_them():
+    """3-bit codes straddle int32 words (compressed-tensors' pack_to_int32 layout, what its loaders unpack).
+
+    Codes ``i % 8 - 4`` for i = 0..31 are the fields 0..7 repeated, 3 bits each, lowest first: word 0 holds
+    codes 0..9 and the low 2 bits of code 10 (field 2 = 0b010 -> bits 31..30 = 0b10), word 1 starts with its
+    high bit (0). Word 0, bit 31 first: 10 001 000 111 110 101 100 011 010 001 000.
+    """
+    from hf_cage.layers.packed import pack_int_codes, unpack_int_codes
+
+    codes = (torch.arange(32) % 8 - 4).reshape(1, 32)
+    packed = pack_int_codes(codes, 3)
+    words = [format(int(w) & 0xFFFFFFFF, "032b") for w in packed[0]]
+    assert packed.shape == (1, 3) and words[:2] == [
+        "10001000111110101100011010001000",
+        "11000110100010001111101011000110",
+    ]
+    assert torch.equal(unpack_int_codes(packed, 3, 32).long(), codes)
+    two = pack_int_codes(torch.tensor([[-2, -1, 0, 1] * 4]), 2)  # fields 0, 1, 2, 3: 0b11100100 four times
+    assert two.shape == (1, 1) and format(int(two[0, 0]) & 0xFFFFFFFF, "032b") == "11100100" * 4
+
+
 def test_one_conversion_for_int4_linear_export_and_lora(tmp_path):
     """Int4Linear.from_qat_linear and the export store the same tensors: both are pack_weight."""
     from safetensors.torch import load_file
