@@ -120,7 +120,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (truncated / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:100])
     quest = save_checkpoint(tmp_path / "quest", qat_model(**QUEST_W4A4), trainer_checkpoint=False)
     two_bit = save_checkpoint(
-        tmp_path / "w2", qat_model(quantizer="int", w_bits=2, a_bits=None), trainer_checkpoint=False
+        tmp_path / "w2", qat_model(quantizer="quest", w_bits=2, a_bits=None), trainer_checkpoint=False
     )
     return {
         "missing": (tmp_path / "does-not-exist", "not found"),

@@ -612,12 +612,11 @@ def test_invalid_repo_id_is_refused_before_anything_is_written(tmp_path):
     "build, match",
     [
         (lambda: make_tiny_llama(0), "no quantized layers"),
-        (lambda: qat_model(quantizer="int", w_bits=2, a_bits=None), "w_bits=2"),
-        (lambda: qat_model(quantizer="int", w_bits=3, a_bits=None), "w_bits=3"),
-        (lambda: qat_model(quantizer="int", w_bits=8, a_bits=3), "a_bits=3"),
+        (lambda: qat_model(quantizer="quest", w_bits=2, a_bits=None), "w_bits=2"),
+        (lambda: qat_model(quantizer="quest", w_bits=3, a_bits=3), "w_bits=3"),
         (lambda: quantize_model(make_tiny_llama(0, intermediate_size=100), QuantConfig(**INT_W4)), "multiple of 8"),
     ],
-    ids=["dense", "w2", "w3", "w8a3", "in-features-100"],
+    ids=["dense", "quest-w2", "quest-w3a3", "in-features-100"],
 )
 def test_models_no_format_can_hold_are_refused(tmp_path, build, match):
     with pytest.raises(ExportError, match=match):
@@ -626,15 +625,29 @@ def test_models_no_format_can_hold_are_refused(tmp_path, build, match):
 
 
 @pytest.mark.parametrize("w_bits, a_bits", [(3, 3), (3, None), (2, None)])
-def test_refusals_never_advise_a_conversion_that_is_refused_too(tmp_path, w_bits, a_bits):
-    """A 2- or 3-bit model fits no packed format: the advice is the QAT checkpoint, not --allow-lossy."""
-    model = qat_model(quantizer="int", w_bits=w_bits, a_bits=a_bits)
-    with pytest.raises(ExportError) as info:
+def test_sub_4_bit_quest_models_are_refused_with_advice_that_works(tmp_path, w_bits, a_bits):
+    """hf-cage's format holds 4-bit weights and compressed-tensors no mid-rise grid: auto refuses a 2- or 3-bit
+    QuEST model, and the conversion it advises (--allow-lossy to compressed-tensors) is one that runs."""
+    model = qat_model(quantizer="quest", w_bits=w_bits, a_bits=a_bits)
+    with pytest.raises(ExportError, match=f"w_bits={w_bits}") as info:
         export_model(model, tmp_path / "out", progress=False, log=None)
-    assert "--allow-lossy" not in str(info.value) and "hf_cage.load_qat_model" in str(info.value)
-    with pytest.raises(ExportError, match=f"w_bits={w_bits}"):
-        export_model(model, tmp_path / "out", format="compressed-tensors", allow_lossy=True, progress=False, log=None)
+    assert "--format compressed-tensors --allow-lossy" in str(info.value)
     assert list(tmp_path.iterdir()) == []
+    result = export_model(
+        model, tmp_path / "out", format="compressed-tensors", allow_lossy=True, progress=False, log=None
+    )
+    assert result.format == "compressed-tensors" and result.lossy is not None
+
+
+def test_sub_4_bit_int_models_export_exactly_to_compressed_tensors(tmp_path):
+    for w_bits, a_bits in [(3, 3), (3, None), (2, None), (2, 2)]:
+        model = qat_model(quantizer="int", w_bits=w_bits, a_bits=a_bits)
+        result = export_model(model, tmp_path / f"w{w_bits}a{a_bits}", progress=False, log=None)
+        assert result.format == "compressed-tensors" and result.parity["logit_max_abs_diff"] == 0
+        card = (tmp_path / f"w{w_bits}a{a_bits}" / "README.md").read_text()
+        assert "vLLM's compressed-tensors kernels take 4- and 8-bit integer weights" in card
+        with pytest.raises(ExportError, match="use --format compressed-tensors"):
+            export_model(model, tmp_path / "hf", format="hf-cage", progress=False, log=None)
 
 
 def test_weights_only_never_silently_becomes_an_hf_cage_export(tmp_path):
