@@ -270,6 +270,34 @@ def test_ctrl_c_during_start_up_is_one_line_with_exit_130(capsys, monkeypatch):
     assert capsys.readouterr().err.strip().splitlines() == ["hf-cage: interrupted; nothing was written"]
 
 
+# The console script's own start-up (``from hf_cage.cli import main; sys.exit(main())``) with Ctrl-C arriving while
+# torch is being imported, the longest part of it.
+INTERRUPTED_START = """
+import sys
+
+
+class CtrlCDuringTorchImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+
+sys.meta_path.insert(0, CtrlCDuringTorchImport())
+from hf_cage.cli import main
+
+sys.exit(main(["export", "run", "-o", "out"]))
+"""
+
+
+def test_ctrl_c_while_the_command_imports_torch_is_exit_130_not_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_START], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["hf-cage: interrupted; nothing was written"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_max_shard_size_accepts_binary_units(tmp_path):
     ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
     assert export(str(ckpt), "-o", str(tmp_path / "gib"), "--max-shard-size", "2GiB") == 0
