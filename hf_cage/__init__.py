@@ -1,26 +1,51 @@
 """hf-cage: CAGE quantization-aware training for Llama models in the Hugging Face stack.
 
-Public API only; importing this package never imports triton or touches CUDA.
+Public API only; importing this package never imports triton or touches CUDA. Every name is loaded on first
+use (``import hf_cage`` itself imports nothing heavy), so the ``hf-cage`` command starts inside its own error
+handling: a Ctrl-C while torch is being imported is an exit code, not a traceback.
 """
 
-from .export import ExportError, export_checkpoint, export_model, load_quantized
-from .kernels.spec import QuantSpec
-from .layers import Fp4Linear, Int4Linear, QATLinear
-from .optim import CAGE, CAGECorrection, cage_lambda, create_cage_optimizer, weight_quantizers_of
-from .qat import load_qat_model, quant_config_of, quantize_model, quantized_layers
-from .quant import QuantConfig
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
+# Public name -> the module that defines it, imported on first use.
+_PUBLIC = {
+    **dict.fromkeys(("ExportError", "export_checkpoint", "export_model", "load_quantized"), "hf_cage.export"),
+    "QuantSpec": "hf_cage.kernels.spec",
+    **dict.fromkeys(("Fp4Linear", "Int4Linear", "QATLinear"), "hf_cage.layers"),
+    **dict.fromkeys(
+        ("CAGE", "CAGECorrection", "cage_lambda", "create_cage_optimizer", "weight_quantizers_of"), "hf_cage.optim"
+    ),
+    **dict.fromkeys(("load_qat_model", "quant_config_of", "quantize_model", "quantized_layers"), "hf_cage.qat"),
+    "QuantConfig": "hf_cage.quant",
+}
 # The trainer imports transformers.Trainer (slow): loaded on first use, not at ``import hf_cage``.
 _LAZY = {"CAGEConfig": "hf_cage.trainer", "CAGETrainer": "hf_cage.trainer"}
 
+if TYPE_CHECKING:
+    from .export import ExportError, export_checkpoint, export_model, load_quantized
+    from .kernels.spec import QuantSpec
+    from .layers import Fp4Linear, Int4Linear, QATLinear
+    from .optim import CAGE, CAGECorrection, cage_lambda, create_cage_optimizer, weight_quantizers_of
+    from .qat import load_qat_model, quant_config_of, quantize_model, quantized_layers
+    from .quant import QuantConfig
+    from .trainer import CAGEConfig, CAGETrainer
+
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    module = _PUBLIC.get(name) or _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+    try:  # a subpackage not imported yet (``hf_cage.kernels``)
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise
     raise AttributeError(f"module 'hf_cage' has no attribute {name!r}")
 
 

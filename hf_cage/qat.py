@@ -86,23 +86,174 @@ def quant_config_of(model: nn.Module) -> QuantConfig | None:
 def load_qat_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:
     """Load a model saved from a quantized model and quantize it again with its saved config.
 
-    The result computes the same outputs, bit for bit, as the model that was saved.
+    The result computes the same outputs, bit for bit, as the model that was saved. Loading is strict
+    (:func:`load_pretrained`): a missing, unexpected or mis-shaped tensor, an unreadable file or a packed
+    export raises :class:`CheckpointError`.
+    """
+    config = read_model_config(path)
+    data = config.get(CONFIG_KEY)
+    if data is None:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} holds no hf-cage quantization config (config.json has no {CONFIG_KEY!r}); "
+            "load it with transformers and call hf_cage.quantize_model(model, QuantConfig(...))"
+        )
+    model = load_pretrained(path, dtype=dtype, **kwargs)
+    quantize_model(model, QuantConfig.from_dict(data))
+    _load_layer_buffers(model, os.fspath(path))
+    return model
+
+
+# ----------------------------------------------------------------------------- strict loading
+# Key of the description every packed export carries in config.json (written by hf_cage.export).
+EXPORT_KEY = "hf_cage_export"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A saved model cannot be loaded as asked (unreadable, packed, or its tensors do not match); one line."""
+
+
+def _names(keys) -> str:
+    keys = sorted(keys)
+    more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
+    return ", ".join(keys[:5]) + more
+
+
+def check_loading_report(path, missing=(), unexpected=(), mismatched=()) -> None:
+    """The one strictness rule of hf-cage's loaders: every tensor the model needs is in the checkpoint, with its
+    shape, and the checkpoint holds nothing else. ``missing`` / ``unexpected`` / ``mismatched``: key names as a
+    loader reported them (transformers' loading info, ``load_state_dict``'s result, or :func:`check_saved_tensors`).
+
+    Raises:
+        CheckpointError: one line naming the keys (a few of each, with the count).
+    """
+    parts = [
+        f"{what} {_names(keys)}"
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+        if keys
+    ]
+    if parts:
+        raise CheckpointError(
+            f"{os.fspath(path)!r} does not hold the tensors of the model it describes: {'; '.join(parts)}; "
+            "a model loaded from it would be partly random: re-save it, or pass the folder it was saved to"
+        )
+
+
+def read_model_config(path: str | os.PathLike) -> dict:
+    """``config.json`` of a training checkpoint (dense or QAT) in ``path``, checked before any weight is read.
+
+    Raises:
+        FileNotFoundError: no such folder or ``config.json``.
+        CheckpointError: malformed JSON, or a packed export / a checkpoint
+            quantized by another tool (they load with their own loaders, and hold no trainable weights).
+    """
+    import json
+    from pathlib import Path
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{os.fspath(path)!r} is not a directory; pass the folder written by save_pretrained")
+    file = folder / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{os.fspath(path)!r} has no config.json; pass the folder written by save_pretrained")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{file} is malformed, not valid JSON ({' '.join(str(err).split())}); re-save the model") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} is malformed (not a JSON object); re-save the model")
+    export = config.get(EXPORT_KEY)
+    if export is not None:
+        fmt = export.get("format") if isinstance(export, dict) else None
+        stock = "" if fmt == "hf-cage" else " (or transformers.AutoModelForCausalLM.from_pretrained(path))"
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is a packed hf-cage export (format {fmt}), not a training checkpoint: load it with "
+            f"hf_cage.load_quantized(path){stock}; to train or export, pass the checkpoint it was exported from"
+        )
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict):
+        method = quantization.get("quant_method")
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is a quantized checkpoint (quantization_config, quant_method {method!r}), not a "
+            "training checkpoint with dense weights: load it with transformers.AutoModelForCausalLM.from_pretrained"
+        )
+    return config
+
+
+def saved_tensor_shapes(path: str | os.PathLike, weights_name: str = "model.safetensors") -> dict[str, list[int]]:
+    """Name -> shape of every tensor in the safetensors checkpoint in ``path`` (one file or an index of shards),
+    read from the file headers; every file is opened, so a truncated or corrupt file is found here.
+
+    Raises:
+        CheckpointError: no weights file, an index naming a missing shard, or an unreadable file.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    index = folder / weights_name.replace(".safetensors", ".safetensors.index.json")
+    if (folder / weights_name).is_file():
+        files = [folder / weights_name]
+    elif index.is_file():
+        try:
+            files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is malformed ({err!r}); re-save the model") from None
+    else:
+        raise CheckpointError(f"{os.fspath(path)!r} has no {weights_name} (nor its index); re-save the model")
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = list(f.get_slice(key).get_shape())
+        except (OSError, SafetensorError) as err:
+            raise CheckpointError(
+                f"{file} is not a readable safetensors file ({' '.join(str(err).split())}); it may be truncated: "
+                "re-save the model"
+            ) from None
+    return shapes
+
+
+def check_saved_tensors(path: str | os.PathLike, state: dict, weights_name: str = "model.safetensors") -> None:
+    """Refuse (:func:`check_loading_report`) unless the safetensors in ``path`` hold exactly the tensors of
+    ``state`` (a model's ``state_dict()``), with their shapes. Keys of ``state`` sharing one tensor (tied
+    embeddings) need only one of them saved. For loaders that do not report what they skipped (a Trainer resume).
+    """
+    saved = saved_tensor_shapes(path, weights_name)
+    groups: dict[tuple, list[str]] = {}
+    for key, value in state.items():
+        alias = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        groups.setdefault(alias if value.numel() else (key,), []).append(key)
+    missing = [keys[0] for keys in groups.values() if not any(k in saved for k in keys)]
+    unexpected = [k for k in saved if k not in state]
+    mismatched = [k for k in saved if k in state and list(state[k].shape) != saved[k]]
+    check_loading_report(path, missing, unexpected, mismatched)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, ...)`` of a training checkpoint (dense, or saved from a
+    quantized model: the dense model it holds), strictly: the config is checked first (:func:`read_model_config`),
+    every weight file is opened, and transformers' own loading report must be clean (:func:`check_loading_report`).
+
+    Raises:
+        CheckpointError: one line saying what is wrong and how to load what was given.
     """
     from transformers import AutoConfig
 
+    read_model_config(path)
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path!r} is not a directory; pass the folder written by save_pretrained")
-    hf_config = AutoConfig.from_pretrained(path)
-    data = getattr(hf_config, CONFIG_KEY, None)
-    if data is None:
-        raise ValueError(
-            f"{path!r} holds no hf-cage quantization config (config.json has no {CONFIG_KEY!r}); "
-            "load it with transformers and call hf_cage.quantize_model(model, QuantConfig(...))"
-        )
-    model = _load_dense_model(hf_config, path, dtype=dtype, **kwargs)
-    quantize_model(model, QuantConfig.from_dict(data))
-    _load_layer_buffers(model, path)
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        saved_tensor_shapes(path)
+    try:
+        hf_config = AutoConfig.from_pretrained(path)
+        model, info = _load_dense_model(hf_config, path, dtype=dtype, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise CheckpointError(f"{path!r} could not be loaded ({reason}); re-save the model") from None
+    check_loading_report(path, info["missing_keys"], info["unexpected_keys"], [m[0] for m in info["mismatched_keys"]])
     return model
 
 
@@ -110,12 +261,12 @@ def load_qat_model(path: str | os.PathLike, dtype: torch.dtype | str = "auto", *
 LAYER_BUFFER_PATTERNS = (r"\.input_global_scale$",)
 
 
-def _load_dense_model(hf_config, path: str, **kwargs) -> nn.Module:
-    """The dense model ``from_pretrained`` builds, loaded through a throwaway subclass of the architecture's class
-    whose ``_keys_to_ignore_on_load_unexpected`` adds the quantized layers' buffers (loaded afterwards by
-    :func:`_load_layer_buffers`), so transformers' load report does not flag them. A subclass, not the class itself:
-    that would be global state shared by every load and thread. The model returned is of the architecture's own
-    class (the subclass adds no state)."""
+def _load_dense_model(hf_config, path: str, **kwargs):
+    """The dense model ``from_pretrained`` builds (with ``output_loading_info``: ``(model, info)``), loaded through a
+    throwaway subclass of the architecture's class whose ``_keys_to_ignore_on_load_unexpected`` adds the quantized
+    layers' buffers (loaded afterwards by :func:`_load_layer_buffers`), so transformers' load report does not flag
+    them. A subclass, not the class itself: that would be global state shared by every load and thread. The model
+    returned is of the architecture's own class (the subclass adds no state)."""
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -125,9 +276,9 @@ def _load_dense_model(hf_config, path: str, **kwargs) -> nn.Module:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     keys = [*(cls._keys_to_ignore_on_load_unexpected or []), *LAYER_BUFFER_PATTERNS]
     loader = type(cls.__name__, (cls,), {"_keys_to_ignore_on_load_unexpected": keys})
-    model = loader.from_pretrained(path, **kwargs)
-    model.__class__ = cls
-    return model
+    loaded = loader.from_pretrained(path, **kwargs)
+    (loaded[0] if isinstance(loaded, tuple) else loaded).__class__ = cls
+    return loaded
 
 
 @torch.no_grad()
@@ -152,6 +303,4 @@ def _load_layer_buffers(model: nn.Module, path: str) -> None:
             for key in buffers.keys() & set(f.keys()):
                 buffers[key].copy_(f.get_tensor(key))
                 found.add(key)
-    missing = sorted(buffers.keys() - found)
-    if missing:
-        raise ValueError(f"{path!r} lacks the quantized layers' saved state {missing[:3]}; was it saved by hf-cage?")
+    check_loading_report(path, missing=buffers.keys() - found)

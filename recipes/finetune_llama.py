@@ -63,6 +63,7 @@ from recipe_common import (
     RecipeArguments,
     RecipeInputError,
     Stopwatch,
+    checkpoint_error,
     end_distributed,
     evaluate_loss,
     exit_process,
@@ -111,13 +112,34 @@ class FinetuneArguments:
 
 
 def check_checkpoint(path: str) -> Path:
+    """A training checkpoint (dense or QAT) whose config and weight files read, before anything is written."""
+    from hf_cage.qat import CheckpointError, read_model_config, saved_tensor_shapes
+
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise RecipeInputError(
             f"--model_name_or_path {path}: no config.json there; pass a folder written by save_pretrained "
             "(e.g. the output_dir of pretrain_llama.py --method bf16)"
         )
+    try:
+        read_model_config(folder)
+        if not (folder / "pytorch_model.bin").is_file():
+            saved_tensor_shapes(folder)
+    except CheckpointError as err:
+        raise checkpoint_error("--model_name_or_path", path, err) from None
     return folder
+
+
+def load_checkpoint(folder: Path):
+    """The dense model saved in ``folder``, loaded strictly (every tensor present, nothing unexpected)."""
+    import torch
+
+    from hf_cage.qat import CheckpointError, load_pretrained
+
+    try:
+        return load_pretrained(folder, dtype=torch.float32)
+    except CheckpointError as err:
+        raise checkpoint_error("--model_name_or_path", folder, err) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,8 +178,7 @@ def run(argv: list[str] | None = None) -> dict:
     method = recipe_args.method
     prepare_training_args(training_args, recipe_args, f"outputs/finetune-{method}{'-lora' if ft_args.lora else ''}")
 
-    import torch
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import set_seed
 
     import hf_cage
 
@@ -167,7 +188,7 @@ def run(argv: list[str] | None = None) -> dict:
         train_dataset, eval_dataset = token_blocks(files, tokenizer, data_args)
 
     set_seed(training_args.seed)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model = load_checkpoint(checkpoint)
     if len(tokenizer) > model.config.vocab_size:
         raise RecipeInputError(
             f"the tokenizer has {len(tokenizer)} tokens but {checkpoint} was trained with vocab_size "

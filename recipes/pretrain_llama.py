@@ -79,29 +79,43 @@ class ModelArguments:
     tie_word_embeddings: bool = field(default=False, metadata={"help": "Share the embedding and lm_head weights."})
     rope_theta: float = field(default=10000.0, metadata={"help": "RoPE base."})
 
-    def llama_config(self, tokenizer, block_size: int):
+    def __post_init__(self):
+        self.llama_config(vocab_size=2, block_size=2)  # transformers' own validation, before anything is written
+
+    def llama_config(self, tokenizer=None, block_size: int = 2, vocab_size: int | None = None):
+        """The ``LlamaConfig`` of this shape (vocabulary and special tokens from ``tokenizer``); a shape
+        transformers refuses (e.g. an odd head width, which RoPE cannot rotate) is a ``RecipeInputError``."""
+        from huggingface_hub.errors import StrictDataclassError
         from transformers import LlamaConfig
 
+        sizes = {k: v for k, v in vars(self).items() if k.endswith(("_size", "_layers", "_heads", "head_dim"))}
+        small = [f"--{k} {v}" for k, v in sizes.items() if v is not None and v < 1]
+        if small:
+            raise RecipeInputError(f"{', '.join(small)}: model sizes must be positive")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise RecipeInputError(
                 f"--hidden_size {self.hidden_size} is not divisible by --num_attention_heads "
                 f"{self.num_attention_heads}; change one or pass --head_dim"
             )
-        return LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_hidden_layers,
-            num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads or self.num_attention_heads,
-            head_dim=self.head_dim or self.hidden_size // self.num_attention_heads,
-            max_position_embeddings=block_size,
-            tie_word_embeddings=self.tie_word_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        try:
+            return LlamaConfig(
+                vocab_size=len(tokenizer) if tokenizer is not None else vocab_size,
+                hidden_size=self.hidden_size,
+                intermediate_size=self.intermediate_size,
+                num_hidden_layers=self.num_hidden_layers,
+                num_attention_heads=self.num_attention_heads,
+                num_key_value_heads=self.num_key_value_heads or self.num_attention_heads,
+                head_dim=self.head_dim or self.hidden_size // self.num_attention_heads,
+                max_position_embeddings=block_size,
+                tie_word_embeddings=self.tie_word_embeddings,
+                rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                bos_token_id=getattr(tokenizer, "bos_token_id", None),
+                eos_token_id=getattr(tokenizer, "eos_token_id", None),
+                pad_token_id=getattr(tokenizer, "pad_token_id", None),
+            )
+        except (ValueError, TypeError, StrictDataclassError) as err:
+            reason = " ".join(str(err.__cause__ or err).split())  # the validator's own words
+            raise RecipeInputError(f"model shape refused by transformers: {reason}") from None
 
 
 def argument_types() -> tuple:

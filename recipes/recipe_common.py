@@ -336,13 +336,92 @@ def prepare_training_args(training_args, recipe_args: RecipeArguments, default_d
     if recipe_args.method == "ste":
         training_args.cage_lambda = 0.0
     check_training_length(training_args)
+    check_training_values(training_args)
+    check_output_dir(training_args.output_dir)
     resume = training_args.resume_from_checkpoint
     if resume is not None and not (Path(resume) / "trainer_state.json").is_file():
         raise RecipeInputError(
             f"--resume_from_checkpoint {resume}: not a Trainer checkpoint (no trainer_state.json); pass a "
             "checkpoint-N folder, e.g. one written by --save_branch_checkpoint"
         )
+    if resume is not None:
+        check_resume_settings(resume, training_args, recipe_args.method)
     return training_args
+
+
+def check_training_values(training_args) -> None:
+    """Batch sizes and accumulation of at least 1, a learning rate >= 0: what no run can train with otherwise."""
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(training_args, name)
+        if value < 1:
+            raise RecipeInputError(f"--{name} {value} must be at least 1")
+    if training_args.learning_rate < 0:
+        raise RecipeInputError(f"--learning_rate {training_args.learning_rate:g} is negative; pass a rate >= 0")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """``output_dir`` is a folder or can become one: no part of the path is a regular file."""
+    path = Path(output_dir).absolute()
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "is" if part == path else f"lies below {part}, which is"
+                raise RecipeInputError(f"--output_dir {output_dir} {where} a file, not a folder; choose another path")
+            return
+
+
+def checkpoint_error(flag: str, path, err: Exception) -> RecipeInputError:
+    """A loading error of hf-cage (one line) as the recipes' bad-input error, naming the flag."""
+    return RecipeInputError(f"{flag} {path}: {err}")
+
+
+def check_resume_settings(resume: str, training_args, method: str) -> None:
+    """The checkpoint resumed from was trained with this run's quantization (every ``QuantConfig`` field), or
+    without quantization for ``--method bf16``; its config and weight files are readable. A run that changes
+    them midway would record settings it trained only part of the steps with."""
+    from hf_cage.qat import CONFIG_KEY, CheckpointError, read_model_config, saved_tensor_shapes
+
+    flag = "--resume_from_checkpoint"
+    try:
+        saved = read_model_config(resume).get(CONFIG_KEY)
+        if not (Path(resume) / "adapter_model.safetensors").is_file():
+            saved_tensor_shapes(resume)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise checkpoint_error(flag, resume, err) from None
+    asked = None if method == "bf16" else training_args.quant_config().to_dict()
+    if (saved is None) != (asked is None):
+        trained = "without quantization" if saved is None else "with quantization"
+        raise RecipeInputError(
+            f"{flag} {resume} was trained {trained}; --method {method} cannot resume it: pass the method it was "
+            "trained with (bf16 for an unquantized checkpoint, ste or cage for a quantized one)"
+        )
+    if saved is not None:
+        changed = [f"quant_{k}={asked[k]!r} (checkpoint: {saved.get(k)!r})" for k in asked if saved.get(k) != asked[k]]
+        if changed:
+            raise RecipeInputError(
+                f"{flag} {resume} was trained with other quantization settings: {', '.join(changed)}; resume "
+                "with the checkpoint's settings, or start a new run"
+            )
+
+
+def check_resume_tensors(trainer) -> None:
+    """The checkpoint a run resumes from holds exactly the tensors of the model it is loaded into (Trainer's own
+    resume only warns about missing or unexpected keys): the model's, or a LoRA model's adapter tensors."""
+    resume = trainer.args.resume_from_checkpoint
+    if resume is None:
+        return
+    from hf_cage.qat import CheckpointError, check_saved_tensors
+
+    model = trainer.model
+    try:
+        if hasattr(model, "peft_config"):
+            from peft import get_peft_model_state_dict
+
+            check_saved_tensors(resume, get_peft_model_state_dict(model), "adapter_model.safetensors")
+        else:
+            check_saved_tensors(resume, model.state_dict())
+    except CheckpointError as err:
+        raise checkpoint_error("--resume_from_checkpoint", resume, err) from None
 
 
 def check_training_length(training_args) -> None:
@@ -408,7 +487,8 @@ def make_trainer(
 
     ``plain`` is for a model quantized beforehand whose quantized weights are all frozen (LoRA): STE
     training needs no more than the model's own ``QATLinear`` forward. ``branch_checkpoint`` adds
-    :func:`branch_checkpoint_callback` (``--save_branch_checkpoint``).
+    :func:`branch_checkpoint_callback` (``--save_branch_checkpoint``). A checkpoint to resume from is checked
+    to hold exactly the model's tensors (:func:`check_resume_tensors`).
     """
     from transformers import Trainer, default_data_collator
 
@@ -420,7 +500,9 @@ def make_trainer(
         from hf_cage import CAGETrainer
 
         cls = CAGETrainer
-    return cls(
+    out = Path(training_args.output_dir)
+    existed = out.exists()
+    trainer = cls(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -428,6 +510,13 @@ def make_trainer(
         data_collator=default_data_collator,
         callbacks=[branch_checkpoint_callback(training_args.cage_silence_ratio)] if branch_checkpoint else None,
     )
+    try:
+        check_resume_tensors(trainer)
+    except RecipeInputError:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # made by Trainer.__init__: leave nothing behind
+        raise
+    return trainer
 
 
 def evaluate_loss(model, training_args, eval_dataset) -> float:

@@ -120,7 +120,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (truncated / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes()[:100])
     quest = save_checkpoint(tmp_path / "quest", qat_model(**QUEST_W4A4), trainer_checkpoint=False)
     two_bit = save_checkpoint(
-        tmp_path / "w2", qat_model(quantizer="int", w_bits=2, a_bits=None), trainer_checkpoint=False
+        tmp_path / "w2", qat_model(quantizer="quest", w_bits=2, a_bits=None), trainer_checkpoint=False
     )
     return {
         "missing": (tmp_path / "does-not-exist", "not found"),
@@ -128,7 +128,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "malformed-config": (_write(tmp_path / "bad" / "config.json", "{not json").parent, "malformed"),
         "dense-model": (_write(tmp_path / "dense" / "config.json", json.dumps(dense)).parent, "no quantized layers"),
         "no-weights": (no_weights, "has no weights"),
-        "truncated-weights": (truncated, "could not load the checkpoint"),
+        "truncated-weights": (truncated, "not a readable safetensors file"),
         "quest-to-compressed-tensors": (quest, "--format hf-cage"),
         "unsupported-bits": (two_bit, "w_bits=2"),
         "bad-shard-size": (good, "max_shard_size"),
@@ -235,6 +235,75 @@ def test_ctrl_c_is_one_line_with_exit_130(tmp_path, capsys, monkeypatch):
     assert export(str(ckpt), "-o", str(tmp_path / "out")) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["hf-cage export: error: interrupted; nothing was written"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_safetensors_disk_full_is_one_line_exit_3_and_nothing_left(tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", full_disk)
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
+    capsys.readouterr()
+    assert export(str(ckpt), "-o", str(tmp_path / "new" / "parents" / "out")) == 3
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"hf-cage export: error: could not write the export to {str(tmp_path / 'new' / 'parents' / 'out')!r}: "
+        "No space left on device"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_ctrl_c_during_start_up_is_one_line_with_exit_130(capsys, monkeypatch):
+    import hf_cage.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    try:
+        code = cli.main(["export", "run", "-o", "out"])
+    except KeyboardInterrupt:  # escaping, it would end the whole pytest session
+        pytest.fail("Ctrl-C during start-up escaped as a traceback")
+    assert code == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["hf-cage: interrupted; nothing was written"]
+
+
+# The console script's own start-up (``from hf_cage.cli import main; sys.exit(main())``) with Ctrl-C arriving while
+# torch is being imported, the longest part of it.
+INTERRUPTED_START = """
+import sys
+
+
+class CtrlCDuringTorchImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+
+sys.meta_path.insert(0, CtrlCDuringTorchImport())
+from hf_cage.cli import main
+
+sys.exit(main(["export", "run", "-o", "out"]))
+"""
+
+
+def test_ctrl_c_while_the_command_imports_torch_is_exit_130_not_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_START], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["hf-cage: interrupted; nothing was written"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_max_shard_size_accepts_binary_units(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "run", qat_model(**INT_W4), trainer_checkpoint=False)
+    assert export(str(ckpt), "-o", str(tmp_path / "gib"), "--max-shard-size", "2GiB") == 0
+    assert export(str(ckpt), "-o", str(tmp_path / "kib"), "--max-shard-size", "30KiB") == 0
+    assert (tmp_path / "gib" / "model.safetensors").is_file()
+    assert len(list((tmp_path / "kib").glob("model-*-of-*.safetensors"))) > 2
 
 
 # Runs the CLI with the card step slowed down, so a signal can arrive while the staging folder exists.

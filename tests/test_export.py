@@ -122,6 +122,27 @@ def test_pack_int8_matches_compressed_tensors_and_round_trips():
         pack_codes(codes, 3)
 
 
+def test_sub_4_bit_codes_pack_densely_as_compressed_tensors_unpacks_them():
+    """3-bit codes straddle int32 words (compressed-tensors' pack_to_int32 layout, what its loaders unpack).
+
+    Codes ``i % 8 - 4`` for i = 0..31 are the fields 0..7 repeated, 3 bits each, lowest first: word 0 holds
+    codes 0..9 and the low 2 bits of code 10 (field 2 = 0b010 -> bits 31..30 = 0b10), word 1 starts with its
+    high bit (0). Word 0, bit 31 first: 10 001 000 111 110 101 100 011 010 001 000.
+    """
+    from hf_cage.layers.packed import pack_int_codes, unpack_int_codes
+
+    codes = (torch.arange(32) % 8 - 4).reshape(1, 32)
+    packed = pack_int_codes(codes, 3)
+    words = [format(int(w) & 0xFFFFFFFF, "032b") for w in packed[0]]
+    assert packed.shape == (1, 3) and words[:2] == [
+        "10001000111110101100011010001000",
+        "11000110100010001111101011000110",
+    ]
+    assert torch.equal(unpack_int_codes(packed, 3, 32).long(), codes)
+    two = pack_int_codes(torch.tensor([[-2, -1, 0, 1] * 4]), 2)  # fields 0, 1, 2, 3: 0b11100100 four times
+    assert two.shape == (1, 1) and format(int(two[0, 0]) & 0xFFFFFFFF, "032b") == "11100100" * 4
+
+
 def test_one_conversion_for_int4_linear_export_and_lora(tmp_path):
     """Int4Linear.from_qat_linear and the export store the same tensors: both are pack_weight."""
     from safetensors.torch import load_file
@@ -338,6 +359,9 @@ def test_sharded_export_loads_to_the_same_logits(tmp_path, token_batch):
         ("1.5GB", 1_500_000_000),
         ("5 mb", 5_000_000),
         ("2TB", 2 * 10**12),
+        ("2GiB", 2 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("64KiB", 64 * 2**10),
         ("1000", 1000),
         (1000, 1000),
         ("lots", -1),
@@ -346,7 +370,7 @@ def test_sharded_export_loads_to_the_same_logits(tmp_path, token_batch):
         (None, -1),
     ],
 )
-def test_shard_sizes_are_read_as_huggingface_hub_reads_them(size, expected):
+def test_shard_sizes_are_read_as_huggingface_hub_and_transformers_read_them(size, expected):
     from hf_cage.export.api import _parse_size
 
     assert _parse_size(size) == expected
@@ -427,6 +451,39 @@ def test_card_notes_per_format(tmp_path):
 
     lossy = _card(tmp_path, "lossy", QUEST_W4A4, format="compressed-tensors", allow_lossy=True)
     assert "**Hadamard.**" in lossy and "not the rule this model was trained with" in lossy
+
+
+def _card_row(card: str, name: str) -> str:
+    rows = [line for line in card.splitlines() if line.startswith(f"| {name} |")]
+    assert len(rows) == 1, rows
+    return rows[0].split("|")[2].strip()
+
+
+def test_card_activations_row_says_how_activations_were_quantized(tmp_path):
+    assert _card_row(_card(tmp_path, "w4a4", INT_W4A4_GROUP), "Activations") == (
+        "4-bit per token, integer grid, `a_clip='minmax'`"
+    )
+    assert _card_row(_card(tmp_path, "quest", QUEST_W4A4), "Activations") == (
+        "4-bit per token, mid-rise grid, `a_clip='mse'`"
+    )
+    assert _card_row(_card(tmp_path, "mx", dict(quantizer="mxfp4", a_bits=4)), "Activations") == (
+        "4-bit per token and group of 32, MXFP4 (E2M1) grid, dynamic group scales"
+    )
+    assert _card_row(_card(tmp_path, "w4", INT_W4), "Activations") == "not quantized (16-bit)"
+
+
+@pytest.mark.parametrize("grid", ["mxfp4", "nvfp4"])
+def test_fp4_w4a4_card_says_the_loaders_apply_the_trained_activation_rule(tmp_path, token_batch, grid):
+    model = qat_model(quantizer=grid, a_bits=4)
+    model(input_ids=token_batch)  # calibrates NVFP4's input_global_scale
+    export_model(model, tmp_path / "w4a4", progress=False, log=None)
+    card = (tmp_path / "w4a4" / "README.md").read_text()
+    scale = "E8M0) scale per token and group of 32" if grid == "mxfp4" else "E4M3 scale per token and group of 16"
+    assert f"**Activations.** The loaders quantize each linear's input to FP4 (E2M1) with" in card
+    assert scale in card and "the rule this model was trained with" in card
+    export_model(model, tmp_path / "w4a16", weights_only=True, progress=False, log=None)
+    card = (tmp_path / "w4a16" / "README.md").read_text()
+    assert "export declares weights only, so transformers and vLLM run it with unquantized activations" in card
 
 
 def test_card_has_metadata_training_summary_and_loss_curve(tmp_path):
@@ -555,12 +612,11 @@ def test_invalid_repo_id_is_refused_before_anything_is_written(tmp_path):
     "build, match",
     [
         (lambda: make_tiny_llama(0), "no quantized layers"),
-        (lambda: qat_model(quantizer="int", w_bits=2, a_bits=None), "w_bits=2"),
-        (lambda: qat_model(quantizer="int", w_bits=3, a_bits=None), "w_bits=3"),
-        (lambda: qat_model(quantizer="int", w_bits=8, a_bits=3), "a_bits=3"),
+        (lambda: qat_model(quantizer="quest", w_bits=2, a_bits=None), "w_bits=2"),
+        (lambda: qat_model(quantizer="quest", w_bits=3, a_bits=3), "w_bits=3"),
         (lambda: quantize_model(make_tiny_llama(0, intermediate_size=100), QuantConfig(**INT_W4)), "multiple of 8"),
     ],
-    ids=["dense", "w2", "w3", "w8a3", "in-features-100"],
+    ids=["dense", "quest-w2", "quest-w3a3", "in-features-100"],
 )
 def test_models_no_format_can_hold_are_refused(tmp_path, build, match):
     with pytest.raises(ExportError, match=match):
@@ -569,15 +625,29 @@ def test_models_no_format_can_hold_are_refused(tmp_path, build, match):
 
 
 @pytest.mark.parametrize("w_bits, a_bits", [(3, 3), (3, None), (2, None)])
-def test_refusals_never_advise_a_conversion_that_is_refused_too(tmp_path, w_bits, a_bits):
-    """A 2- or 3-bit model fits no packed format: the advice is the QAT checkpoint, not --allow-lossy."""
-    model = qat_model(quantizer="int", w_bits=w_bits, a_bits=a_bits)
-    with pytest.raises(ExportError) as info:
+def test_sub_4_bit_quest_models_are_refused_with_advice_that_works(tmp_path, w_bits, a_bits):
+    """hf-cage's format holds 4-bit weights and compressed-tensors no mid-rise grid: auto refuses a 2- or 3-bit
+    QuEST model, and the conversion it advises (--allow-lossy to compressed-tensors) is one that runs."""
+    model = qat_model(quantizer="quest", w_bits=w_bits, a_bits=a_bits)
+    with pytest.raises(ExportError, match=f"w_bits={w_bits}") as info:
         export_model(model, tmp_path / "out", progress=False, log=None)
-    assert "--allow-lossy" not in str(info.value) and "hf_cage.load_qat_model" in str(info.value)
-    with pytest.raises(ExportError, match=f"w_bits={w_bits}"):
-        export_model(model, tmp_path / "out", format="compressed-tensors", allow_lossy=True, progress=False, log=None)
+    assert "--format compressed-tensors --allow-lossy" in str(info.value)
     assert list(tmp_path.iterdir()) == []
+    result = export_model(
+        model, tmp_path / "out", format="compressed-tensors", allow_lossy=True, progress=False, log=None
+    )
+    assert result.format == "compressed-tensors" and result.lossy is not None
+
+
+def test_sub_4_bit_int_models_export_exactly_to_compressed_tensors(tmp_path):
+    for w_bits, a_bits in [(3, 3), (3, None), (2, None), (2, 2)]:
+        model = qat_model(quantizer="int", w_bits=w_bits, a_bits=a_bits)
+        result = export_model(model, tmp_path / f"w{w_bits}a{a_bits}", progress=False, log=None)
+        assert result.format == "compressed-tensors" and result.parity["logit_max_abs_diff"] == 0
+        card = (tmp_path / f"w{w_bits}a{a_bits}" / "README.md").read_text()
+        assert "vLLM's compressed-tensors kernels take 4- and 8-bit integer weights" in card
+        with pytest.raises(ExportError, match="use --format compressed-tensors"):
+            export_model(model, tmp_path / "hf", format="hf-cage", progress=False, log=None)
 
 
 def test_weights_only_never_silently_becomes_an_hf_cage_export(tmp_path):
@@ -678,6 +748,25 @@ def test_export_folder_mode_follows_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == mode
+    files = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in files and set(files.values()) == {mode & 0o666}  # safetensors alone wrote 0600
+
+
+def test_safetensors_write_error_is_an_export_write_error_and_leaves_no_folder(tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError (not an OSError): exit 3's error, parents removed too."""
+    import errno
+
+    import huggingface_hub
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", full_disk)
+    with pytest.raises(ExportWriteError, match="No space left on device") as info:
+        export_model(qat_model(**INT_W4), tmp_path / "a" / "b" / "out", progress=False, log=None)
+    assert info.value.errno == errno.ENOSPC and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("shape", [(3, 8), (5, 64), (2, 3, 128)])

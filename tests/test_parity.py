@@ -57,6 +57,44 @@ def test_trained_int_models_exported_with_defaults_serve_exactly_as_trained(tmp_
         assert result.loss == pytest.approx(reference.loss.item(), abs=1e-6), name
 
 
+# Sub-4-bit int weights (packed densely across int32 words by compressed-tensors' own pack_to_int32), weight-only
+# per channel and per group, and with activations at the same width (compressed-tensors' dynamic per-token rule
+# takes any width; vLLM's kernels take 4- and 8-bit ones only).
+SUB4_CASES = {
+    "w3a16-channel": dict(w_bits=3, a_bits=None),
+    "w3a16-group32": dict(w_bits=3, a_bits=None, granularity="group", group_size=32),
+    "w2a16-channel": dict(w_bits=2, a_bits=None),
+    "w2a16-group64": dict(w_bits=2, a_bits=None, granularity="group", group_size=64),
+    "w3a3-channel": dict(w_bits=3, a_bits=3),
+    "w2a2-group32": dict(w_bits=2, a_bits=2, granularity="group", group_size=32),
+}
+
+
+def test_sub_4_bit_int_models_serve_exactly_in_stock_transformers(tmp_path):
+    from hf_cage.export import load_quantized
+
+    batch = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(8))
+    trained, exports = {}, []
+    for seed, (name, quant) in enumerate(SUB4_CASES.items()):
+        model = trained_checkpoint(tmp_path / "runs" / name, 10 + seed, quantizer="int", **quant)
+        with torch.no_grad():
+            trained[name] = model(input_ids=batch, labels=batch)
+        result = export_checkpoint(tmp_path / "runs" / name, tmp_path / "exports" / name, progress=False, log=None)
+        assert result.format == "compressed-tensors" and result.parity["logit_max_abs_diff"] == 0
+        config = json.loads((tmp_path / "exports" / name / "config.json").read_text())
+        group = config["quantization_config"]["config_groups"]["group_0"]
+        assert group["weights"]["num_bits"] == quant["w_bits"] and group["format"] == "pack-quantized"
+        assert (group["input_activations"] or {}).get("num_bits") == quant["a_bits"]
+        exports.append(tmp_path / "exports" / name)
+    with pytest.raises(ValueError, match="w_bits=3.*AutoModelForCausalLM"):
+        load_quantized(exports[0])  # its packed layers hold 4-bit weights; stock transformers reads these
+
+    served = served_eval_many(exports, batch, logits=True, loss=True)
+    for (name, reference), result in zip(trained.items(), served):
+        assert torch.equal(result.logits, reference.logits), name
+        assert result.loss == pytest.approx(reference.loss.item(), abs=1e-6), name
+
+
 def test_served_eval_refuses_what_stock_transformers_cannot_load(tmp_path):
     from test_export import QUEST_W4A4, qat_model
 

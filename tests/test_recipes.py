@@ -117,7 +117,7 @@ def test_finetune_full_cage_from_bf16_checkpoint(bf16_checkpoint, tmp_path, text
     assert metrics["trainable_parameters"] == sum(p.numel() for p in _load(bf16_checkpoint).parameters())
 
 
-def test_finetune_lora_saves_adapters_and_reports_merge(bf16_checkpoint, tmp_path, text_pair):
+def test_finetune_lora_saves_adapters_and_reports_merge(bf16_checkpoint, tmp_path, text_pair, capsys):
     from peft import PeftModel
 
     import hf_cage
@@ -147,6 +147,10 @@ def test_finetune_lora_saves_adapters_and_reports_merge(bf16_checkpoint, tmp_pat
     assert metrics["eval_loss_merged"] == pytest.approx(merged_loss, rel=1e-6)
     assert abs(merged_loss - unmerged) > 1e-4  # merging changes the model: the two losses can be told apart
     assert metrics["merge_loss_change"] == pytest.approx(merged_loss - unmerged, rel=1e-4)
+    # The printed line shows the merged model's loss, not the adapters' (they differ at the printed precision).
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "merged and re-quantized" in ln][-1]
+    assert f"{merged_loss:.4f}" != f"{unmerged:.4f}"
+    assert f"merged and re-quantized {merged_loss:.4f} after 4 steps" in line
 
 
 def _validation_ids(tokenizer_dir: Path, validation: Path, block_size: int = 32, blocks: int = 8) -> torch.Tensor:
@@ -240,6 +244,9 @@ BAD_INPUTS = {
     ),
     "cut utf-8": (["--train_file", "{cut}", "--validation_file", "{good}"], ["--train_file {cut}", "not UTF-8"]),
     "no checkpoint": (["--resume_from_checkpoint", "{root}"], ["not a Trainer checkpoint"]),
+    "batch size 0": (["--per_device_train_batch_size", "0"], ["--per_device_train_batch_size 0 must be at least 1"]),
+    "learning rate -1": (["--learning_rate", "-1"], ["--learning_rate -1 is negative"]),
+    "output below a file": (["--output_dir", "{good}/out"], ["--output_dir {good}/out lies below", "a file"]),
 }  # fmt: skip
 
 
@@ -478,3 +485,89 @@ def test_exit_process_skips_interpreter_shutdown_only_for_a_rank_of_a_multi_proc
     assert run.returncode == 3
     shutdown = world_size != "2"
     assert run.stdout == "trained" + ("interpreter shutdown ran\n" if shutdown else "")
+
+
+# ----------------------------------------------------------------------------- strict loading (issue 18)
+def _finetune_argv(text_pair, tmp_path, checkpoint, *extra) -> list[str]:
+    train, validation = text_pair
+    return ["--config", "tiny", "--model_name_or_path", str(checkpoint), "--method", "ste", "--max_steps", "2",
+            "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--train_file", str(train),
+            "--validation_file", str(validation), *SMALL_RUN, *extra]  # fmt: skip
+
+
+def _copy(folder: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(folder, to)
+    return to
+
+
+def _drop_tensor(folder: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    del state[name]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_hidden_size_whose_head_width_rope_cannot_rotate_is_one_line_exit_2(tmp_path, text_pair, capsys):
+    argv = pretrain_argv(text_pair, tmp_path / "out", "ste") + ["--hidden_size", "60", "--num_attention_heads", "4"]
+    err = _error(capsys, pretrain_llama.main, argv)
+    assert "model shape refused by transformers" in err and "head_dim" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_finetuning_refuses_an_export_and_broken_checkpoints_before_writing(
+    bf16_checkpoint, tmp_path, text_pair, capsys
+):
+    """A packed export says what it is and how to load it; a truncated weights file or a broken config.json is one
+    line; a deleted tensor is named. Exit 2 each time, and no output folder."""
+    from hf_cage.export import export_checkpoint
+
+    ste = tmp_path / "ste"
+    assert finetune_llama.main(_finetune_argv(text_pair, tmp_path, bf16_checkpoint, "--output_dir", str(ste))) == 0
+    export_checkpoint(ste, tmp_path / "exported", format="hf-cage", progress=False, log=None)
+    truncated = _copy(bf16_checkpoint, tmp_path / "truncated")
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    broken = _copy(bf16_checkpoint, tmp_path / "broken")
+    (broken / "config.json").write_text('{"model_type": "llama", ')
+    deleted = _copy(bf16_checkpoint, tmp_path / "deleted")
+    _drop_tensor(deleted, "model.layers.0.mlp.down_proj.weight")
+    cases = {
+        tmp_path / "exported": ["packed hf-cage export (format hf-cage)", "hf_cage.load_quantized"],
+        truncated: ["not a readable safetensors file"],
+        broken: ["config.json is malformed"],
+        deleted: ["missing model.layers.0.mlp.down_proj.weight"],
+    }
+    for checkpoint, expected in cases.items():
+        err = _error(capsys, finetune_llama.main, _finetune_argv(text_pair, tmp_path, checkpoint), one_line=False)
+        assert err.startswith(f"finetune_llama.py: error: --model_name_or_path {checkpoint}: ")
+        assert all(part in err for part in expected), err
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def ste_checkpoint(tmp_path_factory, text_pair):
+    out = tmp_path_factory.mktemp("runs") / "ste"
+    argv = pretrain_argv(text_pair, out, "ste", steps=4) + ["--cage_silence_ratio", "0.5", "--save_branch_checkpoint"]
+    assert pretrain_llama.main(argv) == 0
+    return out / "checkpoint-2"
+
+
+def test_resuming_with_other_quantization_settings_is_refused(ste_checkpoint, tmp_path, text_pair, capsys):
+    argv = pretrain_argv(text_pair, tmp_path / "out", "cage", steps=4) + ["--resume_from_checkpoint", str(ste_checkpoint)]
+    err = _error(capsys, pretrain_llama.main, argv + ["--w_bits", "3"])
+    assert "other quantization settings: quant_w_bits=3 (checkpoint: 4)" in err
+    err = _error(capsys, pretrain_llama.main, argv + ["--method", "bf16"])
+    assert "was trained with quantization; --method bf16 cannot resume it" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_from_a_checkpoint_with_a_deleted_tensor_names_it(ste_checkpoint, tmp_path, text_pair, capsys):
+    checkpoint = _copy(ste_checkpoint, tmp_path / "checkpoint-2")
+    _drop_tensor(checkpoint, "model.layers.0.self_attn.q_proj.weight")
+    argv = pretrain_argv(text_pair, tmp_path / "out", "cage", steps=4) + ["--resume_from_checkpoint", str(checkpoint)]
+    err = _error(capsys, pretrain_llama.main, argv, one_line=False)
+    assert "missing model.layers.0.self_attn.q_proj.weight" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "checkpoint-2"]  # no output folder

@@ -25,13 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit code of a command interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
-        parser.print_help()
-        return 0
-    return args.run(args)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "run", None):
+            parser.print_help()
+            return 0
+        return args.run(args)
+    except KeyboardInterrupt:  # during start-up (imports, parsing); a command handles its own work's interrupts
+        print("hf-cage: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 The command parses its flags, makes one library call (:func:`hf_cage.export_checkpoint`) and reports.
 Exit codes: 0 done; 2 bad input (nothing written); 3 the operating system refused a write (nothing left
-behind); 1 the push failed (the local export is kept); 130 interrupted (Ctrl-C or SIGTERM; nothing left
-behind).
+behind); 1 the push failed (the local export is kept); 130 interrupted (Ctrl-C or SIGTERM): nothing left
+behind, except when the export was already complete (during the push), where it is kept and the message
+says so.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ examples:
   hf-cage export outputs/run --output-dir exports/run --push-to-hub me/llama-cage-w4 --private
 
 exit codes: 0 success; 2 bad input, nothing written; 3 OS error while writing (permissions, disk full),
-nothing left behind; 1 push failed, local export kept; 130 interrupted, nothing left behind.
+nothing left behind; 1 push failed, local export kept; 130 interrupted (Ctrl-C, SIGTERM): nothing left
+behind, or, once the export is complete (during the push), the export kept, as the message says.
 """
 
 
@@ -91,8 +93,9 @@ def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-shard-size",
         default=DEFAULT_MAX_SHARD_SIZE,
-        help="largest weight file, as transformers' save_pretrained (default 50GB): bigger models are split into "
-        "model-0000i-of-0000n.safetensors plus model.safetensors.index.json",
+        help="largest weight file, as transformers' save_pretrained (default 50GB; decimal units KB, MB, GB, TB or "
+        "binary KiB, MiB, GiB, or a byte count): bigger models are split into model-0000i-of-0000n.safetensors plus "
+        "model.safetensors.index.json",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar over layers")

@@ -107,21 +107,27 @@ def _check_existing_output(output_dir: Path, overwrite: bool) -> None:
             )
 
 
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]B)?\s*", re.IGNORECASE)
-_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's units (decimal)
-
-
 def _parse_size(size) -> int:
-    """Bytes of ``5GB`` / ``500MB`` / ``40KB`` / a byte count (as huggingface_hub reads them); -1 if not a size."""
+    """Bytes of a shard size as the Hugging Face libraries read it, or -1 if it is none: a byte count, a decimal
+    size as ``save_pretrained`` passes it to huggingface_hub (``5GB``, ``1.5GB``, ``500MB``, ``40KB``, ``1TB``), or a
+    binary one as transformers' ``convert_file_size_to_int`` reads it (``2GiB``, ``512MiB``, ``64KiB``)."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+    from transformers.utils.hub import convert_file_size_to_int
+
     if not isinstance(size, str):
         try:
             return int(size)
         except (TypeError, ValueError):
             return -1
-    match = _SIZE.fullmatch(size)
-    if not match:
-        return -1
-    return int(float(match.group(1)) * _SIZE_UNITS.get((match.group(2) or "").upper(), 1))
+    text = size.strip()
+    if text.isdigit():
+        return int(text)
+    for parse in (parse_size_to_int, convert_file_size_to_int):
+        try:
+            return int(parse(text))
+        except (ValueError, TypeError):
+            continue
+    return -1
 
 
 def _check_options(dtype: str, max_shard_size) -> int:
@@ -130,7 +136,9 @@ def _check_options(dtype: str, max_shard_size) -> int:
         raise ExportError(f"dtype={dtype!r} is not supported; choose one of {', '.join(DTYPE_CHOICES)}")
     size = _parse_size(max_shard_size)
     if size <= 0:
-        raise ExportError(f"max_shard_size={max_shard_size!r} is not a size; pass e.g. 5GB, 500MB or a byte count")
+        raise ExportError(
+            f"max_shard_size={max_shard_size!r} is not a size; pass e.g. 5GB, 500MB, 2GiB or a byte count"
+        )
     return size
 
 
@@ -212,16 +220,25 @@ def export_model(
     if log:
         log(_parity_line(parity, conversion, weight_error))
 
+    created = _missing_folders(output_dir.parent)
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_folders(output_dir.parent)
         staging = _new_folder(output_dir, "staging")
     except OSError as err:
+        _remove_empty_folders(created)
         raise ExportWriteError(err.errno, f"cannot create {str(output_dir)!r}: {_os_reason(err)}") from None
+    except BaseException:
+        _remove_empty_folders(created)
+        raise
     try:
         from huggingface_hub import save_torch_state_dict
+        from safetensors import SafetensorError
 
-        save_torch_state_dict(tensors, staging, filename_pattern=WEIGHTS_PATTERN, max_shard_size=shard_bytes)
+        try:
+            save_torch_state_dict(tensors, staging, filename_pattern=WEIGHTS_PATTERN, max_shard_size=shard_bytes)
+        except SafetensorError as err:  # what safetensors raises when a write fails (disk full, ...): not an OSError
+            raise _as_os_error(err) from None
         weight_files = sorted(staging.glob("model*.safetensors"))
         size = sum(f.stat().st_size for f in weight_files)
         _write_config(model, staging, fmt, exported_config, config, conversion, weights_only, dtype, layers, parity)
@@ -245,13 +262,16 @@ def export_model(
             loss_curve=curve,
         )
         model_card.save(staging / "README.md")
+        _follow_umask(staging)
         _move_into_place(staging, output_dir)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty_folders(created)
         message = f"could not write the export to {str(output_dir)!r}: {_os_reason(err)}"
         raise ExportWriteError(err.errno, message) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty_folders(created)
         raise
     lossy = None
     if conversion.lossy:
@@ -491,6 +511,44 @@ def _move_into_place(staging: Path, output_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(staging, output_dir)
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders ``mkdir(parents=True)`` of ``folder`` would create, outermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Remove the folders an export created (innermost first) if they are still empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _follow_umask(staging: Path) -> None:
+    """Give the files the mode ``open`` gives under the umask (safetensors writes 0600); the staging folder was
+    made by ``mkdir``, so its mode is ``0777 & ~umask``."""
+    mode = staging.stat().st_mode & 0o666
+    for file in staging.iterdir():
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
+
+
+_OS_CODE = re.compile(r"(?:os error|code:) (\d+)")
+
+
+def _as_os_error(err: Exception) -> OSError:
+    """safetensors' write error as an ``OSError``; it reports the OS error code inside its message
+    (``I/O error: No space left on device (os error 28)``)."""
+    match = _OS_CODE.search(str(err))
+    code = int(match.group(1)) if match else errno.EIO
+    return OSError(code, os.strerror(code) if match else " ".join(str(err).split()))
 
 
 def _os_reason(err: OSError) -> str:

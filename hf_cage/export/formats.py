@@ -1,8 +1,8 @@
 """The export formats: one object per format owns its checks, its config, its card notes and its loader.
 
 - ``compressed-tensors`` (``pack-quantized``): what stock transformers and vLLM load. It stores the
-  ``int`` quantizer's integer grid (``code * scale``) without rotation, 4 or 8 bits, per channel or per
-  group, and may declare dynamic per-token activations, which the loader then quantizes with
+  ``int`` quantizer's integer grid (``code * scale``) without rotation, 2, 3, 4 or 8 bits, per channel or per
+  group, and may declare dynamic per-token activations (2, 3, 4 or 8 bits), which the loader then quantizes with
   compressed-tensors' own rule (``scale = absmax / ((2^b - 1) / 2)``, round, clamp): hf-cage's
   ``a_clip="minmax"``. Anything else (QuEST mid-rise grid, Hadamard rotation, another activation rule)
   is served differently from how it was trained, so it is exported only with ``allow_lossy`` and a
@@ -29,10 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..kernels.spec import FP4_GRIDS, QuantSpec
+from ..qat import EXPORT_KEY
 from ..quant.config import QuantConfig
 from .errors import ExportError
-
-EXPORT_KEY = "hf_cage_export"
 FORMAT_VERSION = 2
 PACKING = "pack-quantized: code + 2^(bits-1), 32/bits codes per int32 along inputs, lowest bits first"
 FP4_PACKING = "fp4: E2M1 codes (sign bit 3), two per uint8 along inputs, even input in the low nibble"
@@ -41,6 +40,10 @@ VLLM_NOTE = (
     "For int4 weights with dynamic int4 activations it runs real INT4 activations only on SM80-SM89 (Ampere, "
     "Ada); on Hopper it falls back to higher-precision activations, so the served numbers differ from the "
     "trained ones there. Weight-only int4 (W4A16) runs on its Marlin/Machete kernels."
+)
+SUB4_VLLM_NOTE = (
+    "vLLM's compressed-tensors kernels take 4- and 8-bit integer weights and 4- and 8-bit activations; this "
+    "export's widths are read by transformers (with compressed-tensors), which unpacks them at load."
 )
 FP4_SERVING_NOTE = (
     "Not tested here (no GPU was available). NVIDIA Blackwell GPUs have FP4 tensor cores that take MXFP4 and "
@@ -181,8 +184,10 @@ class CompressedTensorsFormat(StockFormat):
     quantization_format = "pack-quantized"
     dtype_note = "compute in float32 to reproduce the trained numbers"
     summary = "pack-quantized; loads in stock transformers (with compressed-tensors) and vLLM"
-    weight_bits = (4, 8)
-    activation_bits = (4, 8)
+    weight_bits = (2, 3, 4, 8)  # 2 and 3 bits packed densely (compressed-tensors' pack_to_int32)
+    # compressed-tensors' dynamic per-token rule is the same for any width (scale = absmax / ((2^b - 1) / 2));
+    # vLLM's kernels take 4- and 8-bit activations only.
+    activation_bits = (2, 3, 4, 8)
 
     @staticmethod
     def declares_activations(config: QuantConfig, weights_only: bool) -> bool:
@@ -205,8 +210,9 @@ class CompressedTensorsFormat(StockFormat):
                 f"{' or '.join(map(str, self.weight_bits))}-bit weights"
             )
         if self.declares_activations(config, weights_only) and config.a_bits not in self.activation_bits:
+            bits = ", ".join(map(str, self.activation_bits))
             return (
-                f"a_bits={config.a_bits}: compressed-tensors declares only 4- or 8-bit dynamic activations; "
+                f"a_bits={config.a_bits}: hf-cage declares {bits}-bit dynamic activations in compressed-tensors; "
                 "pass --weights-only to export the weights alone, or use --format hf-cage"
             )
         return None
@@ -319,7 +325,9 @@ class CompressedTensorsFormat(StockFormat):
                 "**Hadamard.** The model was trained with Hadamard rotations; stock transformers (5.24) and this "
                 "format apply none at load (no `transform_config`), so the weights were re-quantized without it."
             )
-        if a_bits is not None and not weights_only:
+        if trained.w_bits not in (4, 8) or (a_bits is not None and not weights_only and a_bits not in (4, 8)):
+            notes.append(f"**vLLM.** {SUB4_VLLM_NOTE}")
+        elif a_bits is not None and not weights_only:
             notes.append(f"**vLLM.** {VLLM_NOTE}")
         return notes
 
@@ -340,7 +348,7 @@ class HfCageFormat(ExportFormat):
         if config.w_bits not in self.weight_bits:
             return (
                 f"--format hf-cage holds 4-bit weights (hf_cage.Int4Linear), the model has w_bits={config.w_bits}; "
-                "for 8-bit int weights use --format compressed-tensors"
+                "for 2-, 3- or 8-bit int weights use --format compressed-tensors"
             )
         return None
 

@@ -19,14 +19,14 @@ from torch import nn
 
 from ..layers.fp4_linear import Fp4Linear
 from ..layers.int4_linear import Int4Linear
-from ..qat import CONFIG_KEY
+from ..qat import CONFIG_KEY, EXPORT_KEY, check_loading_report, saved_tensor_shapes
 from ..quant.config import QuantConfig
-from .formats import EXPORT_KEY
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    saved_tensor_shapes(path)  # every file opens (CheckpointError for a truncated one)
     single = path / "model.safetensors"
     if single.is_file():
         return load_file(single)
@@ -109,11 +109,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", d
         if getattr(config, "tie_word_embeddings", False)
         else set()
     )
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(
-            f"{str(path)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    check_loading_report(path, [k for k in missing if k not in tied], unexpected)
     if tied:
         model.tie_weights()
     return model.to(device).eval() if device else model.eval()

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..qat import CONFIG_KEY
+from ..qat import CONFIG_KEY, CheckpointError, read_model_config
 from ..quant.config import QuantConfig
 from .errors import ExportError
 
@@ -136,11 +136,9 @@ def check_checkpoint_dir(path: str | os.PathLike) -> QuantConfig:
     if not config_file.is_file():
         raise ExportError(f"{str(path)!r} has no config.json: it is not a saved model or Trainer checkpoint")
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{config_file} is malformed ({err}); re-save the model with save_pretrained") from None
-    if not isinstance(config, dict):
-        raise ExportError(f"{config_file} is malformed (not a JSON object); re-save the model with save_pretrained")
+        config = read_model_config(path)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     if CONFIG_KEY not in config:
         raise ExportError(
             f"{str(path)!r} has no quantized layers (config.json has no {CONFIG_KEY!r}); "
@@ -156,7 +154,13 @@ def check_checkpoint_dir(path: str | os.PathLike) -> QuantConfig:
 
 
 def load_checkpoint(path: str | os.PathLike, progress: bool = True):
-    """Load the QAT model saved in ``path`` (fp32, so ``Q(W)`` is computed from exact weights)."""
+    """Load the QAT model saved in ``path`` (fp32, so ``Q(W)`` is computed from exact weights), strictly
+    (:func:`hf_cage.qat.load_pretrained`), and check that every tensor of the loaded model equals the one on
+    disk, so that what an export measures and packs is the model that was saved.
+
+    Raises:
+        ExportError: the checkpoint is malformed, incomplete, or does not load to its saved weights.
+    """
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -167,10 +171,39 @@ def load_checkpoint(path: str | os.PathLike, progress: bool = True):
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        return load_qat_model(path, dtype=torch.float32)
+        model = load_qat_model(path, dtype=torch.float32)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     except Exception as err:  # any loading failure is a malformed checkpoint for the user
         reason = " ".join(str(err).split())[:300] or type(err).__name__
         raise ExportError(f"could not load the checkpoint {str(path)!r}: {reason}") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    _check_against_files(model, Path(path))
+    return model
+
+
+def _check_against_files(model, path: Path) -> None:
+    """Every tensor saved in ``path`` equals the loaded model's tensor of that name (upcast exactly to fp32)."""
+    import torch
+    from safetensors import safe_open
+
+    state = model.state_dict()
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif index.is_file():
+        files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        return  # pytorch_model.bin: loaded by transformers' own code, checked by its loading report only
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                saved = f.get_tensor(key)
+                loaded = state.get(key)
+                if loaded is None or not torch.equal(saved.to(loaded.dtype), loaded):
+                    raise ExportError(
+                        f"the model loaded from {str(path)!r} differs from its saved tensor {key!r}; the export "
+                        "would not be the model that was saved: re-save the checkpoint"
+                    )

@@ -7,7 +7,8 @@ layouts, shared by every export format and by the packed inference layers:
 
   - ``weight_packed``: int32 ``(out, in * bits / 32)``: signed codes stored as ``code + 2^(bits-1)``,
     ``32 / bits`` per word along the input dimension, lowest bits first
-    (:func:`hf_cage.kernels.packing.pack_codes`);
+    (:func:`hf_cage.kernels.packing.pack_codes`, 4 and 8 bits); 2- and 3-bit codes are packed densely, a code
+    may straddle two words (compressed-tensors' own ``pack_to_int32``, which its loaders unpack);
   - ``weight_scale``: fp32 ``(out, in / group)`` (``(out, 1)`` per channel): the grid step, in fp32 so
     ``(code + code_offset) * scale`` is exactly the training-time ``Q(W)``;
   - ``weight_shape``: int64 ``(2,)``: ``[out, in]``.
@@ -29,6 +30,8 @@ weight on its own grid, or a lossy re-quantization of ``Q(W)`` to another grid),
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -39,6 +42,8 @@ from ..kernels.spec import FP4_GROUP_SIZE, QuantSpec
 
 PACKED_NAMES = ("weight_packed", "weight_scale", "weight_shape")
 FP4_PACKED_NAMES = ("weight_packed", "weight_scale", "weight_global_scale")
+# Widths packed densely across int32 words by compressed-tensors' own ``pack_to_int32`` (what its loaders unpack).
+DENSE_PACKED_BITS = (2, 3)
 
 
 def packing_problem(in_features: int, spec: QuantSpec) -> str | None:
@@ -48,12 +53,31 @@ def packing_problem(in_features: int, spec: QuantSpec) -> str | None:
         if in_features % group:
             return f"in_features={in_features} is not a multiple of the {spec.grid} group size {group}"
         return None
-    if spec.bits not in PACKABLE_BITS:
-        return f"{spec.bits}-bit weights cannot be packed (supported: {PACKABLE_BITS})"
-    per_word = 32 // spec.bits
-    if in_features % per_word:
-        return f"in_features={in_features} is not a multiple of {per_word}, needed to pack {spec.bits}-bit codes"
+    bits = (*DENSE_PACKED_BITS, *PACKABLE_BITS)
+    if spec.bits not in bits:
+        return f"{spec.bits}-bit weights cannot be packed (supported: {bits})"
+    per_words = 32 // math.gcd(32, spec.bits)  # codes that fill a whole number of int32 words
+    if in_features % per_words:
+        return f"in_features={in_features} is not a multiple of {per_words}, needed to pack {spec.bits}-bit codes"
     return None
+
+
+def pack_int_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(out, in)`` signed integer codes -> ``(out, in * bits / 32)`` int32 words of ``pack-quantized``."""
+    if bits in DENSE_PACKED_BITS:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        return pack_to_int32(codes.to(torch.int8), bits)
+    return pack_codes(codes, bits, validate=False)
+
+
+def unpack_int_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int_codes`: ``(out, in)`` int8 codes."""
+    if bits in DENSE_PACKED_BITS:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        return unpack_from_int32(packed, bits, torch.Size((packed.shape[0], in_features)))
+    return unpack_codes(packed, bits)
 
 
 @torch.no_grad()
@@ -76,7 +100,7 @@ def pack_weight(weight: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor
         return tensors
     codes, scales = kernels.quantize_rows(weight.detach(), spec, backend=backend)
     return {
-        "weight_packed": pack_codes(codes, spec.bits, validate=False),
+        "weight_packed": pack_int_codes(codes, spec.bits),
         "weight_scale": scales.float().contiguous(),
         "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64),
     }
@@ -95,7 +119,9 @@ def unpack_weight(
             hadamard_block=spec.hadamard_block,
             dtype=dtype,
         )
-    codes = unpack_codes(tensors["weight_packed"], spec.bits)
+    packed = tensors["weight_packed"]
+    in_features = packed.shape[-1] * 32 // spec.bits
+    codes = unpack_int_codes(packed, spec.bits, in_features)
     return kernels.dequantize_rows(codes, tensors["weight_scale"], spec, dtype)
 
 
