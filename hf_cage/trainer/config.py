@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from ..kernels.spec import SCALE_RULES, SUPPORTED_BITS
+from ..optim.defaults import CAGE_LAMBDA, CAGE_PULL_DEFAULTS, CAGE_SCHEDULE, CAGE_SILENCE_RATIO, CAGE_VARIANT
+from ..optim.pull import check_cage_pull
 from ..optim.schedule import SCHEDULES, VARIANTS, check_cage_hyperparameters
 from ..quant.config import GRANULARITIES, GROUP_SIZES, QUANTIZERS, QuantConfig
 
@@ -67,20 +69,32 @@ class CAGEConfig(TrainingArguments):
             "serve), 'mse' or 'absmax'. Default: minmax for int, mse for quest."
         },
     )
-    cage_lambda: float = field(
-        default=10.0,
-        metadata={"help": "CAGE correction strength (paper: 10). 0 = the STE / QuEST baseline, no correction."},
+    cage_lambda: float | None = field(
+        default=None,
+        metadata={
+            "help": f"CAGE correction strength (default {CAGE_LAMBDA:g}, the paper's, unless cage_pull is set; not "
+            "both). 0 = the STE / QuEST baseline, no correction."
+        },
+    )
+    cage_pull: float | None = field(
+        default=None,
+        metadata={
+            "help": "CAGE strength as the total pull sum_t lr_t * lambda_t over the whole run (not with cage_lambda): "
+            "the trainer picks lambda from the run's own LR schedule, length and silence ratio at each train(). "
+            f"Typical: pretraining {CAGE_PULL_DEFAULTS['pretraining']:g}, fine-tuning "
+            f"{CAGE_PULL_DEFAULTS['fine-tuning']:g}. 0 = the STE baseline."
+        },
     )
     cage_silence_ratio: float = field(
-        default=0.8,
+        default=CAGE_SILENCE_RATIO,
         metadata={"help": "Fraction of the optimizer steps before the correction starts, in [0, 1) (paper: 0.8)."},
     )
     cage_schedule: str = field(
-        default="linear_ramp",
+        default=CAGE_SCHEDULE,
         metadata={"help": f"Lambda schedule after the silence period: one of {', '.join(SCHEDULES)}."},
     )
     cage_variant: str = field(
-        default="decoupled",
+        default=CAGE_VARIANT,
         metadata={
             "help": f"One of {', '.join(VARIANTS)}: decoupled = post-step pull toward Q(W) (paper's code); "
             "coupled = lambda * (W - Q(W)) added to the gradient."
@@ -108,7 +122,18 @@ class CAGEConfig(TrainingArguments):
             raise ValueError(
                 f"invalid quant_* settings: {message} (each QuantConfig field is set by quant_<name>)"
             ) from err
-        check_cage_hyperparameters(self.cage_lambda, self.cage_silence_ratio, self.cage_schedule, self.cage_variant, 1)
+        if self.cage_pull is not None and self.cage_lambda is not None:
+            raise ValueError(
+                f"cage_pull={self.cage_pull:g} and cage_lambda={self.cage_lambda:g} both set; set one: cage_pull "
+                "picks lambda from the run's schedule, cage_lambda fixes it"
+            )
+        if self.cage_pull is None and self.cage_lambda is None:
+            self.cage_lambda = CAGE_LAMBDA
+        if self.cage_pull is not None:
+            check_cage_pull(self.cage_pull)
+        check_cage_hyperparameters(
+            self.cage_lambda or 0.0, self.cage_silence_ratio, self.cage_schedule, self.cage_variant, 1
+        )
 
     def quant_config(self) -> QuantConfig:
         """The :class:`hf_cage.QuantConfig` these ``quant_*`` fields describe (Llama block linears as targets)."""
@@ -124,9 +149,10 @@ class CAGEConfig(TrainingArguments):
         )
 
     def cage_kwargs(self) -> dict:
-        """The ``cage_*`` hyperparameters as keyword arguments of :class:`hf_cage.CAGECorrection` / ``CAGE``."""
+        """The ``cage_*`` hyperparameters as keyword arguments of :class:`hf_cage.CAGECorrection` / ``CAGE``
+        (with ``cage_pull``, ``cage_lambda`` is 0 until the trainer picks it at the start of each run)."""
         return {
-            "cage_lambda": self.cage_lambda,
+            "cage_lambda": 0.0 if self.cage_lambda is None else self.cage_lambda,
             "cage_silence_ratio": self.cage_silence_ratio,
             "cage_schedule": self.cage_schedule,
             "cage_variant": self.cage_variant,

@@ -14,9 +14,15 @@ What it adds to ``Trainer`` (everything else, the optimizer included, is Trainer
   quantized block linears are decayed, not embeddings, ``lm_head``, norms or biases;
 - ``create_scheduler(num_training_steps)``: the number of optimizer steps Trainer passes on at every
   ``train()`` (also after an ``auto_find_batch_size`` retry) starts the correction's schedule
-  (``total_steps``, counter back to 0); a resumed run then loads its counter from the checkpoint;
-- ``log`` adds ``cage/lambda`` (the lambda of the last optimizer step), ``cage/quant_error`` and
-  ``cage/clip_fraction`` (:func:`hf_cage.trainer.quantization_metrics`) to the training logs.
+  (``total_steps``, counter back to 0); a resumed run then loads its counter from the checkpoint.
+  With ``cage_pull`` it first sets lambda so that ``sum_t lr_t * lambda_t`` over the whole run
+  (``t = 1 .. num_training_steps``, ``lr_t`` from the scheduler just built, :mod:`hf_cage.optim.pull`)
+  equals ``cage_pull``: a run resumed or branched from step ``k`` gets the lambda of the whole run and
+  realises the part of the pull after ``k`` (all of it when ``k`` is within the silence period);
+- ``log`` adds ``cage/lambda`` (the lambda of the last optimizer step), ``cage/pull`` (``sum_t lr_t *
+  lambda_t`` so far), ``cage/quant_error`` and ``cage/clip_fraction``
+  (:func:`hf_cage.trainer.quantization_metrics`) to the training logs, and ``cage/peak_lambda`` (the
+  lambda of the run) with the realised ``cage/pull`` to the run's final summary.
 
 FSDP2 (``fsdp_version: 2``) is supported: the correction works on the local row shards. FSDP1 (flat
 parameters) is refused, and so is an FSDP launch that accelerate ran without FSDP (accelerate 1.15 enables
@@ -33,6 +39,7 @@ from transformers import Trainer
 
 from ..optim.correction import CAGECorrection, cage_correction_of
 from ..optim.factory import decay_parameter_names
+from ..optim.pull import lambda_for_pull, scheduled_learning_rates
 from ..qat import quant_config_of, quantize_model
 from .config import CAGEConfig
 from .metrics import quantization_metrics
@@ -92,9 +99,24 @@ class CAGETrainer(Trainer):
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
         if self.cage_correction is not None:
-            self.cage_correction.start_run(num_training_steps)
-        return super().create_scheduler(num_training_steps, optimizer)
+            self._start_cage_run(scheduler, num_training_steps)
+        return scheduler
+
+    def _start_cage_run(self, scheduler, total_steps: int) -> None:
+        """Start the correction's schedule for a run of ``total_steps``; with ``cage_pull``, pick its lambda first."""
+        correction, pull = self.cage_correction, self.args.cage_pull
+        if pull is not None:
+            rates = scheduled_learning_rates(scheduler, correction.weight_quantizers, total_steps)
+            correction.cage_lambda = lambda_for_pull(
+                pull, rates, correction.cage_silence_ratio, correction.cage_schedule
+            )
+            logger.info(
+                "cage_pull=%g: lambda %.6g over the run's %d steps (%s LR schedule, silence %g)",
+                pull, correction.cage_lambda, total_steps, self.args.lr_scheduler_type, correction.cage_silence_ratio,
+            )  # fmt: skip
+        correction.start_run(total_steps)
 
     def _attach_correction(self, optimizer) -> None:
         inner = optimizer
@@ -119,5 +141,9 @@ class CAGETrainer(Trainer):
         if "loss" in logs and correction is not None and correction.total_steps:
             steps = correction.steps_taken
             logs["cage/lambda"] = correction.lambda_at(steps) if steps else 0.0
+            logs["cage/pull"] = correction.pull_realised
             logs.update(quantization_metrics(self.model))
+        elif "train_runtime" in logs and correction is not None and correction.total_steps:  # the run's summary
+            logs["cage/peak_lambda"] = correction.cage_lambda
+            logs["cage/pull"] = correction.pull_realised
         super().log(logs, start_time)
