@@ -12,8 +12,9 @@ from .quant import QuantConfig
 
 __version__ = "0.1.0"
 
-# The trainer imports transformers.Trainer (slow): loaded on first use, not at ``import hf_cage``.
-_LAZY = {"CAGEConfig": "hf_cage.trainer", "CAGETrainer": "hf_cage.trainer"}
+# The trainer imports transformers.Trainer (slow): loaded on first use, not at ``import hf_cage``. TRL's trainers
+# live in ``hf_cage.trl`` (imports trl, an optional extra), never imported by ``import hf_cage``.
+_LAZY = {name: "hf_cage.trainer" for name in ("CAGEArguments", "CAGEConfig", "CAGETrainer", "CAGETrainerMixin")}
 
 
 def __getattr__(name: str):
@@ -26,9 +27,11 @@ def __getattr__(name: str):
 
 __all__ = [
     "CAGE",
+    "CAGEArguments",
     "CAGEConfig",
     "CAGECorrection",
     "CAGETrainer",
+    "CAGETrainerMixin",
     "ExportError",
     "Fp4Linear",
     "Int4Linear",

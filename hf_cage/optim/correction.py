@@ -99,7 +99,9 @@ class CAGECorrection:
     """Attach the CAGE correction to ``optimizer`` (see the module docstring); returns the handle object.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` holding the quantized weights.
+        optimizer: any ``torch.optim.Optimizer`` holding the quantized weights, or a wrapper that holds one as its
+            public ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, what a ``TrainerCallback`` receives): the
+            correction attaches to the optimizer inside.
         model: the quantized model; its ``QATLinear`` layers give the weights and ``Q``, looked up at
             every step. Or pass ``weight_quantizers`` (``{weight: Q}``, fixed) instead.
         cage_lambda, cage_silence_ratio, cage_schedule, total_steps: the schedule (CAGE.md section 3);
@@ -127,6 +129,8 @@ class CAGECorrection:
                 f"the CAGE correction attaches to a torch.optim.Optimizer (through its step hooks), got "
                 f"{type(optimizer).__name__}"
             )
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer  # a wrapper (accelerate's AcceleratedOptimizer) steps the one it holds
         check_cage_hyperparameters(
             cage_lambda, cage_silence_ratio, cage_schedule, cage_variant, 1 if total_steps is None else total_steps
         )

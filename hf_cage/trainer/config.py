@@ -1,4 +1,5 @@
-"""``CAGEConfig``: ``TrainingArguments`` plus ``quant_*`` (what to quantize) and ``cage_*`` (how to train) fields."""
+"""``CAGEArguments``: the ``quant_*`` (what to quantize) and ``cage_*`` (how to train) fields, composable with any
+``TrainingArguments`` subclass; ``CAGEConfig``: them over ``TrainingArguments``."""
 
 from __future__ import annotations
 
@@ -14,15 +15,18 @@ from ..quant.config import GRANULARITIES, GROUP_SIZES, QUANTIZERS, QuantConfig
 
 
 @dataclass
-class CAGEConfig(TrainingArguments):
-    """Training arguments for :class:`hf_cage.CAGETrainer`.
+class CAGEArguments:
+    """The ``quant_*`` (what to quantize) and ``cage_*`` (how CAGE trains) fields, for any ``TrainingArguments``.
 
-    Every ``TrainingArguments`` field keeps its meaning (``learning_rate``, ``weight_decay``,
-    ``adam_beta1/2``, ``adam_epsilon``, ``max_grad_norm``, ``optim``, schedulers, ...). The optimizer
-    Trainer builds from them (or the one you pass) gets the CAGE correction attached
-    (:class:`hf_cage.CAGECorrection`): ``--optim adamw_torch`` / ``adamw_torch_fused`` is AdamW + CAGE
-    in either variant, other torch optimizers take the decoupled one. ``weight_decay`` applies to the
-    quantized block linears only. ``cage_lambda=0`` is the STE / QuEST baseline.
+    A dataclass with no base, so that it composes with any ``TrainingArguments`` subclass without touching
+    that subclass's defaults; put it first among the bases (its ``__post_init__`` runs the base's, then checks
+    its own fields)::
+
+        @dataclass
+        class MyConfig(CAGEArguments, SFTConfig):
+            pass
+
+    :class:`CAGEConfig` is ``CAGEArguments`` over ``TrainingArguments``; ``hf_cage.trl`` has TRL's configs.
     """
 
     quant_w_bits: int = field(default=4, metadata={"help": f"Weight bits, one of {SUPPORTED_BITS}."})
@@ -102,7 +106,9 @@ class CAGEConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        base_post_init = getattr(super(), "__post_init__", None)
+        if base_post_init is not None:
+            base_post_init()
         if isinstance(self.quant_a_bits, str):
             self.quant_a_bits = (
                 None if self.quant_a_bits.strip().lower() in ("none", "0", "") else int(self.quant_a_bits)
@@ -157,6 +163,19 @@ class CAGEConfig(TrainingArguments):
             "cage_schedule": self.cage_schedule,
             "cage_variant": self.cage_variant,
         }
+
+
+@dataclass
+class CAGEConfig(CAGEArguments, TrainingArguments):
+    """Training arguments for :class:`hf_cage.CAGETrainer`: ``TrainingArguments`` plus :class:`CAGEArguments`.
+
+    Every ``TrainingArguments`` field keeps its meaning (``learning_rate``, ``weight_decay``,
+    ``adam_beta1/2``, ``adam_epsilon``, ``max_grad_norm``, ``optim``, schedulers, ...). The optimizer
+    Trainer builds from them (or the one you pass) gets the CAGE correction attached
+    (:class:`hf_cage.CAGECorrection`): ``--optim adamw_torch`` / ``adamw_torch_fused`` is AdamW + CAGE
+    in either variant, other torch optimizers take the decoupled one. ``weight_decay`` applies to the
+    quantized block linears only. ``cage_lambda=0`` is the STE / QuEST baseline.
+    """
 
 
 def _check(name: str, value, allowed: tuple, extra: str = "") -> None:

@@ -1,0 +1,213 @@
+"""CAGE through TRL (``hf_cage.trl``) and through any Trainer subclass (``CAGETrainerMixin`` / ``CAGEArguments``).
+
+The SFT integration is compared with ``CAGETrainer`` bit for bit. TRL's ``SFTTrainer`` computes its loss with a
+fused LM head whose gradients differ from the model's own loss in the last bits (about 4e-8 here, amplified by
+Adam's first steps), so that comparison gives both trainers the one loss function (``compute_loss_func``); what
+is compared is everything else: TRL's data pipeline and arguments, the optimizer, the correction, the schedules.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+pytest.importorskip("trl")  # in requirements.txt: always there in the test venv
+from datasets import Dataset  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
+from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
+
+import hf_cage  # noqa: E402
+from hf_cage import CAGEConfig, CAGECorrection, CAGETrainer, quant_config_of, quantized_layers  # noqa: E402
+from hf_cage.trl import CAGEDPOConfig, CAGEDPOTrainer, CAGESFTConfig, CAGESFTTrainer  # noqa: E402
+
+VOCAB = 300
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from hf_cage.data import train_bpe_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    text = folder / "text.txt"
+    text.write_text("the king spoke to the queen and the lord answered the lady at night\n" * 40)
+    return train_bpe_tokenizer([text], vocab_size=VOCAB, cache_dir=folder)
+
+
+def common_args(path, **overrides) -> dict:
+    """Settings every trainer here shares (TRL's bf16 / gradient checkpointing defaults off: CPU, exactness)."""
+    values = dict(
+        output_dir=str(path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0, bf16=False, disable_tqdm=True,
+        gradient_checkpointing=False, lr_scheduler_type="linear", weight_decay=0.0, cage_silence_ratio=0.25,
+    )  # fmt: skip
+    values.update(overrides)
+    return values
+
+
+def token_dataset() -> Dataset:
+    ids = torch.randint(4, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"input_ids": ids.tolist()})
+
+
+def collate(rows):
+    ids = torch.tensor([r["input_ids"] for r in rows])
+    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+def model_loss(outputs, labels, num_items_in_batch=None):
+    return ForCausalLMLoss(outputs.logits, labels, vocab_size=VOCAB, num_items_in_batch=num_items_in_batch)
+
+
+def sft_only(args: dict) -> dict:
+    return {**args, "packing": False, "completion_only_loss": False, "max_length": None}
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_trl_configs_keep_their_defaults():
+    for ours, theirs in ((CAGESFTConfig, SFTConfig), (CAGEDPOConfig, DPOConfig)):
+        a, b = ours("out", use_cpu=True), theirs("out", use_cpu=True)
+        for name in ("learning_rate", "bf16", "gradient_checkpointing", "logging_steps", "lr_scheduler_type"):
+            assert getattr(a, name) == getattr(b, name), name
+        assert (a.quant_w_bits, a.cage_lambda) == (4, 10.0)
+    assert CAGESFTConfig("out", use_cpu=True).learning_rate == 2e-5
+    with pytest.raises(ValueError, match="quant_w_bits=5"):
+        CAGESFTConfig("out", use_cpu=True, quant_w_bits=5)
+    with pytest.raises(ValueError, match="both set"):
+        CAGEDPOConfig("out", use_cpu=True, cage_pull=0.2, cage_lambda=1.0)
+
+
+def test_import_hf_cage_never_imports_trl():
+    code = "import sys, hf_cage; hf_cage.CAGETrainer; hf_cage.CAGEArguments; assert 'trl' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sft_integration_equals_cage_trainer_bit_for_bit(tmp_path, tokenizer):
+    args = common_args(tmp_path, cage_lambda=10.0)
+    reference = make_tiny_llama(vocab_size=VOCAB)
+    plain = CAGETrainer(
+        reference,
+        CAGEConfig(**args),
+        train_dataset=token_dataset(),
+        data_collator=collate,
+        compute_loss_func=model_loss,
+    )
+    plain.train()
+    model = make_tiny_llama(vocab_size=VOCAB)
+    sft = CAGESFTTrainer(
+        model, CAGESFTConfig(**sft_only(args)), train_dataset=token_dataset(), processing_class=tokenizer,
+        compute_loss_func=model_loss,
+    )  # fmt: skip
+    sft.train()
+    lambdas = [e["cage/lambda"] for e in sft.state.log_history if "loss" in e]
+    assert lambdas == pytest.approx([0.0, 10 / 3, 20 / 3, 10.0])  # the correction ran in both
+    assert same_weights(reference, model)
+    assert not same_weights(model, _ste_sft_run(tmp_path / "ste", tokenizer, args))  # lambda > 0 made a difference
+
+
+def _ste_sft_run(path, tokenizer, args) -> torch.nn.Module:
+    model = make_tiny_llama(vocab_size=VOCAB)
+    ste = {**sft_only(args), "output_dir": str(path), "cage_lambda": 0.0}
+    CAGESFTTrainer(
+        model, CAGESFTConfig(**ste), train_dataset=token_dataset(), processing_class=tokenizer,
+        compute_loss_func=model_loss,
+    ).train()  # fmt: skip
+    return model
+
+
+def test_sft_integration_with_lambda_0_equals_plain_sft_trainer(tmp_path, tokenizer):
+    """TRL's own loss path and its default gradient checkpointing; the plain run gets the model quantized by hand."""
+    args = sft_only(common_args(tmp_path, cage_lambda=0.0, gradient_checkpointing=True))
+    ours = make_tiny_llama(vocab_size=VOCAB)
+    CAGESFTTrainer(ours, CAGESFTConfig(**args), train_dataset=token_dataset(), processing_class=tokenizer).train()
+    config = CAGESFTConfig(**args)
+    theirs = hf_cage.quantize_model(make_tiny_llama(vocab_size=VOCAB), config.quant_config())
+    plain_args = {k: v for k, v in args.items() if not k.startswith(("cage_", "quant_"))}
+    SFTTrainer(theirs, SFTConfig(**plain_args), train_dataset=token_dataset(), processing_class=tokenizer).train()
+    assert same_weights(ours, theirs)
+    assert not same_weights(ours, make_tiny_llama(vocab_size=VOCAB))  # it trained
+
+
+def preference_dataset() -> Dataset:
+    words = "the king queen lord lady night spoke answered".split()
+    gen = torch.Generator().manual_seed(1)
+
+    def sentence(n):
+        return " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=gen).tolist())
+
+    rows = [{"prompt": sentence(4), "chosen": " " + sentence(3), "rejected": " " + sentence(3)} for _ in range(8)]
+    return Dataset.from_list(rows)
+
+
+def dpo_args(path, **overrides) -> dict:
+    return common_args(path, learning_rate=1e-3, per_device_train_batch_size=2, max_steps=3, **overrides)
+
+
+def test_dpo_with_cage_trains_logs_and_keeps_the_reference_dense(tmp_path, tokenizer):
+    model = make_tiny_llama(vocab_size=VOCAB)
+    start = copy.deepcopy(model.state_dict())
+    trainer = CAGEDPOTrainer(
+        model=model, args=CAGEDPOConfig(**dpo_args(tmp_path, cage_silence_ratio=0.0)),
+        train_dataset=preference_dataset(), processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 3 and all(e["cage/lambda"] > 0 and "cage/quant_error" in e for e in logs)
+    assert len(list(quantized_layers(trainer.model))) == 14
+    reference = trainer.ref_model
+    assert quant_config_of(reference) is None and not list(quantized_layers(reference))
+    assert all(torch.equal(reference.state_dict()[k], start[k]) for k in start)  # unchanged
+    assert not torch.equal(
+        trainer.model.model.layers[0].mlp.down_proj.weight, start["model.layers.0.mlp.down_proj.weight"]
+    )
+
+
+@pytest.mark.parametrize("cls", ["ready", "composed"])
+def test_positional_arguments_reach_their_parameters(tmp_path, tokenizer, cls):
+    """``DPOTrainer(model, ref_model, args, ...)``: the second positional slot is the reference model."""
+    trainer_cls = CAGEDPOTrainer if cls == "ready" else type("T", (CAGETrainer, DPOTrainer), {})
+    model, reference = make_tiny_llama(vocab_size=VOCAB), make_tiny_llama(seed=1, vocab_size=VOCAB)
+    trainer = trainer_cls(
+        model, reference, CAGEDPOConfig(**dpo_args(tmp_path)), None, preference_dataset(), processing_class=tokenizer
+    )
+    assert trainer.ref_model is reference and not list(quantized_layers(reference))
+    assert len(list(quantized_layers(trainer.model))) == 14
+    assert isinstance(trainer.args, CAGEDPOConfig)
+
+
+def test_correction_attached_from_a_callback_equals_cage_trainer(tmp_path):
+    """A ``TrainerCallback`` gets accelerate's optimizer wrapper; the correction attaches to the optimizer inside."""
+
+    class AttachCAGE(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            self.correction = CAGECorrection(optimizer, model, cage_lambda=10.0, cage_silence_ratio=0.25,
+                                             total_steps=state.max_steps)  # fmt: skip
+
+    config = CAGEConfig(**common_args(tmp_path, cage_lambda=10.0))
+    reference = make_tiny_llama(vocab_size=VOCAB)
+    CAGETrainer(reference, config, train_dataset=token_dataset(), data_collator=collate).train()
+    model = hf_cage.quantize_model(make_tiny_llama(vocab_size=VOCAB), config.quant_config())
+    callback = AttachCAGE()
+    plain = {k: v for k, v in common_args(tmp_path).items() if not k.startswith("cage_")}
+    from transformers import TrainingArguments
+
+    trainer = Trainer(
+        model, TrainingArguments(**plain), train_dataset=token_dataset(), data_collator=collate, callbacks=[callback]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        trainer.train()
+    assert callback.correction.optimizer is trainer.optimizer.optimizer  # the torch optimizer inside the wrapper
+    assert callback.correction.steps_taken == 4
+    assert same_weights(reference, model)
