@@ -401,15 +401,15 @@ def branch_checkpoint_callback(silence_ratio: float):
     return SaveAtSilenceEnd()
 
 
-def block_decay_trainer_class():
-    """A ``transformers.Trainer`` whose weight decay follows hf-cage's policy on the dense model: only the
-    block linears ``args.quant_config()`` targets (what ``CAGETrainer`` decays in the QAT runs), not
+def block_decay_trainer_class(base=None):
+    """``base`` (default ``transformers.Trainer``) whose weight decay follows hf-cage's policy on the dense model:
+    only the block linears ``args.quant_config()`` targets (what ``CAGETrainer`` decays in the QAT runs), not
     ``embed_tokens`` / ``lm_head`` / norms, so the BF16 baseline is like-for-like with STE and CAGE."""
     from transformers import Trainer
 
     from hf_cage.optim import decay_parameter_names
 
-    class BlockDecayTrainer(Trainer):
+    class BlockDecayTrainer(base or Trainer):
         def get_decay_parameter_names(self, model) -> list[str]:
             return decay_parameter_names(model, self.args.quant_config())
 
@@ -417,32 +417,45 @@ def block_decay_trainer_class():
 
 
 def make_trainer(
-    method: str, model, training_args, train_dataset, eval_dataset, plain: bool = False, branch_checkpoint=False
+    method: str,
+    model,
+    training_args,
+    train_dataset,
+    eval_dataset,
+    plain: bool = False,
+    branch_checkpoint=False,
+    base=None,
+    **trainer_kwargs,
 ):
-    """``bf16`` -> ``transformers.Trainer`` with CAGETrainer's weight-decay policy (:func:`block_decay_trainer_class`);
-    ``plain`` -> ``transformers.Trainer``; ``ste`` / ``cage`` -> ``hf_cage.CAGETrainer``.
+    """``bf16`` -> ``base`` with CAGETrainer's weight-decay policy (:func:`block_decay_trainer_class`);
+    ``plain`` -> ``base``; ``ste`` / ``cage`` -> ``hf_cage.CAGETrainerMixin`` over ``base``.
 
+    ``base`` is the Trainer class (default ``transformers.Trainer``, with ``default_data_collator`` over the
+    token blocks; the SFT recipe passes TRL's ``SFTTrainer``); ``trainer_kwargs`` go to its constructor.
     ``plain`` is for a model quantized beforehand whose quantized weights are all frozen (LoRA): STE
     training needs no more than the model's own ``QATLinear`` forward. ``branch_checkpoint`` adds
     :func:`branch_checkpoint_callback` (``--save_branch_checkpoint``).
     """
     from transformers import Trainer, default_data_collator
 
-    if plain:
-        cls = Trainer
-    elif method == "bf16":
-        cls = block_decay_trainer_class()
-    else:
-        from hf_cage import CAGETrainer
+    from hf_cage import CAGETrainer, CAGETrainerMixin
 
-        cls = CAGETrainer
+    if base is None:
+        base = Trainer
+        trainer_kwargs.setdefault("data_collator", default_data_collator)
+    if plain:
+        cls = base
+    elif method == "bf16":
+        cls = block_decay_trainer_class(base)
+    else:
+        cls = CAGETrainer if base is Trainer else type(f"CAGE{base.__name__}", (CAGETrainerMixin, base), {})
     return cls(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=default_data_collator,
         callbacks=[branch_checkpoint_callback(training_args.cage_silence_ratio)] if branch_checkpoint else None,
+        **trainer_kwargs,
     )
 
 

@@ -211,3 +211,129 @@ def test_correction_attached_from_a_callback_equals_cage_trainer(tmp_path):
     assert callback.correction.optimizer is trainer.optimizer.optimizer  # the torch optimizer inside the wrapper
     assert callback.correction.steps_taken == 4
     assert same_weights(reference, model)
+
+
+# ---- recipes/sft_llama.py: conversations, STE / CAGE / BF16, bad input ----
+
+RECIPES = __import__("pathlib").Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(RECIPES))
+sft_llama = __import__("importlib").import_module("sft_llama")
+WORDS = "the king queen lord lady night spoke answered good noble speak come go make know".split()
+
+
+def conversations(n: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def sentence(k):
+        return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=gen).tolist())
+
+    return [
+        {"messages": [{"role": "user", "content": sentence(5)}, {"role": "assistant", "content": sentence(6)}]}
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def chat_setup(tmp_path_factory, tokenizer):
+    """A dense tiny checkpoint with the locally trained tokenizer (no chat template), and a conversation file."""
+    import json
+
+    root = tmp_path_factory.mktemp("sft")
+    base = root / "base"
+    make_tiny_llama(vocab_size=VOCAB).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    chats = root / "chats.jsonl"
+    chats.write_text("".join(json.dumps(row) + "\n" for row in conversations(24, 0)))
+    return base, chats
+
+
+def sft_argv(chat_setup, out, method: str, *extra: str) -> list[str]:
+    base, chats = chat_setup
+    return [
+        "--model_name_or_path", str(base), "--train_file", str(chats), "--method", method, "--output_dir", str(out),
+        "--chat_template_path", str(RECIPES / "chat_template.jinja"), "--max_steps", "4", "--learning_rate", "1e-3",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--use_cpu", "true",
+        "--bf16", "false", "--gradient_checkpointing", "false", "--logging_steps", "1", "--disable_tqdm", "true",
+        "--report_to", "none", "--save_strategy", "no", "--cage_silence_ratio", "0.5", *extra,
+    ]  # fmt: skip
+
+
+def test_sft_recipe_runs_bf16_ste_and_a_cage_branch(chat_setup, tmp_path):
+    import json
+
+    bf16 = sft_llama.run(sft_argv(chat_setup, tmp_path / "bf16", "bf16"))
+    ste = sft_llama.run(sft_argv(chat_setup, tmp_path / "ste", "ste", "--save_branch_checkpoint"))
+    branch = tmp_path / "ste" / "checkpoint-2"
+    assert (branch / "trainer_state.json").is_file()
+    cage = sft_llama.run(sft_argv(chat_setup, tmp_path / "cage", "cage", "--resume_from_checkpoint", str(branch)))
+    assert (bf16["w_bits"], ste["cage_lambda"], cage["method"], cage["resumed_from"]) == (
+        None,
+        0.0,
+        "cage",
+        str(branch),
+    )
+    assert cage["cage_pull"] == hf_cage.optim.defaults.CAGE_PULL_DEFAULTS["fine-tuning"]
+    assert cage["cage_pull_realised"] == pytest.approx(cage["cage_pull"], rel=1e-9)
+    for run, out in ((bf16, "bf16"), (ste, "ste"), (cage, "cage")):
+        assert run["steps"] == 4 and run["tokens"] > 0 and run["eval_loss"] < run["eval_loss_start"]
+        folder = tmp_path / out
+        assert json.loads((folder / "metrics.json").read_text())["eval_loss"] == run["eval_loss"]
+        assert (folder / "log_history.json").is_file() and (folder / "loss_curve.png").is_file()
+        assert (folder / "chat_template.jinja").is_file()  # the template travels with the model
+    assert ste["eval_loss_start"] == cage["eval_loss_start"] != bf16["eval_loss_start"]  # quantized vs dense start
+    assert cage["eval_loss"] != ste["eval_loss"]
+    history = json.loads((tmp_path / "cage" / "log_history.json").read_text())
+    assert [e["cage/lambda"] > 0 for e in history if "loss" in e] == [False, False, True, True]
+
+
+def test_sft_recipe_assistant_only_loss_scores_the_assistant_tokens_only(chat_setup, tmp_path):
+    full = sft_llama.run(sft_argv(chat_setup, tmp_path / "full", "ste", "--max_steps", "1"))
+    ours = sft_llama.run(sft_argv(chat_setup, tmp_path / "asst", "ste", "--max_steps", "1", "--assistant_only_loss"))
+    assert ours["assistant_only_loss"] and not full["assistant_only_loss"]
+    assert ours["eval_loss_start"] != full["eval_loss_start"]  # another set of tokens scored
+
+
+@pytest.mark.parametrize("form", ["jsonl", "json", "parquet", "folder", "text"])
+def test_sft_recipe_reads_every_data_form(tmp_path, form):
+    rows = conversations(3, 1) if form != "text" else [{"text": "the king spoke"}] * 3
+    data = Dataset.from_list(rows)
+    path = tmp_path / f"data.{form}"
+    if form in ("jsonl", "text"):
+        path = tmp_path / "data.jsonl"
+        data.to_json(path)
+    elif form == "json":
+        path.write_text(__import__("json").dumps(rows))
+    elif form == "parquet":
+        data.to_parquet(path)
+    else:
+        data.save_to_disk(path)
+    loaded = sft_llama.load_examples(str(path), "--train_file")
+    assert loaded.to_list() == rows
+
+
+@pytest.mark.parametrize("case", ["missing file", "no column", "no template", "text with assistant-only"])
+def test_sft_recipe_bad_input_is_one_line_exit_2_and_nothing_written(chat_setup, tmp_path, capsys, case):
+    base, chats = chat_setup
+    out = tmp_path / "out"
+    argv = sft_argv(chat_setup, out, "cage")
+    if case == "missing file":
+        argv += ["--train_file", str(tmp_path / "nope.jsonl")]
+        expected = "no such file"
+    elif case == "no column":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "a", "answer": "b"}\n')
+        argv += ["--train_file", str(bad)]
+        expected = "no 'messages' or 'text' column"
+    elif case == "no template":
+        argv = [a for a in argv if a not in ("--chat_template_path", str(RECIPES / "chat_template.jinja"))]
+        expected = "has no chat template"
+    else:
+        text = tmp_path / "text.jsonl"
+        text.write_text('{"text": "the king spoke"}\n' * 4)
+        argv += ["--train_file", str(text), "--assistant_only_loss"]
+        expected = "--assistant_only_loss needs conversations"
+    capsys.readouterr()
+    assert sft_llama.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sft_llama.py: error: ") and expected in err[0], err
+    assert not out.exists()
