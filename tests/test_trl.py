@@ -337,3 +337,44 @@ def test_sft_recipe_bad_input_is_one_line_exit_2_and_nothing_written(chat_setup,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sft_llama.py: error: ") and expected in err[0], err
     assert not out.exists()
+
+
+STOCK_CHAT = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+path = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+tokenizer = AutoTokenizer.from_pretrained(path)
+ids = tokenizer.apply_chat_template([{"role": "user", "content": "the king spoke"}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)["input_ids"]
+out = model.generate(ids, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+assert out.shape[1] == ids.shape[1] + 3, out.shape
+assert "hf_cage" not in sys.modules
+print("ok")
+"""
+
+
+def test_export_of_an_sft_run_has_its_training_and_chat_template_and_serves_in_stock_transformers(tmp_path, tokenizer):
+    """Final save and checkpoint-N of a CAGESFTTrainer run (W4A16 int, group 32: a format stock loaders serve)."""
+    from hf_cage.export import export_checkpoint
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = (RECIPES / "chat_template.jinja").read_text()
+    quant = dict(quant_quantizer="int", quant_a_bits=0, quant_granularity="group", quant_group_size=32)
+    args = CAGESFTConfig(**sft_only(common_args(tmp_path / "run", save_strategy="steps", save_steps=2, **quant)))
+    trainer = CAGESFTTrainer(
+        make_tiny_llama(vocab_size=VOCAB), args, train_dataset=Dataset.from_list(conversations(16, 2)),
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    tokenizer.save_pretrained(tmp_path / "final")
+    for source in (tmp_path / "final", tmp_path / "run" / "checkpoint-4"):
+        out = tmp_path / f"export-{source.name}"
+        export_checkpoint(source, out, progress=False, log=None)
+        card = (out / "README.md").read_text()
+        assert "## Training" in card and "| steps | 4 |" in card and "![loss curve](loss_curve.png)" in card
+        assert (out / "loss_curve.png").stat().st_size > 1000
+        assert (out / "chat_template.jinja").read_text() == tokenizer.chat_template
+        done = subprocess.run([sys.executable, "-c", STOCK_CHAT, str(out)], capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

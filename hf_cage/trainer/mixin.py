@@ -31,16 +31,19 @@
   reach ``log_history`` like the Trainer's own metrics.
 
 The hf-cage quantization config travels in the model's ``config.json`` (``quantize_model`` records it), so
-every checkpoint carries it. FSDP2 is supported; FSDP1 (flat parameters) is refused, and so is an FSDP
-launch that accelerate ran without FSDP (it would silently train unsharded).
+every checkpoint carries it; ``save_model`` also writes the run's ``log_history.json`` beside a final save.
+FSDP2 is supported; FSDP1 (flat parameters) is refused, and so is an FSDP launch that accelerate ran without
+FSDP (it would silently train unsharded).
 """
 
 from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,6 +58,7 @@ from .metrics import quantization_metrics
 logger = logging.getLogger(__name__)
 
 COUPLED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
+LOG_HISTORY_FILE = "log_history.json"  # the name the recipes write and hf-cage export reads
 
 
 def _keyword_arguments(init, args: tuple, kwargs: dict) -> dict:
@@ -175,6 +179,15 @@ class CAGETrainerMixin:
                 f"optimizer is {type(inner).__name__}; it can take the decoupled correction: --cage_variant decoupled"
             )
         self.cage_correction = CAGECorrection(inner, self.model, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model``; a save of yours (not a checkpoint's, which has ``trainer_state.json``) also gets
+        the run's ``log_history.json``, from which ``hf-cage export`` writes the card's training summary and loss
+        curve."""
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and self.args.should_save and self.state.log_history:
+            path = Path(output_dir or self.args.output_dir) / LOG_HISTORY_FILE
+            path.write_text(json.dumps(self.state.log_history, indent=1) + "\n", encoding="utf-8")
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         correction = self.cage_correction
