@@ -378,3 +378,11 @@ def test_export_of_an_sft_run_has_its_training_and_chat_template_and_serves_in_s
         assert (out / "chat_template.jinja").read_text() == tokenizer.chat_template
         done = subprocess.run([sys.executable, "-c", STOCK_CHAT, str(out)], capture_output=True, text=True)
         assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "30m"])
+def test_sft_recipe_takes_the_presets_and_the_fine_tuning_pull(preset):
+    argv = ["--config", preset, "--model_name_or_path", "m", "--train_file", "t.jsonl", "--use_cpu", "true"]
+    _, _, args = sft_llama.parse(argv)
+    assert (args.cage_pull, args.cage_lambda) == (hf_cage.optim.defaults.CAGE_PULL_DEFAULTS["fine-tuning"], None)
+    assert args.lr_scheduler_type == "cosine_with_min_lr" and args.quant_quantizer == "quest"
