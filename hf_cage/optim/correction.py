@@ -275,7 +275,8 @@ class CAGECorrection:
         lam = self._lambda_of_step
         for group in optimizer.param_groups:
             group["cage_step"] = step
-            group["cage_pull"] = float(group.get("cage_pull", 0.0)) + float(group["lr"]) * lam
+            if lam:
+                group["cage_pull"] = float(group.get("cage_pull", 0.0)) + float(group["lr"]) * lam
             if lam and self.cage_variant == "decoupled":
                 weight = float(group["lr"]) * lam
                 for p, quantize in self._targets(group["params"]):
