@@ -237,7 +237,7 @@ def run(argv: list[str] | None = None) -> dict:
     metrics = run_metrics(
         method, trainer, eval_loss, training_args.max_length, clock.seconds(), preset_name(recipe_args.config)
     )
-    trained_tokens = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e and "loss" in e]
+    trained_tokens = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
     metrics.update(
         tokens=int(trained_tokens[-1]) if trained_tokens else None,
         base_model=str(checkpoint),
