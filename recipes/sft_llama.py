@@ -96,6 +96,14 @@ def argument_types() -> tuple:
     return ConversationArguments, RecipeArguments, CAGESFTConfig
 
 
+def parse(argv: list[str] | None) -> tuple:
+    """``(ConversationArguments, RecipeArguments, CAGESFTConfig)`` from the flags and the YAML preset (its model
+    shape and text-block keys are not used here); the CAGE strength defaults to the fine-tuning pull."""
+    return parse_arguments(
+        argument_types(), argv, yaml_ignore=MODEL_SHAPE_KEYS | BLOCK_KEYS, description=__doc__, job="fine-tuning"
+    )
+
+
 def load_examples(path: str, flag: str):
     """The ``datasets.Dataset`` in ``path`` (a data file or a ``save_to_disk`` folder; its ``train`` split if it
     holds several), with a ``messages`` or ``text`` column, or a ``RecipeInputError`` naming the file."""
@@ -176,9 +184,7 @@ def run(argv: list[str] | None = None) -> dict:
     Bad input raises :class:`RecipeInputError` before anything is written to ``--output_dir``.
     """
     clock = Stopwatch()
-    data_args, recipe_args, training_args = parse_arguments(
-        argument_types(), argv, yaml_ignore=MODEL_SHAPE_KEYS | BLOCK_KEYS, description=__doc__, job="fine-tuning"
-    )
+    data_args, recipe_args, training_args = parse(argv)
     from finetune_llama import check_checkpoint
 
     checkpoint = check_checkpoint(data_args.model_name_or_path)
@@ -231,7 +237,7 @@ def run(argv: list[str] | None = None) -> dict:
     metrics = run_metrics(
         method, trainer, eval_loss, training_args.max_length, clock.seconds(), preset_name(recipe_args.config)
     )
-    trained_tokens = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e and "loss" in e]
+    trained_tokens = [e["num_tokens"] for e in trainer.state.log_history if "num_tokens" in e]
     metrics.update(
         tokens=int(trained_tokens[-1]) if trained_tokens else None,
         base_model=str(checkpoint),

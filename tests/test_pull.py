@@ -124,3 +124,26 @@ def test_a_scheduler_without_known_rates_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match="cage_pull needs the learning rate of every step"):
         trainer.train()
+
+
+def test_lambda_for_pull_on_a_hand_written_schedule():
+    from hf_cage.optim.pull import lambda_for_pull, total_pull
+
+    rates = [1e-3, 1e-3, 5e-4, 5e-4]  # silence 0.5: steps 3 and 4 pull, linear ramp 0.5 then 1
+    lam = lambda_for_pull(0.3, rates, 0.5, "linear_ramp")
+    assert lam == pytest.approx(0.3 / (5e-4 * 0.5 + 5e-4 * 1.0))
+    assert total_pull(rates, lam, 0.5, "linear_ramp") == pytest.approx(0.3)
+    assert lambda_for_pull(0.0, rates, 0.5, "linear_ramp") == 0.0
+    with pytest.raises(ValueError, match="cannot be reached"):
+        lambda_for_pull(0.3, [1e-3, 1e-3, 0.0, 0.0], 0.5, "linear_ramp")
+
+
+def test_quantized_weights_under_two_learning_rates_are_refused():
+    from hf_cage.optim.pull import scheduled_learning_rates
+
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 2.0}])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    assert scheduled_learning_rates(scheduler, [b], 3) == pytest.approx([2.0, 1.0, 2 / 3])
+    with pytest.raises(ValueError, match="different learning rates"):
+        scheduled_learning_rates(scheduler, [a, b], 3)

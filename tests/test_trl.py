@@ -342,13 +342,13 @@ def test_sft_recipe_bad_input_is_one_line_exit_2_and_nothing_written(chat_setup,
 STOCK_CHAT = """
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-path = sys.argv[1]
-model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-tokenizer = AutoTokenizer.from_pretrained(path)
-ids = tokenizer.apply_chat_template([{"role": "user", "content": "the king spoke"}], add_generation_prompt=True,
-                                    return_tensors="pt", return_dict=True)["input_ids"]
-out = model.generate(ids, max_new_tokens=3, do_sample=False, min_new_tokens=3)
-assert out.shape[1] == ids.shape[1] + 3, out.shape
+for path in sys.argv[1:]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "the king spoke"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    assert out.shape[1] == ids.shape[1] + 3, out.shape
 assert "hf_cage" not in sys.modules
 print("ok")
 """
@@ -369,6 +369,7 @@ def test_export_of_an_sft_run_has_its_training_and_chat_template_and_serves_in_s
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     tokenizer.save_pretrained(tmp_path / "final")
+    exports = []
     for source in (tmp_path / "final", tmp_path / "run" / "checkpoint-4"):
         out = tmp_path / f"export-{source.name}"
         export_checkpoint(source, out, progress=False, log=None)
@@ -376,5 +377,14 @@ def test_export_of_an_sft_run_has_its_training_and_chat_template_and_serves_in_s
         assert "## Training" in card and "| steps | 4 |" in card and "![loss curve](loss_curve.png)" in card
         assert (out / "loss_curve.png").stat().st_size > 1000
         assert (out / "chat_template.jinja").read_text() == tokenizer.chat_template
-        done = subprocess.run([sys.executable, "-c", STOCK_CHAT, str(out)], capture_output=True, text=True)
-        assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+        exports.append(str(out))
+    done = subprocess.run([sys.executable, "-c", STOCK_CHAT, *exports], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "30m"])
+def test_sft_recipe_takes_the_presets_and_the_fine_tuning_pull(preset):
+    argv = ["--config", preset, "--model_name_or_path", "m", "--train_file", "t.jsonl", "--use_cpu", "true"]
+    _, _, args = sft_llama.parse(argv)
+    assert (args.cage_pull, args.cage_lambda) == (hf_cage.optim.defaults.CAGE_PULL_DEFAULTS["fine-tuning"], None)
+    assert args.lr_scheduler_type == "cosine_with_min_lr" and args.quant_quantizer == "quest"

@@ -15,7 +15,7 @@ are skipped, so ``Q`` is never called and the step is AdamW's, bit for bit.
 
 Resume: ``state_dict()`` carries the moments, Adam's per-parameter steps and ``cage_step``;
 ``load_state_dict`` restores them and keeps this optimizer's ``cage_*`` settings and ``total_steps``
-(resuming an STE checkpoint with ``cage_lambda=10`` branches a CAGE run from it).
+(resuming an STE checkpoint with ``cage_lambda > 0`` branches a CAGE run from it).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ travels with ``optimizer.state_dict()`` (also through
 (``cage_lambda``, ``cage_silence_ratio``, ``cage_schedule``, ``cage_variant``, ``total_steps``) belong to
 the correction, one set per optimizer, and are never read from a state dict: loading a checkpoint
 restores the counter and the moments but keeps the correction's own settings, so resuming an STE
-checkpoint with ``cage_lambda=10`` branches a CAGE run from it. :meth:`CAGECorrection.start_run`
+checkpoint with ``cage_lambda > 0`` branches a CAGE run from it. :meth:`CAGECorrection.start_run`
 sets ``total_steps`` and restarts the counter (``CAGETrainer`` calls it at every ``train()``).
 
 Mixed precision: under ``torch.amp.GradScaler`` a non-fused optimizer is stepped only on unscaled,
@@ -275,7 +275,8 @@ class CAGECorrection:
         lam = self._lambda_of_step
         for group in optimizer.param_groups:
             group["cage_step"] = step
-            group["cage_pull"] = float(group.get("cage_pull", 0.0)) + float(group["lr"]) * lam
+            if lam:
+                group["cage_pull"] = float(group.get("cage_pull", 0.0)) + float(group["lr"]) * lam
             if lam and self.cage_variant == "decoupled":
                 weight = float(group["lr"]) * lam
                 for p, quantize in self._targets(group["params"]):

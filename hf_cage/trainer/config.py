@@ -91,7 +91,10 @@ class CAGEArguments:
     )
     cage_silence_ratio: float = field(
         default=CAGE_SILENCE_RATIO,
-        metadata={"help": "Fraction of the optimizer steps before the correction starts, in [0, 1) (paper: 0.8)."},
+        metadata={
+            "help": "Fraction of the optimizer steps before the correction starts, in [0, 1) "
+            f"(paper: {CAGE_SILENCE_RATIO:g})."
+        },
     )
     cage_schedule: str = field(
         default=CAGE_SCHEDULE,
