@@ -98,7 +98,11 @@ class FinetuneArguments:
         default=None, metadata={"help": "Modules given adapters (default: the seven linears of every block)."}
     )
     merge: bool = field(
-        default=False, metadata={"help": "With --lora: merge the adapters into the weights, re-quantize, evaluate."}
+        default=False,
+        metadata={
+            "help": "With --lora: merge the adapters into the weights, re-quantize, evaluate, and save the merged "
+            "model (a QAT checkpoint, exportable) to <output_dir>/merged/."
+        },
     )
 
     def __post_init__(self):
