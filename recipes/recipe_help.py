@@ -30,8 +30,8 @@ HELP_ALL = "--help-all"
 
 def help_sections(dataclass_types: tuple, full: bool) -> list[tuple[str, list[str]]]:
     """``(title, field names)`` in the order ``--help`` shows them: each recipe dataclass, then the
-    ``TrainingArguments`` subclass's own fields (quantization, CAGE), then :data:`COMMON_TRAINING_FLAGS`, then
-    (``full``) every other ``TrainingArguments`` field."""
+    ``TrainingArguments`` subclass's own fields (quantization, CAGE, and a TRL config's), then
+    :data:`COMMON_TRAINING_FLAGS`, then (``full``) every other ``TrainingArguments`` field."""
     import dataclasses
 
     from transformers import TrainingArguments
@@ -42,7 +42,7 @@ def help_sections(dataclass_types: tuple, full: bool) -> list[tuple[str, list[st
         names = [f.name for f in dataclasses.fields(dtype) if f.init]
         if issubclass(dtype, TrainingArguments):
             own = [n for n in names if n not in set(base)]
-            sections.append((f"quantization and CAGE ({dtype.__name__})", own))
+            sections.append((f"{dtype.__name__}: its fields beyond TrainingArguments (quantization, CAGE, ...)", own))
             common = [n for n in COMMON_TRAINING_FLAGS if n in base]
             sections.append((f"training (transformers.TrainingArguments; {HELP_ALL} lists all)", common))
             if full:
