@@ -11,6 +11,16 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Exit code of a command line that names no command (argparse's code for a usage error).
+EXIT_USAGE = 2
+
+
+def usage_error(parser: argparse.ArgumentParser) -> int:
+    """Print ``parser``'s help on stderr and return :data:`EXIT_USAGE` (what ``hf-cage`` alone does)."""
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
@@ -23,23 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Run `hf-cage COMMAND --help` for the options of a command.",
     )
+    # No command: the help on stderr and argparse's usage-error code; a command's parser replaces ``run``.
+    parser.set_defaults(run=lambda args: usage_error(parser))
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, _help) in SUBCOMMANDS.items():
         importlib.import_module(module).add_parser(subparsers, name, _help)
     return parser
 
 
-# Exit code of a command line that names no command (argparse's code for a usage error).
-EXIT_USAGE = 2
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run the command ``argv`` names; with no command, print the help on stderr and return :data:`EXIT_USAGE`."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        parser.print_help()
+        return 0
     return args.run(args)
 
 
