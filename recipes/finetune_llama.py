@@ -23,7 +23,7 @@ pretraining (``--save_branch_checkpoint`` on the STE run, ``--resume_from_checkp
         --max_steps 400 --learning_rate 5e-4 --save_branch_checkpoint --output_dir outputs/ft-ste
     python recipes/finetune_llama.py --config tiny --model_name_or_path outputs/tiny-bf16 --method cage \\
         --max_steps 400 --learning_rate 5e-4 --output_dir outputs/ft-cage \\
-        --resume_from_checkpoint outputs/ft-ste/checkpoint-200
+        --resume_from_checkpoint outputs/ft-ste/checkpoint-320
 
 From Python, ``run(argv)`` returns the metrics dict; ``main(argv)`` is the command line (exit code 0, or 2
 after a one-line error on bad input, with nothing written).
@@ -99,7 +99,11 @@ class FinetuneArguments:
         default=None, metadata={"help": "Modules given adapters (default: the seven linears of every block)."}
     )
     merge: bool = field(
-        default=False, metadata={"help": "With --lora: merge the adapters into the weights, re-quantize, evaluate."}
+        default=False,
+        metadata={
+            "help": "With --lora: merge the adapters into the weights, re-quantize, evaluate, and save the merged "
+            "model (a QAT checkpoint, exportable) to <output_dir>/merged/."
+        },
     )
 
     def __post_init__(self):

@@ -32,11 +32,13 @@ tokenizer, ``metrics.json`` (eval_loss, eval_perplexity, method, bits, steps, to
 
 Paired STE / CAGE runs (the CAGE run branches from the STE run at the end of its silence period, so the two
 share every step before it; CAGETrainer takes the weights, Adam moments, LR schedule, RNG and data position
-from the checkpoint and the ``cage_*`` settings from the flags):
+from the checkpoint and the ``cage_*`` settings from the flags). The STE run saves ``checkpoint-N``, N = the last
+step with N / max_steps <= cage_silence_ratio, and prints its path: with the tiny preset (1500 steps, silence
+0.8) that is checkpoint-1200:
 
     python recipes/pretrain_llama.py --config tiny --method ste --save_branch_checkpoint --output_dir out/ste
     python recipes/pretrain_llama.py --config tiny --method cage --output_dir out/cage \\
-        --resume_from_checkpoint out/ste/checkpoint-750
+        --resume_from_checkpoint out/ste/checkpoint-1200
 
 From Python, ``run(argv)`` returns the metrics dict (``main(argv)`` is the command line: exit code 0, or 2
 after a one-line error on bad input, with nothing written).
@@ -45,6 +47,7 @@ after a one-line error on bad input, with nothing written).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from recipe_common import (
     DataArguments,
@@ -60,6 +63,7 @@ from recipe_common import (
     preset_name,
     report_error,
     run_metrics,
+    silence_end_step,
     text_files,
     token_blocks,
     write_outputs,
@@ -182,6 +186,10 @@ def run(argv: list[str] | None = None) -> dict:
             f"{recipe_args.method}: eval_loss {eval_loss:.4f} (perplexity {metrics['eval_perplexity']:.2f}) after "
             f"{metrics['steps']} steps / {metrics['tokens']} tokens; outputs in {training_args.output_dir}"
         )
+        step = silence_end_step(trainer.state.max_steps, training_args.cage_silence_ratio)
+        if recipe_args.save_branch_checkpoint and step > 0:
+            branch = Path(training_args.output_dir) / f"checkpoint-{step}"
+            print(f"branch CAGE from {branch}: --method cage --resume_from_checkpoint {branch}")
     return metrics
 
 

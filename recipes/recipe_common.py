@@ -237,6 +237,11 @@ def parse_arguments(
             parser.add_argument(
                 alias, dest=dest, type=action.type, default=argparse.SUPPRESS, help=f"Same as --{dest}."
             )
+    if {"-h", "--help", "--help-all"} & set(argv):
+        from recipe_help import HELP_ALL, format_help
+
+        print(format_help(parser, dataclass_types, full=HELP_ALL in argv))
+        raise SystemExit(0)
     known = {a.dest for a in parser._actions}
     config = None
     for i, arg in enumerate(argv):
@@ -475,6 +480,12 @@ def branch_checkpoint_callback(silence_ratio: float):
             step = silence_end_step(state.max_steps, silence_ratio)
             if step > 0 and state.global_step == step:
                 control.should_save = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == silence_end_step(state.max_steps, silence_ratio) and state.is_world_process_zero:
+                path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                print(f"branch checkpoint: {path} (branch CAGE: --method cage --resume_from_checkpoint {path})")
             return control
 
     return SaveAtSilenceEnd()

@@ -402,8 +402,8 @@ def test_help_explains_every_flag_with_examples(capsys):
 
 
 def test_top_level_cli_lists_export(capsys):
-    assert main([]) == 0
-    assert "export" in capsys.readouterr().out
+    assert main([]) == 2  # no command: help on stderr, argparse's usage-error code (tests/test_cli.py)
+    assert "export" in capsys.readouterr().err
 
 
 def test_the_readme_pretrain_then_export_flow_runs_with_defaults(tmp_path, capsys, token_batch):
