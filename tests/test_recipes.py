@@ -556,7 +556,10 @@ def ste_checkpoint(tmp_path_factory, text_pair):
 
 
 def test_resuming_with_other_quantization_settings_is_refused(ste_checkpoint, tmp_path, text_pair, capsys):
-    argv = pretrain_argv(text_pair, tmp_path / "out", "cage", steps=4) + ["--resume_from_checkpoint", str(ste_checkpoint)]
+    argv = pretrain_argv(text_pair, tmp_path / "out", "cage", steps=4) + [
+        "--resume_from_checkpoint",
+        str(ste_checkpoint),
+    ]
     err = _error(capsys, pretrain_llama.main, argv + ["--w_bits", "3"])
     assert "other quantization settings: quant_w_bits=3 (checkpoint: 4)" in err
     err = _error(capsys, pretrain_llama.main, argv + ["--method", "bf16"])
