@@ -20,8 +20,9 @@ _PUBLIC = {
     **dict.fromkeys(("load_qat_model", "quant_config_of", "quantize_model", "quantized_layers"), "hf_cage.qat"),
     "QuantConfig": "hf_cage.quant",
 }
-# The trainer imports transformers.Trainer (slow): loaded on first use, not at ``import hf_cage``.
-_LAZY = {"CAGEConfig": "hf_cage.trainer", "CAGETrainer": "hf_cage.trainer"}
+# The trainer imports transformers.Trainer (slow). TRL's trainers live in ``hf_cage.trl`` (imports trl, an optional
+# extra), never imported by ``import hf_cage``.
+_LAZY = {name: "hf_cage.trainer" for name in ("CAGEArguments", "CAGEConfig", "CAGETrainer", "CAGETrainerMixin")}
 
 if TYPE_CHECKING:
     from .export import ExportError, export_checkpoint, export_model, load_quantized
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from .optim import CAGE, CAGECorrection, cage_lambda, create_cage_optimizer, weight_quantizers_of
     from .qat import load_qat_model, quant_config_of, quantize_model, quantized_layers
     from .quant import QuantConfig
-    from .trainer import CAGEConfig, CAGETrainer
+    from .trainer import CAGEArguments, CAGEConfig, CAGETrainer, CAGETrainerMixin
 
 
 def __getattr__(name: str):
@@ -51,9 +52,11 @@ def __getattr__(name: str):
 
 __all__ = [
     "CAGE",
+    "CAGEArguments",
     "CAGEConfig",
     "CAGECorrection",
     "CAGETrainer",
+    "CAGETrainerMixin",
     "ExportError",
     "Fp4Linear",
     "Int4Linear",

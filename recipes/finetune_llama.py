@@ -167,6 +167,7 @@ def run(argv: list[str] | None = None) -> dict:
         argv,
         yaml_ignore=MODEL_SHAPE_KEYS,
         description=__doc__,
+        job="fine-tuning",
     )
     if ft_args.lora and recipe_args.method == "cage":
         raise RecipeInputError(

@@ -202,13 +202,27 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Show defaults and keep the script docstring's launch commands as written."""
 
 
+def strength_default(argv: list[str], job: str) -> list[str]:
+    """``["--cage_pull", <the job's default pull>]`` unless ``argv`` (YAML keys included) sets ``cage_lambda`` or
+    ``cage_pull``: the recipes' CAGE strength is a pull, :data:`hf_cage.optim.defaults.CAGE_PULL_DEFAULTS`."""
+    from hf_cage.optim.defaults import CAGE_PULL_DEFAULTS
+
+    flags = {arg.split("=", 1)[0] for arg in argv}
+    return [] if flags & {"--cage_lambda", "--cage_pull"} else ["--cage_pull", repr(CAGE_PULL_DEFAULTS[job])]
+
+
 def parse_arguments(
-    dataclass_types: tuple, argv: list[str] | None, yaml_ignore: set[str] = frozenset(), description: str | None = None
+    dataclass_types: tuple,
+    argv: list[str] | None,
+    yaml_ignore: set[str] = frozenset(),
+    description: str | None = None,
+    job: str = "pretraining",
 ):
     """Parse ``argv`` (default ``sys.argv[1:]``) into instances of ``dataclass_types``, YAML first, flags last.
 
     ``yaml_ignore`` names YAML keys this script does not use (the model shape, for fine-tuning);
-    ``description`` heads ``--help`` (the script's docstring).
+    ``description`` heads ``--help`` (the script's docstring); ``job`` (``pretraining`` or ``fine-tuning``)
+    picks the default ``cage_pull`` when neither the preset nor the flags set the CAGE strength.
     """
     from transformers import HfArgumentParser
 
@@ -232,6 +246,8 @@ def parse_arguments(
         elif arg.startswith("--config="):
             config = arg.split("=", 1)[1]
     prefix = _yaml_to_argv(resolve_config_path(config), known, set(yaml_ignore)) if config else []
+    if "cage_pull" in known:
+        prefix = strength_default(prefix + argv, job) + prefix
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(
             args=prefix + argv, look_for_args_file=False, return_remaining_strings=True
@@ -335,7 +351,7 @@ def prepare_training_args(training_args, recipe_args: RecipeArguments, default_d
     training_args.label_names = ["labels"]
     training_args.remove_unused_columns = False
     if recipe_args.method == "ste":
-        training_args.cage_lambda = 0.0
+        training_args.cage_lambda, training_args.cage_pull = 0.0, None
     check_training_length(training_args)
     check_training_values(training_args)
     check_output_dir(training_args.output_dir)
@@ -466,15 +482,15 @@ def branch_checkpoint_callback(silence_ratio: float):
     return SaveAtSilenceEnd()
 
 
-def block_decay_trainer_class():
-    """A ``transformers.Trainer`` whose weight decay follows hf-cage's policy on the dense model: only the
-    block linears ``args.quant_config()`` targets (what ``CAGETrainer`` decays in the QAT runs), not
+def block_decay_trainer_class(base=None):
+    """``base`` (default ``transformers.Trainer``) whose weight decay follows hf-cage's policy on the dense model:
+    only the block linears ``args.quant_config()`` targets (what ``CAGETrainer`` decays in the QAT runs), not
     ``embed_tokens`` / ``lm_head`` / norms, so the BF16 baseline is like-for-like with STE and CAGE."""
     from transformers import Trainer
 
     from hf_cage.optim import decay_parameter_names
 
-    class BlockDecayTrainer(Trainer):
+    class BlockDecayTrainer(base or Trainer):
         def get_decay_parameter_names(self, model) -> list[str]:
             return decay_parameter_names(model, self.args.quant_config())
 
@@ -482,11 +498,21 @@ def block_decay_trainer_class():
 
 
 def make_trainer(
-    method: str, model, training_args, train_dataset, eval_dataset, plain: bool = False, branch_checkpoint=False
+    method: str,
+    model,
+    training_args,
+    train_dataset,
+    eval_dataset,
+    plain: bool = False,
+    branch_checkpoint=False,
+    base=None,
+    **trainer_kwargs,
 ):
-    """``bf16`` -> ``transformers.Trainer`` with CAGETrainer's weight-decay policy (:func:`block_decay_trainer_class`);
-    ``plain`` -> ``transformers.Trainer``; ``ste`` / ``cage`` -> ``hf_cage.CAGETrainer``.
+    """``bf16`` -> ``base`` with CAGETrainer's weight-decay policy (:func:`block_decay_trainer_class`);
+    ``plain`` -> ``base``; ``ste`` / ``cage`` -> ``hf_cage.CAGETrainerMixin`` over ``base``.
 
+    ``base`` is the Trainer class (default ``transformers.Trainer``, with ``default_data_collator`` over the
+    token blocks; the SFT recipe passes TRL's ``SFTTrainer``); ``trainer_kwargs`` go to its constructor.
     ``plain`` is for a model quantized beforehand whose quantized weights are all frozen (LoRA): STE
     training needs no more than the model's own ``QATLinear`` forward. ``branch_checkpoint`` adds
     :func:`branch_checkpoint_callback` (``--save_branch_checkpoint``). A checkpoint to resume from is checked
@@ -494,22 +520,25 @@ def make_trainer(
     """
     from transformers import Trainer, default_data_collator
 
-    if plain:
-        cls = Trainer
-    elif method == "bf16":
-        cls = block_decay_trainer_class()
-    else:
-        from hf_cage import CAGETrainer
+    from hf_cage import CAGETrainer, CAGETrainerMixin
 
-        cls = CAGETrainer
+    if base is None:
+        base = Trainer
+        trainer_kwargs.setdefault("data_collator", default_data_collator)
+    if plain:
+        cls = base
+    elif method == "bf16":
+        cls = block_decay_trainer_class(base)
+    else:
+        cls = CAGETrainer if base is Trainer else type(f"CAGE{base.__name__}", (CAGETrainerMixin, base), {})
     with no_new_empty_folder(training_args.output_dir, keep=True):  # Trainer.__init__ makes the output folder
         trainer = cls(
             model=model,
             args=training_args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
-            data_collator=default_data_collator,
             callbacks=[branch_checkpoint_callback(training_args.cage_silence_ratio)] if branch_checkpoint else None,
+            **trainer_kwargs,
         )
         check_resume_tensors(trainer)
     return trainer
@@ -557,6 +586,7 @@ def run_metrics(
     args = trainer.args
     quantized = method != "bf16"
     quant = args.quant_config() if quantized else None
+    correction = getattr(trainer, "cage_correction", None) if quantized else None  # None with LoRA (plain Trainer)
     steps = trainer.state.global_step
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     train_losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
@@ -569,7 +599,9 @@ def run_metrics(
         "w_bits": quant.w_bits if quant else None,
         "a_bits": quant.a_bits if quant else None,
         "quantizer": quant.quantizer if quant else None,
-        "cage_lambda": float(args.cage_lambda) if quantized else None,
+        "cage_lambda": correction.cage_lambda if correction is not None else (args.cage_lambda if quantized else None),
+        "cage_pull": args.cage_pull if quantized else None,
+        "cage_pull_realised": correction.pull_realised if correction is not None else None,
         "cage_silence_ratio": float(args.cage_silence_ratio) if quantized else None,
         "steps": steps,
         "global_batch_size": global_batch,

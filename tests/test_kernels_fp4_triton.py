@@ -3,10 +3,12 @@
 Tolerances, and why:
 - without a rotation, codes, scales, global scales, Q and the mask are bit-exact: the kernel does the
   twin's operations (IEEE division, exact bit manipulations, the same thresholds) on the same values.
-- with a Hadamard rotation, the kernel's ``tl.dot`` sums in another order than torch's matmul, so a
-  rotated value may differ by an ulp: scales may then differ by one E4M3 / E8M0 step where a group max
-  sits on a boundary, and a code may move where a value sits on a rounding threshold. Codes are checked
-  against the twin's rounding *of the kernel's own scales*, flips counted (none on the data here).
+- with a Hadamard rotation, the kernel's ``tl.dot`` sums in another order than torch's matmul (whose order
+  depends on the CPU model and thread count), so a rotated value may differ by up to the rotation's
+  worst-case fp32 error (:func:`hf_cage.kernels.reference.rotation_error_bound`): a scale may then move by
+  one E4M3 / E8M0 step where a group max sits within that error of a boundary, and a code (or the clip
+  mask) where a value sits within it of a rounding threshold (NVFP4's largest group lands on the clip at 6
+  by construction). Codes are checked against the twin's rounding *of the kernel's own scales*.
 - ``Q`` in bf16 under the interpreter: it truncates fp32 -> bf16 (a GPU rounds to nearest even), one ulp.
 """
 
@@ -18,7 +20,7 @@ import pytest
 import torch
 
 from hf_cage.kernels import fp4
-from hf_cage.kernels.reference import hadamard_rotate
+from hf_cage.kernels.reference import hadamard_matrix, hadamard_rotate, rotation_error_bound
 from hf_cage.kernels.spec import FP4_GRIDS, FP4_GROUP_SIZE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -111,32 +113,60 @@ def test_half_inputs_use_the_half_scale_rule(tfp4, fmt, dtype):
     torch.testing.assert_close(q, ref_q, rtol=ulp, atol=0)
 
 
+def group_steps(amax, fmt, gs):
+    """The scale rule for group maxima ``amax`` (fp32) under the global scale ``gs``: fp32 effective steps."""
+    stored = fp4.mx_scale_exponents(amax) if fmt == "mxfp4" else fp4.nvfp4_group_scales(amax, gs)
+    return fp4.effective_scales(stored, fmt, gs)
+
+
 @pytest.mark.parametrize("hadamard_block", [16, 64, 128])
 @pytest.mark.parametrize("fmt", FP4_GRIDS)
 def test_rotated_quantization_matches_the_twin(tfp4, fmt, hadamard_block):
+    """With a rotation, what is guaranteed on every device, CPU model and thread count: each rotated value lies
+    within :func:`rotation_error_bound` of the exact (fp64) one, in the kernel and in the twin alike. So the
+    global scale is the twin's for a tensor maximum within that bound, each group scale lies between the
+    rule's scales for the group maximum minus and plus twice the bound (the rule is monotone), and, given the
+    kernel's scales, codes and the clip mask are the twin's except where the exact scaled value lies within the
+    bound (plus ulps) of an E2M1 rounding edge, of 0 (the sign of a tiny value) or of the clip at 6, where the
+    code moves by one step. On this data such windows hold under 1% of the values."""
     x = awkward(70, 256, seed=5)
+    group = FP4_GROUP_SIZE[fmt]
     codes, scales, gs = tfp4.quantize_codes(x, fmt, hadamard_block=hadamard_block)
     ref_codes, ref_scales, ref_gs = fp4.quantize(x, fmt, hadamard_block=hadamard_block)
+    rotated = hadamard_rotate(x.float(), hadamard_block).unflatten(-1, (-1, group))
+    bound = 2 * rotation_error_bound(x, hadamard_block).unflatten(-1, (-1, group))  # kernel vs twin
     if gs is not None:
-        torch.testing.assert_close(gs, ref_gs, rtol=1e-6, atol=0)
-    assert_same_scales(scales, ref_scales)
-    # Codes: the twin's rounding of the kernel's own scales, away from thresholds.
-    rotated = hadamard_rotate(x.float(), hadamard_block)
-    group = FP4_GROUP_SIZE[fmt]
-    step = fp4.effective_scales(scales, fmt, gs).unsqueeze(-1)
-    scaled = (rotated.unflatten(-1, (-1, group)) / step).flatten(-2)
+        amax = rotated.abs().amax()
+        assert fp4.nvfp4_global_scale(amax + bound.max()) <= gs <= fp4.nvfp4_global_scale(amax - bound.max())
+    amax = rotated.abs().amax(-1)
+    step = fp4.effective_scales(scales, fmt, gs)
+    low, high = group_steps((amax - bound.amax(-1)).clamp_min(0), fmt, gs), group_steps(amax + bound.amax(-1), fmt, gs)
+    assert ((low <= step) & (step <= high)).all()
+    # Codes: the twin's rounding of the kernel's own scales, except within the bound of a threshold.
+    step = step.unsqueeze(-1)
+    scaled = (rotated / step).flatten(-2)
     expected = fp4.e2m1_codes(scaled)
+    exact = x.double().unflatten(-1, (-1, hadamard_block)) @ torch.sign(hadamard_matrix(hadamard_block).double())
+    exact = (exact.flatten(-2) / hadamard_block**0.5).unflatten(-1, (-1, group)).abs() / step
+    window = (bound / 2 / step + exact * 2.0**-21).flatten(-2)
+    exact = exact.flatten(-2)
+    thresholds = torch.tensor([0.0] + [e for e, _ in fp4._E2M1_EDGES] + [fp4.E2M1_MAX], device=DEVICE)
+    near_edge = (exact.unsqueeze(-1) - thresholds.double()).abs().amin(-1) <= window
+    assert (2 * window).clamp(max=1).mean() < 0.01
     flips = codes != expected
-    edges = torch.tensor([e for e, _ in fp4._E2M1_EDGES], device=DEVICE)
-    near_edge = ((scaled.abs().unsqueeze(-1) - edges).abs().amin(-1) <= 1e-5 * scaled.abs().clamp_min(1)) | (
-        scaled.abs() < 1e-6
-    )
     assert near_edge[flips].all(), "a code differs from the twin away from a rounding threshold"
-    assert int(flips.sum()) == 0 and torch.equal(codes, ref_codes)
+    magnitude_step = ((codes & 7).int() - (expected & 7).int()).abs()
+    assert (magnitude_step <= 1).all() and ((codes & 8) == (expected & 8))[magnitude_step > 0].all()
     q, mask = tfp4.fake_quantize(x, fmt, hadamard_block=hadamard_block)
-    ref_q, ref_mask = fp4.fake_quantize(x, fmt, hadamard_block=hadamard_block)
-    assert torch.equal(mask, ref_mask)
-    torch.testing.assert_close(q, ref_q, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
+    assert near_edge[mask != (scaled.abs() <= fp4.E2M1_MAX)].all()
+    # Q: the kernel's codes dequantized and rotated back, within two back rotations' error bound.
+    dequantized = fp4.dequantize(codes, scales, fmt, global_scale=gs, hadamard_block=hadamard_block)
+    values = fp4.dequantize(codes, scales, fmt, global_scale=gs)
+    atol = 2 * rotation_error_bound(values, hadamard_block) + 2.0**-22 * dequantized.abs()
+    assert ((q - dequantized).abs() <= atol).all()
+    # The twin's own codes: the same flips where its scales are the kernel's.
+    same_scale = (scales.float() == ref_scales.float()).repeat_interleave(group, -1)
+    assert near_edge[(codes != ref_codes) & same_scale].all() and (ref_gs is None) == (gs is None)
 
 
 def test_e4m3_and_e8m0_edges(tfp4):

@@ -2,9 +2,12 @@
 
 Tolerances, and why:
 - int outputs: codes are bit-exact *given the kernel's own scales* (checked against the twin's rounding
-  of those scales); the kernel sums groups in another order than torch, so scales may differ from the
-  twin's by an ulp (rtol 1e-6), and a value on a rounding boundary (a tie) may move by one code. Such
-  flips are counted and must all be ties; on the random data here there are none.
+  of those scales) except at ties. The kernel sums in another order than torch, and torch's BLAS order
+  depends on the CPU model and thread count: scales may differ from the twin's by a few ulps (rtol 1e-6),
+  after a Hadamard rotation by up to the scale rule applied to the rotation's worst-case fp32 error
+  (:func:`hf_cage.kernels.reference.rotation_error_bound`), and a code may move by one where the exact
+  pre-rounding value lies within that error of a tie (the ``minmax`` rule puts every row's largest value
+  exactly on one). Flips anywhere else fail; on random data the windows hold under 1% of the values.
 - W4A4 GEMM with per-channel scales: bit-exact (same codes and scales, same epilogue order).
   Per-group scales: rtol 1e-6 (fp32 group sum order).
 - float outputs: fp32 1e-5 relative to the output's magnitude; bf16 / fp16 one unit in their last place.
@@ -12,6 +15,7 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -63,24 +67,70 @@ def randn(*shape, seed=0, dtype=torch.float32):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device=DEVICE, dtype=dtype)
 
 
-def twin_rounding(x: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The twin's codes for ``x`` given ``scales`` (the steps), and each value's distance to a rounding tie."""
-    groups = reference._grouped(reference._rotated_fp32(x, spec), spec)
+def exact_rotation(x: torch.Tensor, block: int | None) -> torch.Tensor:
+    """``x`` rotated in fp64 (error ~1e-16): the value both backends approximate."""
+    x = x.double()
+    if not block:
+        return x
+    h = torch.sign(reference.hadamard_matrix(block, x.device).double()) / block**0.5
+    return (x.reshape(*x.shape[:-1], -1, block) @ h).reshape(x.shape)
+
+
+def rotation_error(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per value, fp64, the largest error an fp32 rotation can make (0 without one)."""
+    if not spec.hadamard_block:
+        return torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    return reference.rotation_error_bound(x, spec.hadamard_block).double()
+
+
+def assert_scales_close(scales, ref_scales, x, spec) -> None:
+    """Scales agree to 1e-6 (group sums in another order: a few ulps), plus, after a rotation, twice the scale
+    rule applied to the rotation's error bound (each value may move by that bound; max and RMS move by at most
+    its max and RMS)."""
+    atol = 0.0
+    if spec.hadamard_block:
+        bound = reference._grouped(reference.rotation_error_bound(x, spec.hadamard_block), spec)
+        atol = 2 * reference._clip_and_step(bound, spec)[1].squeeze(-1)
+    assert ((scales - ref_scales).abs() <= atol + 1e-6 * ref_scales.abs()).all()
+
+
+def twin_rounding(x: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, ...]:
+    """The twin's codes and trust mask for ``x`` given ``scales`` (the steps), and where either may legitimately
+    differ from a kernel's.
+
+    A value may round either way where its *exact* pre-rounding value (rotation in fp64) lies within the largest
+    error of an fp32 rotation (:func:`reference.rotation_error_bound`, in code units) plus a few ulps of a tie:
+    kernel and twin both land within that distance of the exact value, in summation orders that depend on the
+    device, the CPU model and the thread count. Without a rotation the window is the ulps alone. The trust mask
+    ``|Q - x| <= step / 2`` changes exactly at those ties too.
+    """
     step = scales.float().unsqueeze(-1)
     clip = step * (spec.qmax if spec.grid == "integer" and spec.scale_rule == "absmax" else (2**spec.bits - 1) / 2)
+    groups = reference._grouped(reference._rotated_fp32(x, spec), spec)
     codes = reference._codes(groups, clip, step, spec)
-    value = torch.clamp(groups, -clip, clip) / step + 0.5 if spec.grid == "midrise" else groups / step
-    tie_distance = ((value - value.floor()) - 0.5).abs()
-    return codes.to(torch.int8).reshape(x.shape), tie_distance.reshape(x.shape)
+    mask = (reference._with_offset(codes, spec) * step - groups).abs() <= step * 0.5
+    exact = reference._grouped(exact_rotation(x, spec.hadamard_block), spec)
+    value = torch.clamp(exact, -clip, clip) / step + 0.5 if spec.grid == "midrise" else exact / step
+    window = reference._grouped(rotation_error(x, spec), spec) / step + value.abs() * 2.0**-21
+    near_tie = ((value - value.floor()) - 0.5).abs() <= window
+    return codes.to(torch.int8).reshape(x.shape), near_tie.reshape(x.shape), mask.reshape(x.shape), window
 
 
 def assert_codes_match(codes, scales, x, spec) -> int:
-    """Codes equal the twin's rounding of the kernel's scales, except one-code flips at ties; returns the flips."""
-    expected, tie_distance = twin_rounding(x, scales, spec)
+    """Codes equal the twin's rounding of the kernel's scales, except one-code flips where the exact value sits
+    within the rotation's error bound of a tie (:func:`twin_rounding`); returns the number of flips."""
+    expected, near_tie, _, _ = twin_rounding(x, scales, spec)
     flips = codes != expected
-    assert (tie_distance[flips] < 1e-4).all(), "a code differs from the twin away from a rounding tie"
+    assert near_tie[flips].all(), "a code differs from the twin away from a rounding tie"
     assert ((codes.int() - expected.int()).abs() <= 1).all()
     return int(flips.sum())
+
+
+def assert_window_is_narrow(x, scales, spec) -> None:
+    """The tie windows cover under 1% of the code line (a value uniform between codes falls in one with that
+    probability): the check pins the other 99% of codes exactly."""
+    window = twin_rounding(x, scales, spec)[3]
+    assert (2 * window).clamp(max=1).mean() < 0.01
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -88,12 +138,12 @@ def assert_codes_match(codes, scales, x, spec) -> int:
 def test_quantize_rows_matches_twin(spec, shape):
     x = randn(*shape) * 3
     codes, scales = kernels.quantize_rows(x, spec)
-    ref_codes, ref_scales = reference.quantize_rows(x, spec)
+    ref_scales = reference.quantize_rows(x, spec)[1]
     assert codes.dtype == torch.int8 and codes.shape == x.shape
     assert scales.dtype == torch.float32 and scales.shape == ref_scales.shape
-    torch.testing.assert_close(scales, ref_scales, rtol=1e-6, atol=0)
-    assert assert_codes_match(codes, scales, x, spec) == 0
-    torch.testing.assert_close(codes, ref_codes, rtol=0, atol=0)
+    assert_scales_close(scales, ref_scales, x, spec)
+    assert_codes_match(codes, scales, x, spec)
+    assert_window_is_narrow(x, scales, spec)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)
@@ -102,13 +152,17 @@ def test_fake_quantize_matches_twin(spec, shape):
     x = randn(*shape, seed=1)
     q, mask = kernels.fake_quantize(x, spec)
     codes, scales = kernels.quantize_rows(x, spec)
-    ref_q, ref_mask = reference.fake_quantize(x, spec)
     assert q.dtype == x.dtype and mask.dtype == torch.bool and mask.shape == x.shape
-    # Q is the dequantized codes rotated back; fp32 rotation sums differ from torch's by ulps.
+    assert_scales_close(scales, reference.quantize_rows(x, spec)[1], x, spec)
+    assert_codes_match(codes, scales, x, spec)
+    # The mask is the twin's for the kernel's scales except at ties; Q is the kernel's codes dequantized and
+    # rotated back, within twice the back rotation's error bound (two fp32 evaluations) plus an ulp.
+    _, near_tie, twin_mask, _ = twin_rounding(x, scales, spec)
+    assert near_tie[mask != twin_mask].all()
     expected = reference.dequantize_rows(codes, scales, spec)
-    torch.testing.assert_close(q, expected, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
-    torch.testing.assert_close(q, ref_q, rtol=1e-5, atol=1e-5 * float(x.abs().max()))
-    assert torch.equal(mask, ref_mask)
+    values = reference.dequantize_rows(codes, scales, dataclasses.replace(spec, hadamard_block=None))
+    atol = 2 * rotation_error(values, spec) + 2.0**-22 * expected.abs()
+    assert ((q - expected).abs() <= atol).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -116,11 +170,12 @@ def test_quantizer_takes_half_inputs_and_returns_their_dtype(dtype):
     spec = QuantSpec(4, hadamard_block=64)
     x = randn(33, 128, seed=2, dtype=dtype)
     codes, scales = kernels.quantize_rows(x, spec)
-    torch.testing.assert_close(scales, reference.quantize_rows(x, spec)[1], rtol=1e-6, atol=0)
-    assert assert_codes_match(codes, scales, x, spec) == 0
+    assert_scales_close(scales, reference.quantize_rows(x, spec)[1], x, spec)
+    assert_codes_match(codes, scales, x, spec)
     q, _ = kernels.fake_quantize(x, spec)
     assert q.dtype == dtype
-    torch.testing.assert_close(q, reference.fake_quantize(x, spec)[0], rtol=0, atol=float(x.abs().max()) * 2**-7)
+    expected = reference.dequantize_rows(codes, scales, spec, dtype)
+    torch.testing.assert_close(q, expected, rtol=0, atol=float(x.abs().max()) * 2**-7)
 
 
 def test_all_zero_rows_get_the_tiny_step_like_the_twin():
@@ -154,8 +209,8 @@ def test_a_code_on_a_tie_is_counted_not_hidden():
     spec = QuantSpec(4, hadamard_block=16)
     x = torch.ones(2, 64, device=DEVICE)  # H @ ones has one nonzero entry per block: the rest are ties at 0
     codes, scales = kernels.quantize_rows(x, spec)
-    expected, tie_distance = twin_rounding(x, scales, spec)
-    assert (tie_distance < 1e-4).sum() >= 2 * 60
+    near_tie = twin_rounding(x, scales, spec)[1]
+    assert near_tie.sum() >= 2 * 60
     flips = assert_codes_match(codes, scales, x, spec)
     assert flips == int((codes != reference.quantize_rows(x, spec)[0]).sum())
 
@@ -449,8 +504,8 @@ ref = reference.w4a16_matmul_reference(x.contiguous().float(), w_packed, w_scale
 torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
 for spec in (QuantSpec(4, hadamard_block=64), QuantSpec(8, "integer", "minmax")):
     codes, scales = kernels.quantize_rows(x, spec)
-    ref_codes, ref_scales = reference.quantize_rows(x.contiguous(), spec)
-    assert torch.equal(codes, ref_codes) and torch.allclose(scales, ref_scales, rtol=1e-6, atol=0)
+    ref_codes, ref_scales = kernels.quantize_rows(x.contiguous(), spec)  # the same kernel: bit for bit
+    assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)
 print("ok")
 """
 

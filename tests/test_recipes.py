@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_cage.optim.defaults import CAGE_PULL_DEFAULTS
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
 pretrain_llama = importlib.import_module("pretrain_llama")
 finetune_llama = importlib.import_module("finetune_llama")
 recipe_common = importlib.import_module("recipe_common")
+MODEL_SHAPE_KEYS = recipe_common.MODEL_SHAPE_KEYS
 
 WORDS = (
     "the king queen lord lady crown sword night day love death time world heart hand eye blood fair sweet "
@@ -80,7 +83,11 @@ def test_pretrain_cage_writes_metrics_plot_and_a_reloadable_model(tmp_path, text
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     assert (metrics["method"], metrics["w_bits"], metrics["a_bits"], metrics["quantizer"]) == ("cage", 3, 3, "quest")
     assert (metrics["steps"], metrics["tokens"], metrics["preset"]) == (5, 5 * 4 * 32, "tiny")
-    assert metrics["cage_lambda"] == 56.0 and metrics["cage_silence_ratio"] == 0.8  # from the tiny preset
+    assert metrics["cage_silence_ratio"] == 0.8  # from the tiny preset
+    assert metrics["cage_pull"] == CAGE_PULL_DEFAULTS["pretraining"]  # the job's default strength
+    assert (
+        metrics["cage_pull_realised"] == pytest.approx(metrics["cage_pull"], rel=1e-9) and metrics["cage_lambda"] > 0
+    )
     assert metrics["wall_time_s"] > 0
     history = json.loads((out / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == [1, 2, 3, 4, 5]
@@ -333,39 +340,27 @@ def test_presets_parse_and_paper_shapes_match_their_names(name):
         assert training_args.max_steps * tokens_per_step == pytest.approx(100 * blocks, rel=0.01)
 
 
-def _pull(name: str) -> float:
-    """sum_t lr_t * lambda_t over the preset's run: the LR from transformers' own scheduler (the one the Trainer
-    builds from these arguments), lambda_t from hf-cage's schedule. The LR of optimizer step t (1-based) is the
-    scheduler's value after t - 1 scheduler steps (the Trainer steps the scheduler after the optimizer)."""
-    from transformers import get_scheduler
-
-    import hf_cage
-
-    *_, args = recipe_common.parse_arguments(
-        pretrain_llama.argument_types(), ["--config", name, "--bf16", "false", "--use_cpu", "true"]
-    )
-    total = args.max_steps
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=args.get_warmup_steps(total),
-        num_training_steps=total,
-        scheduler_specific_kwargs=args.lr_scheduler_kwargs,
-    )
-    factor = scheduler.lr_lambdas[0]
-    return sum(
-        args.learning_rate * factor(t - 1) * hf_cage.cage_lambda(t, total, args.cage_lambda, args.cage_silence_ratio,
-                                                                 args.cage_schedule)
-        for t in range(1, total + 1)
-    )  # fmt: skip
+def _strength(argv: list[str], script=pretrain_llama) -> tuple:
+    """``(cage_pull, cage_lambda)`` as ``script`` parses ``argv``."""
+    argv = argv + ["--bf16", "false", "--use_cpu", "true"]
+    if script is finetune_llama:
+        types = (finetune_llama.FinetuneArguments, *pretrain_llama.argument_types()[1:])
+        argv, extra = argv + ["--model_name_or_path", "m"], dict(yaml_ignore=MODEL_SHAPE_KEYS, job="fine-tuning")
+    else:
+        types, extra = pretrain_llama.argument_types(), {}
+    *_, args = recipe_common.parse_arguments(types, argv, **extra)
+    return args.cage_pull, args.cage_lambda
 
 
 @pytest.mark.parametrize("name", ["tiny", *PAPER_PRESETS])
-def test_every_preset_pulls_as_hard_as_the_reference_schedule(name):
-    """The correction's total pull sum(lr_t * lambda_t) lies in the reference range (the paper's schedule, cosine to
-    10% of the peak, gives 1.6-3.0 here); plain cosine to zero gave 0.28-0.51, a CAGE 3-6x weaker than the paper's."""
-    assert 1.2 <= _pull(name) <= 3.2
+def test_every_preset_asks_for_its_jobs_default_pull(name):
+    """The strength is the job's total pull (tests/test_pull.py checks the trainer realises it), unless set."""
+    assert _strength(["--config", name]) == (CAGE_PULL_DEFAULTS["pretraining"], None)
+    assert _strength(["--config", name], finetune_llama) == (CAGE_PULL_DEFAULTS["fine-tuning"], None)
+    assert _strength(["--config", name, "--cage_lambda", "7"]) == (None, 7.0)
+    assert _strength(["--config", name, "--cage_pull=0.5"], finetune_llama) == (0.5, None)
+    with pytest.raises(recipe_common.RecipeInputError, match="both set"):
+        _strength(["--config", name, "--cage_pull", "1", "--cage_lambda", "7"])
 
 
 def test_silence_end_step_is_the_last_step_the_schedule_keeps_silent():

@@ -56,6 +56,23 @@ def hadamard_rotate(x: torch.Tensor, block: int) -> torch.Tensor:
     return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
 
 
+def rotation_error_bound(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Largest possible error of any fp32 evaluation of ``hadamard_rotate(x, block)``, per element, fp32.
+
+    Each output is a ``block``-term dot product with weights ``+-1/sqrt(block)``. Whatever the summation
+    order (a BLAS matmul, whose order depends on the CPU and thread count, a GPU ``tl.dot``, a butterfly),
+    the fp32 result lies within ``gamma_(block+1) * sum|x_i| / sqrt(block)`` of the exact value, with
+    ``gamma_n = n u / (1 - n u)``, ``u = 2^-24`` (Higham, *Accuracy and Stability*, section 3.1; the ``+1``
+    covers ``1/sqrt(block)`` rounded to fp32). Two implementations can therefore differ by twice this, and a
+    value rounded right after a rotation can land on either side of a rounding tie within that distance.
+    """
+    k = x.shape[-1]
+    u = 2.0**-24
+    gamma = (block + 1) * u / (1 - (block + 1) * u)
+    l1 = x.double().abs().reshape(*x.shape[:-1], k // block, block).sum(-1, keepdim=True)
+    return (gamma * l1 / block**0.5).expand(*x.shape[:-1], k // block, block).reshape(x.shape).float()
+
+
 def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """View ``(..., K)`` as ``(..., G, group)``."""
     k = x.shape[-1]

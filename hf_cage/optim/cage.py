@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .correction import CAGECorrection, WeightQuantizer
+from .defaults import CAGE_LAMBDA, CAGE_SCHEDULE, CAGE_SILENCE_RATIO, CAGE_VARIANT
 
 
 class CAGE(torch.optim.AdamW):
@@ -35,7 +36,7 @@ class CAGE(torch.optim.AdamW):
         params: parameters or param groups (groups may override ``lr``, ``betas``, ``weight_decay``, ...).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (CAGE's defaults: betas (0.9, 0.95),
             no weight decay).
-        cage_lambda: correction strength; 0 = the STE / QuEST baseline (CAGE.md: 10).
+        cage_lambda: correction strength; 0 = the STE / QuEST baseline (default: ``optim.defaults``).
         cage_silence_ratio: fraction of ``total_steps`` before the correction starts, in [0, 1).
         cage_schedule: ``"linear_ramp"`` or ``"constant"``.
         cage_variant: ``"decoupled"`` (post-step) or ``"coupled"`` (added to the gradient).
@@ -54,10 +55,10 @@ class CAGE(torch.optim.AdamW):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        cage_lambda: float = 10.0,
-        cage_silence_ratio: float = 0.8,
-        cage_schedule: str = "linear_ramp",
-        cage_variant: str = "decoupled",
+        cage_lambda: float = CAGE_LAMBDA,
+        cage_silence_ratio: float = CAGE_SILENCE_RATIO,
+        cage_schedule: str = CAGE_SCHEDULE,
+        cage_variant: str = CAGE_VARIANT,
         total_steps: int | None = None,
         *,
         model: nn.Module | None = None,

@@ -20,7 +20,8 @@ The optimizer is used exactly as before (``opt.step()``, LR schedulers, ``Traine
 refuses ``step(closure)`` (the closure would recompute the gradients after the coupled term was added).
 
 State: the schedule counter ``cage_step`` (optimizer steps taken in this run) is a plain int in
-every param group, so it travels with ``optimizer.state_dict()`` (also through
+every param group (beside it ``cage_pull``, the realised ``sum_t lr_t * lambda_t`` of the run), so it
+travels with ``optimizer.state_dict()`` (also through
 ``torch.distributed.checkpoint`` for FSDP2) and survives a resume. The hyperparameters
 (``cage_lambda``, ``cage_silence_ratio``, ``cage_schedule``, ``cage_variant``, ``total_steps``) belong to
 the correction, one set per optimizer, and are never read from a state dict: loading a checkpoint
@@ -53,6 +54,7 @@ import torch
 from torch import nn
 
 from ..qat import quantized_layers
+from .defaults import CAGE_LAMBDA, CAGE_SCHEDULE, CAGE_SILENCE_RATIO, CAGE_VARIANT
 from .schedule import cage_lambda as scheduled_lambda
 from .schedule import check_cage_hyperparameters
 
@@ -97,7 +99,9 @@ class CAGECorrection:
     """Attach the CAGE correction to ``optimizer`` (see the module docstring); returns the handle object.
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` holding the quantized weights.
+        optimizer: any ``torch.optim.Optimizer`` holding the quantized weights, or a wrapper that holds one as its
+            public ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, what a ``TrainerCallback`` receives): the
+            correction attaches to the optimizer inside.
         model: the quantized model; its ``QATLinear`` layers give the weights and ``Q``, looked up at
             every step. Or pass ``weight_quantizers`` (``{weight: Q}``, fixed) instead.
         cage_lambda, cage_silence_ratio, cage_schedule, total_steps: the schedule (CAGE.md section 3);
@@ -114,10 +118,10 @@ class CAGECorrection:
         model: nn.Module | None = None,
         *,
         weight_quantizers: Mapping[torch.Tensor, WeightQuantizer] | None = None,
-        cage_lambda: float = 10.0,
-        cage_silence_ratio: float = 0.8,
-        cage_schedule: str = "linear_ramp",
-        cage_variant: str = "decoupled",
+        cage_lambda: float = CAGE_LAMBDA,
+        cage_silence_ratio: float = CAGE_SILENCE_RATIO,
+        cage_schedule: str = CAGE_SCHEDULE,
+        cage_variant: str = CAGE_VARIANT,
         total_steps: int | None = None,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -125,6 +129,8 @@ class CAGECorrection:
                 f"the CAGE correction attaches to a torch.optim.Optimizer (through its step hooks), got "
                 f"{type(optimizer).__name__}"
             )
+        while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+            optimizer = optimizer.optimizer  # a wrapper (accelerate's AcceleratedOptimizer) steps the one it holds
         check_cage_hyperparameters(
             cage_lambda, cage_silence_ratio, cage_schedule, cage_variant, 1 if total_steps is None else total_steps
         )
@@ -148,12 +154,7 @@ class CAGECorrection:
                 f"{len(missing)} trainable quantized weights are not in the optimizer's param groups; build the "
                 "optimizer on the quantized model's parameters (quantize_model shares them with the dense model)"
             )
-        if self.cage_lambda > 0 and not quantizers:
-            raise ValueError(
-                "cage_lambda > 0 but the optimizer holds no trainable quantized weight: quantize the model first "
-                "(hf_cage.quantize_model) and build the optimizer with hf_cage.create_cage_optimizer(model, ...) or "
-                "pass model=; or set cage_lambda=0 for plain STE training"
-            )
+        self._check_targets(quantizers)
         low = sorted({str(p.dtype) for p in quantizers if p.dtype not in (torch.float32, torch.float64)})
         if low and self.cage_lambda > 0:
             warnings.warn(
@@ -164,6 +165,7 @@ class CAGECorrection:
             )
         for group in optimizer.param_groups:
             group.setdefault("cage_step", 0)
+            group.setdefault("cage_pull", 0.0)
         self._lambda_of_step = 0.0
         self._handles = [
             optimizer.register_step_pre_hook(self._before_step),
@@ -185,19 +187,42 @@ class CAGECorrection:
         quantizers = weight_quantizers_of(self.model) if self._fixed_quantizers is None else self._fixed_quantizers
         return {p: q for p, q in quantizers.items() if p.requires_grad}
 
+    def _check_targets(self, quantizers) -> None:
+        if self.cage_lambda > 0 and not quantizers:
+            raise ValueError(
+                "cage_lambda > 0 but the optimizer holds no trainable quantized weight: quantize the model first "
+                "(hf_cage.quantize_model) and build the optimizer with hf_cage.create_cage_optimizer(model, ...) or "
+                "pass model=; or set cage_lambda=0 for plain STE training"
+            )
+
+    @property
+    def pull_realised(self) -> float:
+        """``sum_t lr_t * lambda_t`` over the steps taken so far in this run (a resumed run counts from its
+        checkpoint's value), for the param group holding the quantized weights (the largest, if several)."""
+        targets = {id(p) for p in self.weight_quantizers}
+        pulls = [
+            float(g.get("cage_pull", 0.0))
+            for g in self.optimizer.param_groups
+            if any(id(p) in targets for p in g["params"])
+        ]
+        return max(pulls, default=0.0)
+
     @property
     def steps_taken(self) -> int:
         """Optimizer steps taken in this run (the schedule's ``t`` of the last step)."""
         return max((int(g.get("cage_step", 0)) for g in self.optimizer.param_groups), default=0)
 
     def start_run(self, total_steps: int | None) -> None:
-        """Begin a run of ``total_steps`` optimizer steps: set the schedule's length, restart the counter at 0."""
+        """Begin a run of ``total_steps`` optimizer steps: set the schedule's length, restart the counter and the
+        realised pull at 0. Set ``cage_lambda`` before calling it to change the strength for the run."""
         check_cage_hyperparameters(
             self.cage_lambda, self.cage_silence_ratio, self.cage_schedule, self.cage_variant, total_steps
         )
+        self._check_targets(self.weight_quantizers)
         self.total_steps = total_steps
         for group in self.optimizer.param_groups:
             group["cage_step"] = 0
+            group["cage_pull"] = 0.0
 
     def lambda_at(self, step: int) -> float:
         """``lambda_t`` at optimizer step ``step`` (1-based)."""
@@ -250,6 +275,7 @@ class CAGECorrection:
         lam = self._lambda_of_step
         for group in optimizer.param_groups:
             group["cage_step"] = step
+            group["cage_pull"] = float(group.get("cage_pull", 0.0)) + float(group["lr"]) * lam
             if lam and self.cage_variant == "decoupled":
                 weight = float(group["lr"]) * lam
                 for p, quantize in self._targets(group["params"]):
@@ -258,8 +284,10 @@ class CAGECorrection:
                         w.lerp_(quantize(w), weight)
 
     def _after_load(self, optimizer) -> None:
-        """A state dict saved without ``cage_step`` (plain AdamW): infer it from Adam's per-parameter steps."""
+        """A state dict saved without ``cage_step`` (plain AdamW): infer it from Adam's per-parameter steps; without
+        ``cage_pull``: 0 (no correction was applied by what saved it)."""
         for group in optimizer.param_groups:
+            group.setdefault("cage_pull", 0.0)
             if "cage_step" not in group:
                 steps = [optimizer.state.get(p, {}).get("step") for p in group["params"]]
                 group["cage_step"] = max((int(s) for s in steps if s is not None), default=0)

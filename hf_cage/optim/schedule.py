@@ -12,6 +12,8 @@ computes ``Q(W)`` during it. ``lambda = 0`` makes every step silent: plain STE /
 
 from __future__ import annotations
 
+from .defaults import CAGE_LAMBDA, CAGE_SILENCE_RATIO
+
 SCHEDULES = ("linear_ramp", "constant")
 VARIANTS = ("decoupled", "coupled")
 
@@ -25,11 +27,13 @@ def check_cage_hyperparameters(
 ) -> None:
     """Raise ``ValueError`` naming the field when a CAGE hyperparameter is out of range."""
     if not isinstance(cage_lambda, (int, float)) or isinstance(cage_lambda, bool) or not cage_lambda >= 0:
-        raise ValueError(f"cage_lambda={cage_lambda!r} must be a number >= 0 (0 = the STE baseline; CAGE uses ~10)")
+        raise ValueError(
+            f"cage_lambda={cage_lambda!r} must be a number >= 0 (0 = the STE baseline; CAGE uses ~{CAGE_LAMBDA:g})"
+        )
     if not isinstance(cage_silence_ratio, (int, float)) or not 0 <= cage_silence_ratio < 1:
         raise ValueError(
             f"cage_silence_ratio={cage_silence_ratio!r} must lie in [0, 1): the fraction of steps before the "
-            "correction starts (CAGE uses 0.8)"
+            f"correction starts (CAGE uses {CAGE_SILENCE_RATIO:g})"
         )
     if cage_schedule not in SCHEDULES:
         raise ValueError(f"cage_schedule={cage_schedule!r} is not supported; allowed values: {', '.join(SCHEDULES)}")

@@ -1,7 +1,9 @@
-"""``CAGEConfig(TrainingArguments)`` and ``CAGETrainer(Trainer)``: CAGE in the Hugging Face Trainer."""
+"""CAGE in the Hugging Face Trainer: ``CAGEArguments`` and ``CAGETrainerMixin`` for any Trainer subclass,
+``CAGEConfig(TrainingArguments)`` and ``CAGETrainer(Trainer)`` ready made."""
 
-from .config import CAGEConfig
+from .config import CAGEArguments, CAGEConfig
 from .metrics import quantization_metrics
+from .mixin import CAGETrainerMixin
 from .trainer import CAGETrainer
 
-__all__ = ["CAGEConfig", "CAGETrainer", "quantization_metrics"]
+__all__ = ["CAGEArguments", "CAGEConfig", "CAGETrainer", "CAGETrainerMixin", "quantization_metrics"]

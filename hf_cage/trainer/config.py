@@ -1,4 +1,5 @@
-"""``CAGEConfig``: ``TrainingArguments`` plus ``quant_*`` (what to quantize) and ``cage_*`` (how to train) fields."""
+"""``CAGEArguments``: the ``quant_*`` (what to quantize) and ``cage_*`` (how to train) fields, composable with any
+``TrainingArguments`` subclass; ``CAGEConfig``: them over ``TrainingArguments``."""
 
 from __future__ import annotations
 
@@ -7,20 +8,25 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 
 from ..kernels.spec import SCALE_RULES, SUPPORTED_BITS
+from ..optim.defaults import CAGE_LAMBDA, CAGE_PULL_DEFAULTS, CAGE_SCHEDULE, CAGE_SILENCE_RATIO, CAGE_VARIANT
+from ..optim.pull import check_cage_pull
 from ..optim.schedule import SCHEDULES, VARIANTS, check_cage_hyperparameters
 from ..quant.config import GRANULARITIES, GROUP_SIZES, QUANTIZERS, QuantConfig
 
 
 @dataclass
-class CAGEConfig(TrainingArguments):
-    """Training arguments for :class:`hf_cage.CAGETrainer`.
+class CAGEArguments:
+    """The ``quant_*`` (what to quantize) and ``cage_*`` (how CAGE trains) fields, for any ``TrainingArguments``.
 
-    Every ``TrainingArguments`` field keeps its meaning (``learning_rate``, ``weight_decay``,
-    ``adam_beta1/2``, ``adam_epsilon``, ``max_grad_norm``, ``optim``, schedulers, ...). The optimizer
-    Trainer builds from them (or the one you pass) gets the CAGE correction attached
-    (:class:`hf_cage.CAGECorrection`): ``--optim adamw_torch`` / ``adamw_torch_fused`` is AdamW + CAGE
-    in either variant, other torch optimizers take the decoupled one. ``weight_decay`` applies to the
-    quantized block linears only. ``cage_lambda=0`` is the STE / QuEST baseline.
+    A dataclass with no base, so that it composes with any ``TrainingArguments`` subclass without touching
+    that subclass's defaults; put it first among the bases (its ``__post_init__`` runs the base's, then checks
+    its own fields)::
+
+        @dataclass
+        class MyConfig(CAGEArguments, SFTConfig):
+            pass
+
+    :class:`CAGEConfig` is ``CAGEArguments`` over ``TrainingArguments``; ``hf_cage.trl`` has TRL's configs.
     """
 
     quant_w_bits: int = field(default=4, metadata={"help": f"Weight bits, one of {SUPPORTED_BITS}."})
@@ -67,20 +73,32 @@ class CAGEConfig(TrainingArguments):
             "serve), 'mse' or 'absmax'. Default: minmax for int, mse for quest."
         },
     )
-    cage_lambda: float = field(
-        default=10.0,
-        metadata={"help": "CAGE correction strength (paper: 10). 0 = the STE / QuEST baseline, no correction."},
+    cage_lambda: float | None = field(
+        default=None,
+        metadata={
+            "help": f"CAGE correction strength (default {CAGE_LAMBDA:g}, the paper's, unless cage_pull is set; not "
+            "both). 0 = the STE / QuEST baseline, no correction."
+        },
+    )
+    cage_pull: float | None = field(
+        default=None,
+        metadata={
+            "help": "CAGE strength as the total pull sum_t lr_t * lambda_t over the whole run (not with cage_lambda): "
+            "the trainer picks lambda from the run's own LR schedule, length and silence ratio at each train(). "
+            f"Typical: pretraining {CAGE_PULL_DEFAULTS['pretraining']:g}, fine-tuning "
+            f"{CAGE_PULL_DEFAULTS['fine-tuning']:g}. 0 = the STE baseline."
+        },
     )
     cage_silence_ratio: float = field(
-        default=0.8,
+        default=CAGE_SILENCE_RATIO,
         metadata={"help": "Fraction of the optimizer steps before the correction starts, in [0, 1) (paper: 0.8)."},
     )
     cage_schedule: str = field(
-        default="linear_ramp",
+        default=CAGE_SCHEDULE,
         metadata={"help": f"Lambda schedule after the silence period: one of {', '.join(SCHEDULES)}."},
     )
     cage_variant: str = field(
-        default="decoupled",
+        default=CAGE_VARIANT,
         metadata={
             "help": f"One of {', '.join(VARIANTS)}: decoupled = post-step pull toward Q(W) (paper's code); "
             "coupled = lambda * (W - Q(W)) added to the gradient."
@@ -88,7 +106,9 @@ class CAGEConfig(TrainingArguments):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        base_post_init = getattr(super(), "__post_init__", None)
+        if base_post_init is not None:
+            base_post_init()
         if isinstance(self.quant_a_bits, str):
             self.quant_a_bits = (
                 None if self.quant_a_bits.strip().lower() in ("none", "0", "") else int(self.quant_a_bits)
@@ -108,7 +128,18 @@ class CAGEConfig(TrainingArguments):
             raise ValueError(
                 f"invalid quant_* settings: {message} (each QuantConfig field is set by quant_<name>)"
             ) from err
-        check_cage_hyperparameters(self.cage_lambda, self.cage_silence_ratio, self.cage_schedule, self.cage_variant, 1)
+        if self.cage_pull is not None and self.cage_lambda is not None:
+            raise ValueError(
+                f"cage_pull={self.cage_pull:g} and cage_lambda={self.cage_lambda:g} both set; set one: cage_pull "
+                "picks lambda from the run's schedule, cage_lambda fixes it"
+            )
+        if self.cage_pull is None and self.cage_lambda is None:
+            self.cage_lambda = CAGE_LAMBDA
+        if self.cage_pull is not None:
+            check_cage_pull(self.cage_pull)
+        check_cage_hyperparameters(
+            self.cage_lambda or 0.0, self.cage_silence_ratio, self.cage_schedule, self.cage_variant, 1
+        )
 
     def quant_config(self) -> QuantConfig:
         """The :class:`hf_cage.QuantConfig` these ``quant_*`` fields describe (Llama block linears as targets)."""
@@ -124,13 +155,27 @@ class CAGEConfig(TrainingArguments):
         )
 
     def cage_kwargs(self) -> dict:
-        """The ``cage_*`` hyperparameters as keyword arguments of :class:`hf_cage.CAGECorrection` / ``CAGE``."""
+        """The ``cage_*`` hyperparameters as keyword arguments of :class:`hf_cage.CAGECorrection` / ``CAGE``
+        (with ``cage_pull``, ``cage_lambda`` is 0 until the trainer picks it at the start of each run)."""
         return {
-            "cage_lambda": self.cage_lambda,
+            "cage_lambda": 0.0 if self.cage_lambda is None else self.cage_lambda,
             "cage_silence_ratio": self.cage_silence_ratio,
             "cage_schedule": self.cage_schedule,
             "cage_variant": self.cage_variant,
         }
+
+
+@dataclass
+class CAGEConfig(CAGEArguments, TrainingArguments):
+    """Training arguments for :class:`hf_cage.CAGETrainer`: ``TrainingArguments`` plus :class:`CAGEArguments`.
+
+    Every ``TrainingArguments`` field keeps its meaning (``learning_rate``, ``weight_decay``,
+    ``adam_beta1/2``, ``adam_epsilon``, ``max_grad_norm``, ``optim``, schedulers, ...). The optimizer
+    Trainer builds from them (or the one you pass) gets the CAGE correction attached
+    (:class:`hf_cage.CAGECorrection`): ``--optim adamw_torch`` / ``adamw_torch_fused`` is AdamW + CAGE
+    in either variant, other torch optimizers take the decoupled one. ``weight_decay`` applies to the
+    quantized block linears only. ``cage_lambda=0`` is the STE / QuEST baseline.
+    """
 
 
 def _check(name: str, value, allowed: tuple, extra: str = "") -> None:
