@@ -159,7 +159,9 @@ def read_model_config(path: str | os.PathLike) -> dict:
     try:
         config = json.loads(file.read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{file} is malformed, not valid JSON ({' '.join(str(err).split())}); re-save the model") from None
+        raise CheckpointError(
+            f"{file} is malformed, not valid JSON ({' '.join(str(err).split())}); re-save the model"
+        ) from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{file} is malformed (not a JSON object); re-save the model")
     export = config.get(EXPORT_KEY)

@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
@@ -403,10 +404,11 @@ def check_resume_settings(resume: str, training_args, method: str) -> None:
     from hf_cage.qat import CONFIG_KEY, CheckpointError, read_model_config, saved_tensor_shapes
 
     flag = "--resume_from_checkpoint"
+    if (Path(resume) / "adapter_model.safetensors").is_file():
+        return  # LoRA adapters only: the quantized base comes from --model_name_or_path and the flags
     try:
         saved = read_model_config(resume).get(CONFIG_KEY)
-        if not (Path(resume) / "adapter_model.safetensors").is_file():
-            saved_tensor_shapes(resume)
+        saved_tensor_shapes(resume)
     except (CheckpointError, FileNotFoundError) as err:
         raise checkpoint_error(flag, resume, err) from None
     asked = None if method == "bf16" else training_args.quant_config().to_dict()
@@ -540,31 +542,48 @@ def make_trainer(
         cls = block_decay_trainer_class(base)
     else:
         cls = CAGETrainer if base is Trainer else type(f"CAGE{base.__name__}", (CAGETrainerMixin, base), {})
-    out = Path(training_args.output_dir)
-    existed = out.exists()
-    trainer = cls(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        callbacks=[branch_checkpoint_callback(training_args.cage_silence_ratio)] if branch_checkpoint else None,
-        **trainer_kwargs,
-    )
-    try:
+    with no_new_empty_folder(training_args.output_dir, keep=True):  # Trainer.__init__ makes the output folder
+        trainer = cls(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=[branch_checkpoint_callback(training_args.cage_silence_ratio)] if branch_checkpoint else None,
+            **trainer_kwargs,
+        )
         check_resume_tensors(trainer)
-    except RecipeInputError:
-        if not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()  # made by Trainer.__init__: leave nothing behind
-        raise
     return trainer
+
+
+@contextmanager
+def no_new_empty_folder(folder: str, keep: bool = False):
+    """Remove ``folder`` at the end of the block if the block created it and left it empty (``keep``: only when
+    the block raised), so that a run refused for bad input, or an evaluation, leaves no empty output folder."""
+    path = Path(folder)
+    existed = path.exists()
+
+    def remove():
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+    try:
+        yield
+    except BaseException:
+        remove()
+        raise
+    if not keep:
+        remove()
 
 
 def evaluate_loss(model, training_args, eval_dataset) -> float:
     """Validation loss of ``model`` as ``Trainer.evaluate`` computes it (token-mean cross entropy), no training."""
     from transformers import Trainer, default_data_collator
 
-    trainer = Trainer(model=model, args=training_args, eval_dataset=eval_dataset, data_collator=default_data_collator)
-    return float(trainer.evaluate()["eval_loss"])
+    with no_new_empty_folder(training_args.output_dir):  # Trainer.__init__ makes the output folder
+        trainer = Trainer(
+            model=model, args=training_args, eval_dataset=eval_dataset, data_collator=default_data_collator
+        )
+        return float(trainer.evaluate()["eval_loss"])
 
 
 def perplexity(loss: float) -> float:

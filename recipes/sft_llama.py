@@ -185,14 +185,13 @@ def run(argv: list[str] | None = None) -> dict:
     """
     clock = Stopwatch()
     data_args, recipe_args, training_args = parse(argv)
-    from finetune_llama import check_checkpoint
+    from finetune_llama import check_checkpoint, load_checkpoint
 
     checkpoint = check_checkpoint(data_args.model_name_or_path)
     method = recipe_args.method
     prepare_training_args(training_args, recipe_args, f"outputs/sft-{method}")
 
-    import torch
-    from transformers import AutoModelForCausalLM, set_seed
+    from transformers import set_seed
     from trl import SFTTrainer
 
     import hf_cage
@@ -215,7 +214,7 @@ def run(argv: list[str] | None = None) -> dict:
     training_args.label_names = None  # SFTTrainer's collator builds the labels
 
     set_seed(training_args.seed)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    model = load_checkpoint(checkpoint)  # strict: every tensor present, nothing unexpected
     if len(tokenizer) > model.config.vocab_size:
         raise RecipeInputError(
             f"the tokenizer has {len(tokenizer)} tokens but {checkpoint} was trained with vocab_size "

@@ -185,12 +185,13 @@ def test_benchmark_runs_use_the_recipes_training_arguments(accuracy, method):
         assert got.cage_lambda == expected.cage_lambda == 0
 
 
-def test_served_reports_a_model_no_format_holds_as_not_exportable(accuracy, tmp_path, capsys):
-    """A saved W3A3 run: `served` records the export's refusal and keeps going; the table says why."""
+def test_served_exports_a_w3a3_int_run_that_stock_transformers_serves_as_trained(accuracy, tmp_path, capsys):
+    """A saved W3A3 int run: exported with the defaults (compressed-tensors, 3-bit codes packed densely) and served
+    by stock transformers at the trained loss."""
     spec = accuracy.Spec("map", "ste", 0, w_bits=3, a_bits=3, quantizer="int", save=True, **accuracy.QUICK)
     accuracy._append(tmp_path / "results", accuracy.train(spec, tmp_path))
     assert accuracy.main(["served", "--out", str(tmp_path), "--results", str(tmp_path / "results")]) == 0
     (row,) = accuracy.load_served(tmp_path / "results")
-    assert row["eval_loss_served"] is None and "w_bits=3" in row["export_error"]
-    assert f"{spec.key}: trained {row['eval_loss_trained']:.4f}, served not exportable" in capsys.readouterr().out
-    assert "not exportable: " in accuracy.served_table([row])
+    assert row["export_error"] is None and row["export_format"] == "compressed-tensors"
+    assert row["export_options"] == "default" and row["loader"] == "stock transformers (no hf_cage)"
+    assert row["eval_loss_served"] == pytest.approx(row["eval_loss_trained"], abs=1e-5)

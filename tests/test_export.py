@@ -479,7 +479,7 @@ def test_fp4_w4a4_card_says_the_loaders_apply_the_trained_activation_rule(tmp_pa
     export_model(model, tmp_path / "w4a4", progress=False, log=None)
     card = (tmp_path / "w4a4" / "README.md").read_text()
     scale = "E8M0) scale per token and group of 32" if grid == "mxfp4" else "E4M3 scale per token and group of 16"
-    assert f"**Activations.** The loaders quantize each linear's input to FP4 (E2M1) with" in card
+    assert "**Activations.** The loaders quantize each linear's input to FP4 (E2M1) with" in card
     assert scale in card and "the rule this model was trained with" in card
     export_model(model, tmp_path / "w4a16", weights_only=True, progress=False, log=None)
     card = (tmp_path / "w4a16" / "README.md").read_text()

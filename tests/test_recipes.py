@@ -551,7 +551,10 @@ def ste_checkpoint(tmp_path_factory, text_pair):
 
 
 def test_resuming_with_other_quantization_settings_is_refused(ste_checkpoint, tmp_path, text_pair, capsys):
-    argv = pretrain_argv(text_pair, tmp_path / "out", "cage", steps=4) + ["--resume_from_checkpoint", str(ste_checkpoint)]
+    argv = pretrain_argv(text_pair, tmp_path / "out", "cage", steps=4) + [
+        "--resume_from_checkpoint",
+        str(ste_checkpoint),
+    ]
     err = _error(capsys, pretrain_llama.main, argv + ["--w_bits", "3"])
     assert "other quantization settings: quant_w_bits=3 (checkpoint: 4)" in err
     err = _error(capsys, pretrain_llama.main, argv + ["--method", "bf16"])
@@ -566,3 +569,20 @@ def test_resuming_from_a_checkpoint_with_a_deleted_tensor_names_it(ste_checkpoin
     err = _error(capsys, pretrain_llama.main, argv, one_line=False)
     assert "missing model.layers.0.self_attn.q_proj.weight" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "checkpoint-2"]  # no output folder
+
+
+def test_resuming_lora_adapters_checks_the_adapter_tensors(bf16_checkpoint, tmp_path, text_pair, capsys):
+    from safetensors.torch import load_file, save_file
+
+    lora = ["--lora", "--lora_r", "4", "--max_steps", "4", "--cage_silence_ratio", "0.5"]
+    first = _finetune_argv(text_pair, tmp_path, bf16_checkpoint, *lora, "--save_branch_checkpoint")
+    assert finetune_llama.main(first + ["--output_dir", str(tmp_path / "lora")]) == 0
+    checkpoint = tmp_path / "lora" / "checkpoint-2"
+    resume = _finetune_argv(text_pair, tmp_path, bf16_checkpoint, *lora, "--resume_from_checkpoint", str(checkpoint))
+    assert finetune_llama.main(resume + ["--output_dir", str(tmp_path / "resumed")]) == 0  # a whole checkpoint
+    adapters = load_file(checkpoint / "adapter_model.safetensors")
+    dropped = sorted(adapters)[0]
+    del adapters[dropped]
+    save_file(adapters, checkpoint / "adapter_model.safetensors")
+    err = _error(capsys, finetune_llama.main, resume, one_line=False)
+    assert f"missing {dropped}" in err and not (tmp_path / "out").exists()

@@ -49,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        if not getattr(args, "run", None):
-            parser.print_help()
-            return 0
         return args.run(args)
     except KeyboardInterrupt:  # during start-up (imports, parsing); a command handles its own work's interrupts
         print("hf-cage: interrupted; nothing was written", file=sys.stderr)

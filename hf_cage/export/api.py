@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from ..layers.packed import pack_weight, packing_problem, unpack_weight
-from ..qat import CONFIG_KEY, quant_config_of, quantized_layers
+from ..qat import CONFIG_KEY, EXPORT_KEY, quant_config_of, quantized_layers
 from .card import CardOptions, build_model_card, plot_loss_curve
 from .errors import ExportError, ExportWriteError, PushError
-from .formats import EXPORT_KEY, Conversion, ExportFormat, export_metadata, resolve_format
+from .formats import Conversion, ExportFormat, export_metadata, resolve_format
 from .parity import measure_parity
 from .source import TrainingInfo, check_checkpoint_dir, checkpoint_dtype, load_checkpoint
 

@@ -29,9 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..kernels.spec import FP4_GRIDS, QuantSpec
-from ..qat import EXPORT_KEY
+from ..qat import EXPORT_KEY  # noqa: F401  (its home is hf_cage.qat, beside CONFIG_KEY; importable from here too)
 from ..quant.config import QuantConfig
 from .errors import ExportError
+
 FORMAT_VERSION = 2
 PACKING = "pack-quantized: code + 2^(bits-1), 32/bits codes per int32 along inputs, lowest bits first"
 FP4_PACKING = "fp4: E2M1 codes (sign bit 3), two per uint8 along inputs, even input in the low nibble"
@@ -584,7 +585,7 @@ def resolve_format(
 def export_metadata(
     config: QuantConfig, fmt: ExportFormat, *, weights_only: bool, lossy_from: QuantConfig | None, parity: dict
 ) -> dict:
-    """hf-cage's description of the export (stored under :data:`EXPORT_KEY`)."""
+    """hf-cage's description of the export (stored under :data:`hf_cage.qat.EXPORT_KEY`)."""
     from .. import __version__
 
     spec = config.weight_spec(config.group_size or 128)
