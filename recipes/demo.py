@@ -11,8 +11,8 @@ text, on CPU, exported to compressed-tensors and evaluated as stock transformers
 ``--job finetune`` (the default), the job most users have: start from a pretrained model and fine-tune it into the
 format that is served.
 
-1. base: a BF16 Llama pretrained here (``recipes/pretrain_llama.py --config tiny --method bf16``: hidden 64, 2
-   layers, 1500 steps x 16 x 256 tokens of the Shakespeare plays), the model a user would start from;
+1. base: a BF16 Llama pretrained here (``recipes/pretrain_llama.py --config tiny --method bf16 --max_steps 1000``:
+   hidden 64, 2 layers, 1000 steps x 16 x 256 tokens of the Shakespeare plays), the model a user would start from;
 2. fine-tuned from it with ``recipes/finetune_llama.py`` (300 steps at LR 5e-4, the setting of docs/results.md
    section 2), each in its own process with one thread: BF16 (no quantization, the baseline: extra training is
    never counted as recovery) in parallel with STE into weight-only int4 (integer grid, one scale per group of 64
@@ -24,11 +24,11 @@ format that is served.
 
 It prints the BF16-fine-tuned, STE and CAGE losses, the share of STE's loss increase (over BF16 fine-tuned) that
 CAGE removed, and the served loss beside the trained one. ``--job pretrain``: BF16, STE and CAGE W4A4 (QuEST)
-pretrained from scratch (the base run is its BF16 run), CAGE branched from STE, the share of the STE-to-BF16 gap
+pretrained from scratch (the tiny preset, 1500 steps), CAGE branched from STE, the share of the STE-to-BF16 gap
 CAGE closed; the export's format is chosen by ``auto`` (hf-cage for QuEST, which stock loaders cannot express).
 One seed: what it prints is one paired sample (docs/results.md has several). Runs whose recorded arguments match
-are reused when run again. Outputs under --output_dir: base/, finetune/ or pretrain/ with bf16/ (fine-tuning
-only), ste/ (with checkpoint-N/), cage/ (model, metrics.json, loss_curve.png) and export/ (packed weights,
+are reused when run again. Outputs under --output_dir: finetune/ or pretrain/ with base/ (fine-tuning only),
+bf16/, ste/ (with checkpoint-N/), cage/ (model, metrics.json, loss_curve.png) and export/ (packed weights,
 config, tokenizer, README.md model card); logs/.
 Exit codes: 0 done; 2 bad input (one line on stderr, nothing trained); 1 a run or the export failed.
 """
@@ -61,6 +61,9 @@ FINETUNE_CAGE = ["--cage_lambda", "13", "--cage_silence_ratio", "0.5"]
 # int4 (the group size is added from the model's widths), data in another order than pretraining.
 FINETUNE_ARGS = ["--max_steps", "300", "--learning_rate", "5e-4", "--quantizer", "int", "--w_bits", "4",
                  "--a_bits", "0", "--quant_granularity", "group"]  # fmt: skip
+# The BF16 base of the fine-tuning job: the tiny preset for 1000 steps (1000 x 16 x 256 tokens, 37 per block
+# parameter; docs/results.md fine-tuned a 1500-step base), short enough that the whole job fits in 10 minutes.
+BASE_ARGS = ["--max_steps", "1000"]
 GROUP_SIZES = (64, 32)  # the largest that divides every quantized layer's input width is used
 DATA_SEED_OFFSET = 1000  # fine-tuning data order: --data_seed 1000 + seed
 # --smoke: a toy model and a few steps, so the whole pipeline (processes, branch, export, report) runs in seconds.
@@ -103,9 +106,9 @@ def data_argv(args) -> list[str]:
     return argv
 
 
-def pretrain_argv(args) -> list[str]:
+def pretrain_argv(args, extra: list[str] = ()) -> list[str]:
     quantizer = ["--quantizer", args.quantizer] if args.quantizer else []
-    return data_argv(args) + quantizer + (SMOKE_MODEL + SMOKE_DATA if args.smoke else [])
+    return data_argv(args) + quantizer + list(extra) + (SMOKE_MODEL + SMOKE_DATA if args.smoke else [])
 
 
 def finetune_argv(args, base_dir: Path, group_size: int) -> list[str]:
@@ -166,17 +169,17 @@ def cached(run_dir: Path, argv: list[str]) -> dict | None:
 
 
 class Run:
-    """One recipe process (``threads`` torch threads), its output in ``logs/<name>.log``."""
+    """One recipe process (one torch thread), its output in ``logs/<name>.log``."""
 
     def __init__(self, name: str, script: str, argv: list[str], run_dir: Path, logs: Path, logging_steps: int,
-                 first_step: int = 1, threads: int = 1):  # fmt: skip
+                 first_step: int = 1):  # fmt: skip
         self.name, self.argv, self.run_dir = name, argv, run_dir
         self.log = logs / f"{name}.log"
         self.logging_steps, self.steps_before = logging_steps, first_step - 1
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         with open(self.log, "w") as handle:
             command = [sys.executable, str(RECIPES / script), *argv]
             self.proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -287,17 +290,16 @@ def train_here(script: str, argv: list[str], run_dir: Path) -> dict:
 
 
 def train_base(args, argv: list[str], base_dir: Path, settings, logs: Path, started: float) -> tuple[dict, bool]:
-    """The BF16 base (the pretraining job's BF16 run), on up to 4 threads; returns its metrics and whether a cached
-    run was reused."""
+    """The BF16 base of the fine-tuning job (one process, one thread: a second one gains little on a tiny model
+    and loses much on a busy machine); returns its metrics and whether a cached run was reused."""
     hit = None if args.rerun_baselines else cached(base_dir, argv)
     if hit is not None:
         print(f"demo: reusing the cached BF16 base in {base_dir} (eval loss {hit['eval_loss']:.4f})", flush=True)
         return hit, True
     if args.in_process:
         return train_here("pretrain_llama.py", argv, base_dir), False
-    threads = max(1, min(4, os.cpu_count() or 1))
-    print(f"demo: pretraining the BF16 base, one process with {threads} threads (log in {logs})", flush=True)
-    run = Run("base", "pretrain_llama.py", argv, base_dir, logs, int(settings.logging_steps), threads=threads)
+    print(f"demo: pretraining the BF16 base (log in {logs})", flush=True)
+    run = Run("finetune-base", "pretrain_llama.py", argv, base_dir, logs, int(settings.logging_steps))
     try:
         wait({"base": run}, lambda: run.proc.poll() is not None, settings.max_steps, started)
         return run.finish(), False
@@ -328,18 +330,16 @@ def cached_baselines(args, job: Comparison, reusable: bool) -> dict:
     return done
 
 
-def comparison(name: str, out: Path, base_argv: list[str], common: list[str], settings) -> Comparison:
-    """The BF16 / STE / CAGE runs of job ``name`` (``common``: their shared flags); the pretraining job's BF16 run
-    is the base."""
+def comparison(name: str, out: Path, common: list[str], settings) -> Comparison:
+    """The BF16 / STE / CAGE runs of job ``name`` (``common``: their shared flags)."""
     from recipe_common import silence_end_step
 
-    home, base_dir = out / name, out / "base"
-    dirs = {"bf16": base_dir if name == "pretrain" else home / "bf16", "ste": home / "ste", "cage": home / "cage"}
+    dirs = {m: out / name / m for m in METHODS}
     branch = silence_end_step(settings.max_steps, settings.cage_silence_ratio)
     job = Comparison(name, f"{name}_llama.py", dirs, {}, settings.max_steps, branch, int(settings.logging_steps),
                      out / "logs")  # fmt: skip
     job.argvs = {
-        "bf16": base_argv if name == "pretrain" else [*common, "--method", "bf16", "--output_dir", str(dirs["bf16"])],
+        "bf16": [*common, "--method", "bf16", "--output_dir", str(dirs["bf16"])],
         "ste": [*common, "--method", "ste", "--save_branch_checkpoint", "--output_dir", str(dirs["ste"])],
         "cage": [*common, "--method", "cage", "--output_dir", str(dirs["cage"]), "--resume_from_checkpoint",
                  str(job.checkpoint)],
@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(RECIPES))
     from recipe_common import RecipeInputError, report_error
 
-    base_dir, logs, pre = out / "base", out / "logs", pretrain_argv(args)
+    base_dir, logs = out / "finetune" / "base", out / "logs"
+    pre = pretrain_argv(args, BASE_ARGS if args.job == "finetune" else [])  # the base's flags, or the job's
     base_argv = [*pre, "--method", "bf16", "--output_dir", str(base_dir)]
     try:
         model_args, pre_settings, eval_ids = prepare(pre)
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeInputError, FileNotFoundError, ValueError) as err:
         return report_error("demo.py", err)
 
-    job = comparison(args.job, out, base_argv, pre if args.job == "pretrain" else ft, settings)
+    job = comparison(args.job, out, pre if args.job == "pretrain" else ft, settings)
     quant = settings.quant_config()
     fmt = quant_label(quant)
     print(f"demo: --job {args.job}: {job.total} steps x {settings.per_device_train_batch_size} blocks per run, {fmt}, "
