@@ -18,8 +18,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: QAT fine-tuning into weight-only int4 (`make demo JOB=pretrain`: the pretraining comparison).
 demo: $(STAMP)
-	$(PY) recipes/demo.py
+	$(PY) recipes/demo.py $(if $(JOB),--job $(JOB))
 
 test: $(STAMP)
 	$(MAKE) test-fast test-triton

@@ -660,16 +660,14 @@ def command_plan(args) -> int:
 def served_record(record: dict, out: Path) -> dict:
     """Export a saved QAT run with ``hf-cage export``'s defaults and evaluate the export as a user serves it.
 
-    A compressed-tensors export (integer or FP4) is loaded by stock transformers in a separate process that never
-    imports hf_cage (``hf_cage.export.served``; bfloat16 for FP4, as that loader computes); an hf-cage-format export
-    (QuEST, Hadamard: what stock loaders cannot express) by :func:`hf_cage.load_quantized`. Both on the validation
-    blocks the training-time loss was measured on.
+    :func:`hf_cage.export.served.evaluate_served` (stock transformers without hf_cage for compressed-tensors
+    exports, :func:`hf_cage.load_quantized` for the hf-cage format; token-weighted loss), on the validation blocks
+    the training-time loss was measured on.
     """
     import torch
 
-    from hf_cage.export import ExportError, export_checkpoint, load_quantized
-    from hf_cage.export.formats import StockFormat, get_format
-    from hf_cage.export.served import served_loss
+    from hf_cage.export import ExportError, export_checkpoint
+    from hf_cage.export.served import evaluate_served
 
     spec = spec_of(record)
     export_dir = out / "exports" / spec.key
@@ -687,13 +685,8 @@ def served_record(record: dict, out: Path) -> dict:
             error = str(err)
     if result is not None:
         ids = torch.as_tensor(prepare_data(out, spec)[2].with_format("torch")[:]["input_ids"])
-        if isinstance(get_format(result.format), StockFormat):
-            loss, loader = served_loss(export_dir, ids, batch_size=32), "stock transformers (no hf_cage)"
-        else:
-            model = load_quantized(export_dir, dtype=torch.float32)
-            with torch.no_grad():
-                loss = sum(model(input_ids=b, labels=b).loss.item() for b in ids.split(32)) / len(ids.split(32))
-            loader = "hf_cage.load_quantized"
+        served = evaluate_served(export_dir, ids, batch_size=32)
+        loss, loader = served.loss, served.loader
     return {
         "key": spec.key,
         "study": spec.study,

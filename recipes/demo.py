@@ -1,30 +1,35 @@
-"""The main job (README command 1): CAGE against STE, paired, on real text, on CPU, then exported.
+"""The main job (README command 1): QAT fine-tuning into weight-only int4 with CAGE against STE, paired, on real
+text, on CPU, exported to compressed-tensors and evaluated as stock transformers serves it.
 
-    make demo                                   # sets up .venv, then runs this script
-    python recipes/demo.py                      # the same, in an existing environment (about 9 minutes on 2 cores)
+    make demo                                   # sets up .venv, then runs this script (the fine-tuning job)
+    python recipes/demo.py                      # the same, in an existing environment (under 10 minutes, 2 cores)
+    python recipes/demo.py --job pretrain       # the pretraining comparison instead (make demo JOB=pretrain)
     python recipes/demo.py --smoke              # seconds: the whole pipeline on a toy model (checks, not results)
     python recipes/demo.py --smoke --in_process # the same without the parallel processes
-    python recipes/demo.py --rerun_baselines    # retrain BF16 and STE even if cached runs match
+    python recipes/demo.py --rerun_baselines    # retrain the base, BF16 and STE even if cached runs match
 
-Three runs of ``recipes/pretrain_llama.py --config tiny`` (hidden 64, 2 layers, 1500 steps x 16 x 256 tokens of
-the Shakespeare plays: about 58 tokens per block parameter, the regime where CAGE's effect was measured,
-docs/results.md), each in its own process with one thread:
+``--job finetune`` (the default), the job most users have: start from a pretrained model and fine-tune it into the
+format that is served.
 
-1. BF16: the unquantized baseline (computed in fp32 on the CPU), in parallel with
-2. STE: W4A4 QAT without the correction (QuEST quantizer), which saves a checkpoint at the end of CAGE's
-   silence period (``--save_branch_checkpoint``);
-3. CAGE: branched from that checkpoint (``--resume_from_checkpoint``), so that STE and CAGE share every step
-   before it and differ only by the correction: a paired comparison, and the branch trains only the last
-   ``1 - cage_silence_ratio`` of the steps.
+1. base: a BF16 Llama pretrained here (``recipes/pretrain_llama.py --config tiny --method bf16 --max_steps 1000``:
+   hidden 64, 2 layers, 1000 steps x 16 x 256 tokens of the Shakespeare plays), the model a user would start from;
+2. fine-tuned from it with ``recipes/finetune_llama.py`` (300 steps at LR 5e-4, the setting of docs/results.md
+   section 2), each in its own process with one thread: BF16 (no quantization, the baseline: extra training is
+   never counted as recovery) in parallel with STE into weight-only int4 (integer grid, one scale per group of 64
+   inputs, or 32 where the widths need it), which saves a checkpoint at the end of CAGE's silence period; then CAGE
+   branched from that checkpoint, so that STE and CAGE share every step before it (a paired comparison);
+3. the CAGE model exported to compressed-tensors (``pack-quantized`` W4A16, what stock transformers and vLLM
+   load) and evaluated as served: stock transformers in a process that never imports hf_cage
+   (``hf_cage.export.served.evaluate_served``).
 
-Then the CAGE model is exported (``hf_cage.export_checkpoint``, format chosen by ``auto``: compressed-tensors
-when stock loaders serve it as trained, which ``--quantizer int`` gives, else hf-cage's own, which QuEST
-needs), the export is evaluated as served (compressed-tensors: stock transformers in a process without
-hf_cage; hf-cage: ``hf_cage.load_quantized``), and the script prints the three losses, the paired difference,
-the share of the STE-to-BF16 gap that CAGE closed, the served loss, and where everything is. One seed: the
-difference it prints is one sample (docs/results.md has several seeds). Baselines whose recorded arguments
-match are reused when run again. Outputs under --output_dir: bf16/, ste/ (with checkpoint-N/), cage/ (model,
-metrics.json, loss_curve.png), export/ (packed weights, config, tokenizer, README.md model card), logs/.
+It prints the BF16-fine-tuned, STE and CAGE losses, the share of STE's loss increase (over BF16 fine-tuned) that
+CAGE removed, and the served loss beside the trained one. ``--job pretrain``: BF16, STE and CAGE W4A4 (QuEST)
+pretrained from scratch (the tiny preset, 1500 steps), CAGE branched from STE, the share of the STE-to-BF16 gap
+CAGE closed; the export's format is chosen by ``auto`` (hf-cage for QuEST, which stock loaders cannot express).
+One seed: what it prints is one paired sample (docs/results.md has several). Runs whose recorded arguments match
+are reused when run again. Outputs under --output_dir: finetune/ or pretrain/ with base/ (fine-tuning only),
+bf16/, ste/ (with checkpoint-N/), cage/ (model, metrics.json, loss_curve.png) and export/ (packed weights,
+config, tokenizer, README.md model card); logs/.
 Exit codes: 0 done; 2 bad input (one line on stderr, nothing trained); 1 a run or the export failed.
 """
 
@@ -32,69 +37,122 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent
 METHODS = ("bf16", "ste", "cage")
+JOBS = ("finetune", "pretrain")
 RUN_RECORD = "demo_run.json"  # the arguments a run was trained with; a cached run is reused only if they match
 # Bumped when the recipes' training changes results for the same arguments, so older cached runs are retrained
 # (2: the BF16 baseline decays only the block linears, as CAGETrainer does).
 TRAINING_REVISION = 2
+# CAGE's strength in the fine-tuning job: the setting measured in docs/results.md section 2 (lambda 13 after a
+# silence of half the run: a total pull sum(lr_t * lambda_t) of 0.10 over these 300 steps; it removed 27% of STE's
+# increase at W4 int group 64 over 3 seeds).
+FINETUNE_CAGE = ["--cage_lambda", "13", "--cage_silence_ratio", "0.5"]
+# The fine-tuning itself (docs/results.md section 2): 300 steps at a quarter of the pretraining LR, weight-only
+# int4 (the group size is added from the model's widths), data in another order than pretraining.
+FINETUNE_ARGS = ["--max_steps", "300", "--learning_rate", "5e-4", "--quantizer", "int", "--w_bits", "4",
+                 "--a_bits", "0", "--quant_granularity", "group"]  # fmt: skip
+# The BF16 base of the fine-tuning job: the tiny preset for 1000 steps (1000 x 16 x 256 tokens, 37 per block
+# parameter; docs/results.md fine-tuned a 1500-step base), short enough that the whole job fits in 10 minutes.
+BASE_ARGS = ["--max_steps", "1000"]
+GROUP_SIZES = (64, 32)  # the largest that divides every quantized layer's input width is used
+DATA_SEED_OFFSET = 1000  # fine-tuning data order: --data_seed 1000 + seed
 # --smoke: a toy model and a few steps, so the whole pipeline (processes, branch, export, report) runs in seconds.
-SMOKE_ARGS = [
-    "--hidden_size", "32", "--intermediate_size", "64", "--num_hidden_layers", "1", "--num_attention_heads", "2",
-    "--vocab_size", "300", "--block_size", "32", "--per_device_train_batch_size", "4", "--max_eval_samples", "8",
-    "--per_device_eval_batch_size", "8", "--max_steps", "10", "--logging_steps", "1",
-]  # fmt: skip
+SMOKE_DATA = ["--block_size", "32", "--per_device_train_batch_size", "4", "--max_eval_samples", "8",
+              "--per_device_eval_batch_size", "8", "--max_steps", "10", "--logging_steps", "1"]  # fmt: skip
+SMOKE_MODEL = ["--hidden_size", "32", "--intermediate_size", "64", "--num_hidden_layers", "1",
+               "--num_attention_heads", "2", "--vocab_size", "300"]  # fmt: skip
 
 
 def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--job", choices=JOBS, default="finetune", help="finetune (default): QAT fine-tuning into weight-only int4 "
+        "from a BF16 model pretrained here; pretrain: W4A4 QAT from scratch"
+    )  # fmt: skip
     parser.add_argument("--output_dir", default="outputs/demo", help="where the runs, logs and the export go")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (model init and data order)")
-    parser.add_argument("--quantizer", default=None, help="quest or int (default: the tiny preset's, quest)")
+    parser.add_argument(
+        "--quantizer", default=None, help="--job pretrain: quest or int (default: quest, the preset's)"
+    )
     parser.add_argument("--train_file", default=None, help="plain-text training file (default: Shakespeare)")
     parser.add_argument("--validation_file", default=None, help="plain-text validation file (with --train_file)")
-    parser.add_argument("--rerun_baselines", action="store_true", help="retrain BF16 and STE even if cached")
+    parser.add_argument("--rerun_baselines", action="store_true", help="retrain base, BF16 and STE even if cached")
     parser.add_argument("--smoke", action="store_true", help="a toy model for a few steps: checks the pipeline")
     parser.add_argument(
         "--in_process", action="store_true", help="train the runs one after another in this process (tests, debugging)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.quantizer and args.job == "finetune":
+        parser.error("--quantizer applies to --job pretrain; the fine-tuning job trains weight-only int4")
+    return args
 
 
-def common_argv(args) -> list[str]:
-    """The flags every run shares (the method, output folder and branching flags are added per run)."""
+def data_argv(args) -> list[str]:
+    """The flags every run shares: preset, seed, data (the method, output folder and branching flags come later)."""
     argv = ["--config", "tiny", "--seed", str(args.seed), "--cache_dir", str(Path(args.output_dir) / "cache")]
     argv += ["--disable_tqdm", "true"]
-    if args.quantizer:
-        argv += ["--quantizer", args.quantizer]
     if args.train_file or args.validation_file:
         argv += ["--train_file", str(args.train_file), "--validation_file", str(args.validation_file)]
-    return argv + (SMOKE_ARGS if args.smoke else [])
+    return argv
 
 
-def prepare(argv: list[str]):
+def pretrain_argv(args, extra: list[str] = ()) -> list[str]:
+    quantizer = ["--quantizer", args.quantizer] if args.quantizer else []
+    return data_argv(args) + quantizer + list(extra) + (SMOKE_MODEL + SMOKE_DATA if args.smoke else [])
+
+
+def finetune_argv(args, base_dir: Path, group_size: int) -> list[str]:
+    argv = [*data_argv(args), "--model_name_or_path", str(base_dir), *FINETUNE_ARGS]
+    argv += ["--quant_group_size", str(group_size), "--data_seed", str(DATA_SEED_OFFSET + args.seed), *FINETUNE_CAGE]
+    return argv + (SMOKE_DATA if args.smoke else [])
+
+
+def largest_group(*widths: int) -> int:
+    """The largest of :data:`GROUP_SIZES` that divides every width (the inputs of the quantized linears)."""
+    for size in GROUP_SIZES:
+        if all(w % size == 0 for w in widths):
+            return size
+    raise ValueError(f"no group size of {GROUP_SIZES} divides the layer widths {widths}")
+
+
+def prepare(pre_argv: list[str]):
     """Check the arguments and the text, and build the tokenizer and token blocks once, before any run starts
-    (the runs then find them cached instead of racing to write them). Returns the parsed ``CAGEConfig`` and
-    the validation token ids ``(blocks, block_size)`` the runs evaluate on."""
+    (the runs then find them cached instead of racing to write them). Returns the model shape, the parsed
+    ``CAGEConfig`` and the validation token ids ``(blocks, block_size)`` every run evaluates on."""
     sys.path.insert(0, str(RECIPES))
     import pretrain_llama
     from recipe_common import check_training_length, load_tokenizer, parse_arguments, text_files, token_blocks
 
-    _, data_args, _, training_args = parse_arguments(pretrain_llama.argument_types(), argv + ["--method", "ste"])
+    parsed = parse_arguments(pretrain_llama.argument_types(), pre_argv + ["--method", "ste"])
+    model_args, data_args, _, training_args = parsed
     check_training_length(training_args)
     import datasets
 
     datasets.disable_progress_bars()
     files = text_files(data_args)
     _, eval_blocks = token_blocks(files, load_tokenizer(data_args, files[0]), data_args)
-    return training_args, eval_blocks[:]["input_ids"]
+    return model_args, training_args, eval_blocks[:]["input_ids"]
+
+
+def finetune_settings(argv: list[str]):
+    """The fine-tuning runs' ``CAGEConfig``, parsed as ``finetune_llama.py`` parses it (flags checked up front)."""
+    import finetune_llama
+    from recipe_common import DataArguments, RecipeArguments, parse_arguments
+
+    from hf_cage import CAGEConfig
+
+    types = (finetune_llama.FinetuneArguments, DataArguments, RecipeArguments, CAGEConfig)
+    return parse_arguments(types, argv + ["--method", "ste"], yaml_ignore=finetune_llama.MODEL_SHAPE_KEYS)[3]
 
 
 def run_record(argv: list[str]) -> dict:
@@ -111,18 +169,19 @@ def cached(run_dir: Path, argv: list[str]) -> dict | None:
 
 
 class Run:
-    """One ``pretrain_llama.py`` process (one torch thread), its output in ``logs/<method>.log``."""
+    """One recipe process (one torch thread), its output in ``logs/<name>.log``."""
 
-    def __init__(self, method: str, argv: list[str], out: Path, logging_steps: int, first_step: int = 1):
-        self.method, self.argv, self.run_dir = method, argv, out / method
-        self.log = out / "logs" / f"{method}.log"
+    def __init__(self, name: str, script: str, argv: list[str], run_dir: Path, logs: Path, logging_steps: int,
+                 first_step: int = 1):  # fmt: skip
+        self.name, self.argv, self.run_dir = name, argv, run_dir
+        self.log = logs / f"{name}.log"
         self.logging_steps, self.steps_before = logging_steps, first_step - 1
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
         with open(self.log, "w") as handle:
-            command = [sys.executable, str(RECIPES / "pretrain_llama.py"), *argv]
+            command = [sys.executable, str(RECIPES / script), *argv]
             self.proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
 
     def step(self) -> int:
@@ -136,13 +195,40 @@ class Run:
         code = self.proc.wait()
         if code != 0:
             tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] if self.log.is_file() else []
-            raise RunFailed(f"the {self.method} run failed (exit {code}): {' '.join(tail)[:300]}; log: {self.log}")
+            raise RunFailed(f"the {self.name} run failed (exit {code}): {' '.join(tail)[:300]}; log: {self.log}")
         (self.run_dir / RUN_RECORD).write_text(json.dumps(run_record(self.argv), indent=1) + "\n")
         return json.loads((self.run_dir / "metrics.json").read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class RunFailed(RuntimeError):
     pass
+
+
+@dataclass
+class Comparison:
+    """BF16, STE and CAGE runs of one recipe; CAGE branches from STE's checkpoint at step ``branch``."""
+
+    job: str
+    script: str  # pretrain_llama.py or finetune_llama.py
+    dirs: dict[str, Path]
+    argvs: dict[str, list[str]]
+    total: int
+    branch: int
+    logging_steps: int
+    logs: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.dirs["ste"] / f"checkpoint-{self.branch}"
+
+    def run(self, method: str, first_step: int = 1) -> Run:
+        name = f"{self.job}-{method}"
+        return Run(name, self.script, self.argvs[method], self.dirs[method], self.logs, self.logging_steps, first_step)
 
 
 def checkpoint_ready(path: Path) -> bool:
@@ -154,170 +240,206 @@ def checkpoint_ready(path: Path) -> bool:
     return True
 
 
-def wait(runs: list[Run], until, total_steps: int, started: float, every: float = 30.0) -> None:
-    """Poll until ``until()`` is true, printing the runs' progress every ``every`` seconds."""
+def wait(runs: dict[str, Run], until, total_steps: int, started: float, every: float = 30.0) -> None:
+    """Poll until ``until()`` is true or a run failed, printing the runs' progress every ``every`` seconds."""
     last = time.monotonic()
     while not until():
-        if any(r.proc.poll() not in (None, 0) for r in runs):
+        if any(r.proc.poll() not in (None, 0) for r in runs.values()):
             return
         time.sleep(0.5)
         if time.monotonic() - last >= every:
             last = time.monotonic()
-            state = ", ".join(f"{r.method} {min(r.step(), total_steps)}/{total_steps}" for r in runs)
+            state = ", ".join(f"{m} {min(r.step(), total_steps)}/{total_steps}" for m, r in runs.items())
             print(f"demo: {time.monotonic() - started:4.0f} s: {state}", flush=True)
 
 
-def train_in_parallel(done: dict, argvs: dict, out: Path, checkpoint: Path, training_args, started: float) -> dict:
-    """BF16 and STE (those not in ``done``) in two processes; CAGE in a third once STE has written ``checkpoint``."""
-    total, logging_steps = training_args.max_steps, int(training_args.logging_steps)
+def train_in_parallel(done: dict, job: Comparison, started: float) -> dict:
+    """BF16 and STE (those not in ``done``) in two processes; CAGE in a third once STE has written its checkpoint."""
     runs: dict[str, Run] = {}
     try:
         for method in ("bf16", "ste"):
             if method not in done:
-                runs[method] = Run(method, argvs[method], out, logging_steps)
+                runs[method] = job.run(method)
         if runs:
-            print(
-                f"demo: training {' and '.join(runs)} in parallel, one process and one thread each (logs in "
-                f"{out / 'logs'})",
-                flush=True,
-            )
-        wait(list(runs.values()), lambda: checkpoint_ready(checkpoint), total, started)
+            print(f"demo: training {' and '.join(runs)} in parallel, one process and one thread each (logs in "
+                  f"{job.logs})", flush=True)  # fmt: skip
+        wait(runs, lambda: checkpoint_ready(job.checkpoint), job.total, started)
         for run in runs.values():
             if run.proc.poll() not in (None, 0):
                 run.finish()  # raises RunFailed with the run's last log line
-        if not checkpoint_ready(checkpoint):
+        if not checkpoint_ready(job.checkpoint):
             runs["ste"].finish()
-            raise RunFailed(f"the STE run ended without its branch checkpoint {checkpoint}")
-        print(f"demo: branching CAGE from {checkpoint}", flush=True)
-        branch = int(checkpoint.name.rsplit("-", 1)[1])
-        runs["cage"] = Run("cage", argvs["cage"], out, logging_steps, first_step=branch + 1)
-        wait(list(runs.values()), lambda: all(r.proc.poll() is not None for r in runs.values()), total, started)
+            raise RunFailed(f"the STE run ended without its branch checkpoint {job.checkpoint}")
+        print(f"demo: branching CAGE from {job.checkpoint}", flush=True)
+        runs["cage"] = job.run("cage", first_step=job.branch + 1)
+        wait(runs, lambda: all(r.proc.poll() is not None for r in runs.values()), job.total, started)
         return {method: run.finish() for method, run in runs.items()}
     finally:
         for run in runs.values():
-            if run.proc.poll() is None:
-                run.proc.kill()
-                run.proc.wait()
+            run.stop()
 
 
-def train_here(method: str, argv: list[str], out: Path) -> dict:
+def train_here(script: str, argv: list[str], run_dir: Path) -> dict:
     """One run in this process (``--in_process``: one after another, no parallel processes)."""
-    import pretrain_llama
+    import importlib
 
-    shutil.rmtree(out / method, ignore_errors=True)
-    metrics = pretrain_llama.run(argv)
-    (out / method / RUN_RECORD).write_text(json.dumps(run_record(argv), indent=1) + "\n")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    metrics = importlib.import_module(script.removesuffix(".py")).run(argv)
+    (run_dir / RUN_RECORD).write_text(json.dumps(run_record(argv), indent=1) + "\n")
     return metrics
 
 
-def served_loss(export_dir: Path, fmt: str, input_ids) -> tuple[float, str]:
-    """Validation loss of the export as it is served, and how it was loaded.
+def train_base(args, argv: list[str], base_dir: Path, settings, logs: Path, started: float) -> tuple[dict, bool]:
+    """The BF16 base of the fine-tuning job (one process, one thread: a second one gains little on a tiny model
+    and loses much on a busy machine); returns its metrics and whether a cached run was reused."""
+    hit = None if args.rerun_baselines else cached(base_dir, argv)
+    if hit is not None:
+        print(f"demo: reusing the cached BF16 base in {base_dir} (eval loss {hit['eval_loss']:.4f})", flush=True)
+        return hit, True
+    if args.in_process:
+        return train_here("pretrain_llama.py", argv, base_dir), False
+    print(f"demo: pretraining the BF16 base (log in {logs})", flush=True)
+    run = Run("finetune-base", "pretrain_llama.py", argv, base_dir, logs, int(settings.logging_steps))
+    try:
+        wait({"base": run}, lambda: run.proc.poll() is not None, settings.max_steps, started)
+        return run.finish(), False
+    finally:
+        run.stop()
 
-    compressed-tensors: stock transformers in a separate process that never imports hf_cage
-    (``hf_cage.export.served``). hf-cage: stock loaders cannot read it, so ``hf_cage.load_quantized`` (packed
-    ``Int4Linear`` layers), here. Both: transformers' causal-LM loss, token-weighted over the validation blocks.
-    """
-    if fmt == "compressed-tensors":
-        from hf_cage.export.served import served_loss as stock_loss
 
-        return stock_loss(export_dir, input_ids, batch_size=32), "stock transformers, a process without hf_cage"
-    import torch
+def train_comparison(args, job: Comparison, done: dict, started: float) -> dict:
+    """The runs of ``job`` not in ``done`` (cached), in parallel processes or (``--in_process``) here."""
+    if args.in_process:
+        results = dict(done)
+        for method in METHODS:
+            if method not in results:
+                results[method] = train_here(job.script, job.argvs[method], job.dirs[method])
+        return results
+    return {**done, **train_in_parallel(done, job, started)}
 
-    from hf_cage import load_quantized
 
-    model = load_quantized(export_dir, dtype=torch.float32)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(input_ids), 32):
-            ids = input_ids[start : start + 32]
-            n = ids[:, 1:].numel()
-            total += model(input_ids=ids, labels=ids).loss.double().item() * n
-            count += n
-    return total / count, "hf_cage.load_quantized (stock loaders cannot read it)"
+def cached_baselines(args, job: Comparison, reusable: bool) -> dict:
+    """The BF16 / STE runs of ``job`` whose recorded arguments match (STE only with its branch checkpoint)."""
+    done = {}
+    for method in ("bf16", "ste"):
+        hit = cached(job.dirs[method], job.argvs[method]) if reusable and not args.rerun_baselines else None
+        if hit is not None and (method != "ste" or checkpoint_ready(job.checkpoint)):
+            done[method] = hit
+            print(f"demo: reusing the cached {job.job} {method} run in {job.dirs[method]} "
+                  f"(eval loss {hit['eval_loss']:.4f})")  # fmt: skip
+    return done
+
+
+def comparison(name: str, out: Path, common: list[str], settings) -> Comparison:
+    """The BF16 / STE / CAGE runs of job ``name`` (``common``: their shared flags)."""
+    from recipe_common import silence_end_step
+
+    dirs = {m: out / name / m for m in METHODS}
+    branch = silence_end_step(settings.max_steps, settings.cage_silence_ratio)
+    job = Comparison(name, f"{name}_llama.py", dirs, {}, settings.max_steps, branch, int(settings.logging_steps),
+                     out / "logs")  # fmt: skip
+    job.argvs = {
+        "bf16": [*common, "--method", "bf16", "--output_dir", str(dirs["bf16"])],
+        "ste": [*common, "--method", "ste", "--save_branch_checkpoint", "--output_dir", str(dirs["ste"])],
+        "cage": [*common, "--method", "cage", "--output_dir", str(dirs["cage"]), "--resume_from_checkpoint",
+                 str(job.checkpoint)],
+    }  # fmt: skip
+    return job
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), cpu_seconds()
     out = Path(args.output_dir)
-    base = common_argv(args)
     sys.path.insert(0, str(RECIPES))
-    from recipe_common import RecipeInputError, report_error, silence_end_step
+    from recipe_common import RecipeInputError, report_error
 
+    base_dir, logs = out / "finetune" / "base", out / "logs"
+    pre = pretrain_argv(args, BASE_ARGS if args.job == "finetune" else [])  # the base's flags, or the job's
+    base_argv = [*pre, "--method", "bf16", "--output_dir", str(base_dir)]
     try:
-        training_args, eval_ids = prepare(base)
-    except (RecipeInputError, FileNotFoundError) as err:
-        return report_error("demo.py", err)
-    total = training_args.max_steps
-    branch = silence_end_step(total, training_args.cage_silence_ratio)
-    checkpoint = out / "ste" / f"checkpoint-{branch}"
-    argvs = {
-        "bf16": [*base, "--method", "bf16", "--output_dir", str(out / "bf16")],
-        "ste": [*base, "--method", "ste", "--save_branch_checkpoint", "--output_dir", str(out / "ste")],
-        "cage": [*base, "--method", "cage", "--output_dir", str(out / "cage"), "--resume_from_checkpoint",
-                 str(checkpoint)],
-    }  # fmt: skip
-    results: dict[str, dict] = {}
-    for method in ("bf16", "ste"):
-        hit = None if args.rerun_baselines else cached(out / method, argvs[method])
-        if hit is not None and (method != "ste" or checkpoint_ready(checkpoint)):
-            results[method] = hit
-            print(f"demo: reusing the cached {method} run in {out / method} (eval loss {hit['eval_loss']:.4f})")
-
-    quantizer = training_args.quant_quantizer
-    print(
-        f"demo: {total} steps x {training_args.per_device_train_batch_size} blocks per run, W4A4 ({quantizer}), "
-        f"CAGE lambda {training_args.cage_lambda:g} branched from STE at step {branch}",
-        flush=True,
-    )
-    try:
-        if args.in_process:
-            for method in METHODS:
-                if method not in results:
-                    results[method] = train_here(method, argvs[method], out)
+        model_args, pre_settings, eval_ids = prepare(pre)
+        if args.job == "finetune":
+            group = largest_group(model_args.hidden_size, model_args.intermediate_size)
+            ft = finetune_argv(args, base_dir, group)
+            settings = finetune_settings(ft)
         else:
-            results.update(train_in_parallel(results, argvs, out, checkpoint, training_args, started))
+            settings = pre_settings
+    except (RecipeInputError, FileNotFoundError, ValueError) as err:
+        return report_error("demo.py", err)
+
+    job = comparison(args.job, out, pre if args.job == "pretrain" else ft, settings)
+    quant = settings.quant_config()
+    fmt = quant_label(quant)
+    print(f"demo: --job {args.job}: {job.total} steps x {settings.per_device_train_batch_size} blocks per run, {fmt}, "
+          f"CAGE lambda {settings.cage_lambda:g} branched from STE at step {job.branch}", flush=True)  # fmt: skip
+    try:
+        base = None
+        if args.job == "finetune":
+            base, reused = train_base(args, base_argv, base_dir, pre_settings, logs, started)
+            done = cached_baselines(args, job, reusable=reused)
+        else:
+            done = cached_baselines(args, job, reusable=True)
+        results = train_comparison(args, job, done, started)
     except RunFailed as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
         return 1
 
     # The model card shows the baselines next to CAGE.
-    metrics_path = out / "cage" / "metrics.json"
+    metrics_path = job.dirs["cage"] / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["baselines"] = {m: results[m]["eval_loss"] for m in ("bf16", "ste")}
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
 
     from hf_cage.export import CardOptions, ExportError, export_checkpoint
+    from hf_cage.export.served import evaluate_served
 
-    export_dir = out / "export"
+    name = f"tiny-llama-shakespeare-cage-{fmt.split()[0].lower()}-{quant.quantizer}"
     try:
         exported = export_checkpoint(
-            out / "cage",
-            export_dir,
+            job.dirs["cage"],
+            out / args.job / "export",
             overwrite=True,
             progress=False,
-            card=CardOptions(model_name=f"tiny-llama-shakespeare-cage-w4a4-{quantizer}"),
+            card=CardOptions(model_name=name),
         )
     except ExportError as err:
         print(f"demo.py: error: the export failed: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     try:
-        served = served_loss(export_dir, exported.format, eval_ids)
+        served = evaluate_served(exported.output_dir, eval_ids, batch_size=32)
     except (RuntimeError, ValueError, OSError) as err:
         print(f"demo.py: error: the export did not load for evaluation: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
-    report(results, exported, served, out, branch, time.monotonic() - started)
+    report(job, base, results, fmt, exported, served, out)
+    print(f"Time:      {time.monotonic() - started:.0f} s wall, {cpu_seconds() - cpu_started:.0f} s CPU "
+          "(this process and its runs)")  # fmt: skip
     return 0
 
 
-def report(results: dict, exported, served: tuple[float, str], out: Path, branch: int, seconds: float) -> None:
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished child processes."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def quant_label(quant) -> str:
+    """``W4A16 int, group 64`` / ``W4A4 quest``."""
+    acts = f"A{quant.a_bits}" if quant.a_bits else "A16"
+    group = f", group {quant.group_size}" if quant.granularity == "group" else ""
+    return f"W{quant.w_bits}{acts} {quant.quantizer}{group}"
+
+
+def report(job: Comparison, base: dict | None, results: dict, fmt: str, exported, served, out: Path) -> None:
     bf16, ste, cage = (results[m] for m in METHODS)
-    fmt = f"W{ste['w_bits']}A{ste['a_bits']} ({ste['quantizer']})"
-    rows = (
-        ("BF16 baseline (unquantized, fp32 compute)", bf16, f"{bf16['steps']}"),
+    finetune = job.job == "finetune"
+    rows = [("BF16 base, pretrained here (the model fine-tuned)", base, f"{base['steps']}")] if base else []
+    rows += [
+        ("BF16 fine-tuned (the baseline)" if finetune else "BF16 (unquantized)", bf16, f"{bf16['steps']}"),
         (f"STE {fmt}", ste, f"{ste['steps']}"),
-        (f"CAGE {fmt}, lambda {cage['cage_lambda']:g}", cage, f"{cage['steps'] - branch} (after {branch} shared)"),
-    )
+        (f"CAGE {fmt}, lambda {cage['cage_lambda']:g}", cage, f"{cage['steps'] - job.branch} (after {job.branch} "
+         "shared)"),
+    ]  # fmt: skip
     print("\n| run | eval loss | perplexity | steps | tokens | wall time |")
     print("|---|---|---|---|---|---|")
     for label, r, steps in rows:
@@ -326,22 +448,24 @@ def report(results: dict, exported, served: tuple[float, str], out: Path, branch
     diff = cage["eval_loss"] - ste["eval_loss"]
     gap = ste["eval_loss"] - bf16["eval_loss"]
     print(f"\nPaired difference, CAGE - STE: {diff:+.4f} nats ({'CAGE better' if diff < 0 else 'CAGE not better'}).")
+    what = "STE's loss increase over BF16 fine-tuned" if finetune else "STE-to-BF16 gap"
     if gap > 0:
-        print(f"STE-to-BF16 gap: {gap:.4f} nats; CAGE closed {-diff / gap:+.1%} of it.")
+        verb = "removed" if finetune else "closed"
+        print(f"{what}: {gap:.4f} nats; CAGE {verb} {-diff / gap:+.1%} of it.")
     else:
-        print(f"STE-to-BF16 gap: {gap:+.4f} nats: STE is not behind BF16 here, so there is no gap to close.")
-    per_param = bf16.get("tokens_per_block_parameter")
-    if per_param is not None:
-        print(
-            f"{per_param:.3g} tokens per block parameter. One seed: one paired sample (docs/results.md has several)."
-        )
-    loss, how = served
-    print(f"Served loss of the export: {loss:.4f} (trained CAGE model: {cage['eval_loss']:.4f}, difference "
-          f"{loss - cage['eval_loss']:+.4f}); {exported.format} format, loaded with {how}.")  # fmt: skip
-    logs = f"; training logs in {out}/logs" if (out / "logs").is_dir() else ""
-    print(f"\nRuns:      {out}/{{bf16,ste,cage}} (model, metrics.json, loss_curve.png){logs}")
+        print(f"{what}: {gap:+.4f} nats: STE is not behind BF16 here, so there is nothing to remove.")
+    print("One seed: one paired sample (docs/results.md has several).")
+    loss = served.loss
+    print(
+        f"Served loss of the export: {loss:.4f} (trained CAGE model: {cage['eval_loss']:.4f}, difference "
+        f"{loss - cage['eval_loss']:+.4f}); {exported.format} format, loaded by {served.loader} in {served.dtype}, "
+        f"{served.tokens:,} tokens."
+    )
+    if math.isfinite(loss) and abs(loss - cage["eval_loss"]) >= 5e-5:
+        print("The served loss differs from the trained one (see the export's printed parity and its model card).")
+    runs = ", ".join(str(job.dirs[m]) for m in METHODS)
+    print(f"\nRuns:      {runs} (model, metrics.json, loss_curve.png); training logs in {out}/logs")
     print(f"Export:    {exported.output_dir} ({exported.format}; model card: {exported.output_dir}/README.md)")
-    print(f"Wall time: {seconds:.0f} s")
 
 
 if __name__ == "__main__":

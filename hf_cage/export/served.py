@@ -1,24 +1,23 @@
-"""Evaluate an export the way a user serves it: stock transformers in a process that never imports hf_cage.
+"""Evaluate an export the way a user serves it.
 
-Each call starts a separate Python (``sys.executable``) that imports only torch, transformers and
-safetensors (compressed-tensors through transformers' quantizer), loads the export with
-``AutoModelForCausalLM.from_pretrained(path, dtype=...)`` and runs the given token ids; tensors travel
-through a temporary safetensors file. The dtype is ``torch.float32``, except for compressed-tensors' FP4
-formats (``mxfp4-`` / ``nvfp4-pack-quantized``), which transformers decompresses into bf16 weights and
-can only run in ``torch.bfloat16`` (a float32 load fails at the first forward); logits come back as
-float32. The child checks that no ``hf_cage`` module was imported.
-So the numbers are what a stock loader computes from the files, not what hf-cage believes it computes::
+:func:`evaluate_served` is the one way to measure an export's loss as served: an export that stock loaders read
+(its ``config.json`` has a ``quantization_config``: compressed-tensors integer and FP4 formats, also from other
+tools) is loaded by stock transformers in a separate Python that never imports hf_cage; an hf-cage-format export
+(QuEST, Hadamard: what stock loaders cannot express) by :func:`hf_cage.load_quantized`, here. Both compute the
+same token-weighted loss (:func:`token_loss`)::
 
-    from hf_cage.export.served import served_eval, served_logits, served_loss
+    from hf_cage.export.served import evaluate_served, served_logits
 
-    logits = served_logits("exports/run-w4", input_ids)        # (B, T, vocab) float32
-    loss = served_loss("exports/run-w4", input_ids)            # mean next-token cross-entropy (float)
-    both = served_eval("exports/run-w4", input_ids, logits=True, loss=True)   # ServedResult
-    many = served_eval_many([dir_a, dir_b], input_ids, loss=True)          # one process, several exports
+    result = evaluate_served("exports/run-w4", input_ids)   # ServedEvaluation: loss, tokens, loader
+    logits = served_logits("exports/run-w4", input_ids)     # (B, T, vocab) float32, stock transformers
+    many = served_eval_many([dir_a, dir_b], input_ids, loss=True)   # one stock process, several exports
 
-The loss is transformers' own causal-LM loss (``model(input_ids, labels=...)``: shifted by one, mean
-over the predicted tokens, ``-100`` labels ignored), accumulated over ``batch_size`` rows at a time and
-weighted by predicted tokens, so it equals one call on the whole batch.
+The stock process runs this module's own source as a script (it imports only torch, transformers and safetensors
+at module level; compressed-tensors comes in through transformers' quantizer), loads each export with
+``AutoModelForCausalLM.from_pretrained(path, dtype=...)``, and checks that no ``hf_cage`` module was imported;
+tensors travel through a temporary safetensors file. The dtype is ``torch.float32``, except for
+compressed-tensors' FP4 formats, which transformers can only run in ``torch.bfloat16``; logits come back as
+float32. So the numbers are what a stock loader computes from the files, not what hf-cage believes it computes.
 """
 
 from __future__ import annotations
@@ -33,59 +32,123 @@ from pathlib import Path
 
 import torch
 
-_CHILD = r"""
-import json
-import sys
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+IGNORE_INDEX = -100
+STOCK_LOADER = "stock transformers (no hf_cage)"
+HF_CAGE_LOADER = "hf_cage.load_quantized"
 
-export_dirs, dtypes, inputs_file, out_dir, want_logits, want_loss, batch_size, threads = json.loads(sys.argv[1])
-if threads:
-    torch.set_num_threads(threads)
-inputs = load_file(inputs_file)
-input_ids, labels = inputs["input_ids"], inputs.get("labels")
-for index, (export_dir, dtype) in enumerate(zip(export_dirs, dtypes)):
-    model, info = AutoModelForCausalLM.from_pretrained(
-        export_dir, dtype=getattr(torch, dtype), output_loading_info=True
-    )
-    missing = [k for k in info["missing_keys"] if k not in (getattr(model, "_tied_weights_keys", None) or [])]
-    if missing or info["unexpected_keys"]:
-        unexpected = info["unexpected_keys"][:3]
-        raise SystemExit(f"{export_dir}: stock loading left weights unset: {missing[:3]} {unexpected}")
-    model.eval()
-    logits, loss_sum, count = [], 0.0, 0
+
+def token_loss(
+    model, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int = 32, logits: bool = False
+) -> tuple[float, int, torch.Tensor | None]:
+    """Next-token cross-entropy of ``model`` on ``input_ids`` ``(B, T)``, ``batch_size`` rows per forward pass.
+
+    Returns ``(sum of token losses, number of predicted tokens, logits or None)``: labels (default ``input_ids``)
+    are shifted by one and ``-100`` labels ignored, so ``sum / count`` is the mean over every predicted token of
+    the whole input, whatever the batch sizes (a short last batch or rows with ignored labels weigh by their
+    tokens, not as one batch mean). Logits ``(B, T, vocab)`` float32 when ``logits``.
+    """
+    labels = input_ids if labels is None else labels
+    total, count, outputs = torch.zeros((), dtype=torch.float64), 0, []
     with torch.no_grad():
         for start in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[start : start + batch_size]
-            rows = ids if labels is None else labels[start : start + batch_size]
-            out = model(input_ids=ids, labels=rows if want_loss else None)
-            if want_logits:
-                logits.append(out.logits.float())
-            if want_loss:
-                n = int((rows[:, 1:] != -100).sum())
-                loss_sum += out.loss.double().item() * n
-                count += n
-    result = {}
-    if want_logits:
-        result["logits"] = torch.cat(logits).contiguous()
-    if want_loss:
-        result["loss"] = torch.tensor([loss_sum / max(count, 1)], dtype=torch.float64)
-        result["tokens"] = torch.tensor([count])
-    bad = sorted(name for name in sys.modules if name == "hf_cage" or name.startswith("hf_cage."))
-    if bad:
-        raise SystemExit(f"hf_cage was imported by the stock loader: {bad}")
-    save_file(result, f"{out_dir}/{index}.safetensors")
-"""
+            out = model(input_ids=input_ids[start : start + batch_size]).logits.float()
+            targets = labels[start : start + batch_size, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                out[:, :-1].reshape(-1, out.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="none",
+            )
+            total += losses.double().sum()
+            count += int((targets != IGNORE_INDEX).sum())
+            if logits:
+                outputs.append(out)
+    return total.item(), count, torch.cat(outputs).contiguous() if logits else None
 
 
 @dataclass
 class ServedResult:
-    """What the stock loader computed: ``logits`` ``(B, T, vocab)`` fp32 and/or the mean cross-entropy."""
+    """What the stock loader computed: ``logits`` ``(B, T, vocab)`` fp32 and/or the token-weighted loss."""
 
     logits: torch.Tensor | None = None
     loss: float | None = None
     tokens: int = 0
+
+
+@dataclass
+class ServedEvaluation:
+    """:func:`evaluate_served`'s answer: the token-weighted loss, the tokens it averages, who loaded the export."""
+
+    loss: float
+    tokens: int
+    loader: str  # STOCK_LOADER or HF_CAGE_LOADER
+    dtype: str  # the compute dtype of the loaded model
+
+
+def evaluate_served(
+    export_dir: str | os.PathLike,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    batch_size: int = 32,
+    num_threads: int | None = None,
+    timeout: float = 1800,
+) -> ServedEvaluation:
+    """Loss of an export as its format is served: stock transformers in a process without hf_cage when stock
+    loaders read it (``config.json`` has a ``quantization_config``), else :func:`hf_cage.load_quantized` (float32).
+
+    ``labels`` default to ``input_ids`` (``-100`` ignored); the loss is :func:`token_loss`'s token-weighted mean.
+
+    Raises:
+        ValueError: ``export_dir`` is not an export (no readable ``config.json``, or a training checkpoint).
+        RuntimeError: the stock process failed (its last stderr lines are in the message).
+    """
+    config = _read_config(export_dir)
+    if "quantization_config" in config:
+        result = served_eval(
+            export_dir,
+            input_ids,
+            labels=labels,
+            logits=False,
+            loss=True,
+            batch_size=batch_size,
+            num_threads=num_threads,
+            timeout=timeout,
+        )
+        return ServedEvaluation(result.loss, result.tokens, STOCK_LOADER, stock_dtype(export_dir))
+    from .load import load_quantized
+
+    model = load_quantized(export_dir, dtype=torch.float32)
+    total, count, _ = token_loss(model, input_ids, labels, batch_size=batch_size)
+    return ServedEvaluation(total / max(count, 1), count, HF_CAGE_LOADER, "float32")
+
+
+def _read_config(export_dir: str | os.PathLike) -> dict:
+    config_file = Path(export_dir) / "config.json"
+    try:
+        return json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{str(export_dir)!r} has no readable config.json ({err}); pass an export directory"
+        ) from None
+
+
+def stock_dtype(export_dir: str | os.PathLike) -> str:
+    """The dtype stock transformers loads ``export_dir`` in: ``"bfloat16"`` for the FP4 formats, else ``"float32"``
+    (computed here in the parent; the child gets it as a string and never imports hf_cage).
+
+    Refuses, with what to do, an export stock transformers cannot load (the hf-cage format).
+    """
+    from .formats import EXPORT_KEY, stock_load_dtype
+
+    config = _read_config(export_dir)
+    if "quantization_config" not in config and EXPORT_KEY in config:
+        raise ValueError(
+            f"{str(export_dir)!r} is an hf-cage format export, which stock transformers cannot load; "
+            "evaluate it with hf_cage.load_quantized (evaluate_served does) or export with --format compressed-tensors"
+        )
+    quantization = config.get("quantization_config") or {}
+    return stock_load_dtype(quantization.get("format"))
 
 
 def served_eval_many(
@@ -99,7 +162,7 @@ def served_eval_many(
     num_threads: int | None = None,
     timeout: float = 1800,
 ) -> list[ServedResult]:
-    """:func:`served_eval` of several exports in one child process (one interpreter start-up); same order."""
+    """:func:`served_eval` of several exports in one stock process (one interpreter start-up); same order."""
     from safetensors.torch import load_file, save_file
 
     if input_ids.dim() != 2:
@@ -117,8 +180,9 @@ def served_eval_many(
         threads = torch.get_num_threads() if num_threads is None else num_threads
         inputs = str(Path(tmp) / "inputs.safetensors")
         job = json.dumps([dirs, dtypes, inputs, tmp, logits, loss, int(batch_size), threads])
+        source = Path(__file__).read_text()  # this module, run as a script: see _stock_child
         done = subprocess.run(
-            [sys.executable, "-c", _CHILD, job], cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout
+            [sys.executable, "-c", source, job], cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout
         )
         if done.returncode != 0:
             tail = "\n".join(done.stderr.strip().splitlines()[-15:])
@@ -134,29 +198,6 @@ def served_eval_many(
     ]
 
 
-def stock_dtype(export_dir: str | os.PathLike) -> str:
-    """The dtype stock transformers loads ``export_dir`` in: ``"bfloat16"`` for the FP4 formats, else ``"float32"``
-    (the format objects' :func:`~hf_cage.export.formats.stock_load_dtype`; computed here in the parent, the child
-    gets it as a string and never imports hf_cage).
-
-    Refuses, with what to do, an export stock transformers cannot load (the hf-cage format).
-    """
-    from .formats import stock_load_dtype
-
-    config_file = Path(export_dir) / "config.json"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{export_dir!r} has no readable config.json ({err}); pass an export directory") from None
-    if "quantization_config" not in config and "hf_cage_export" in config:
-        raise ValueError(
-            f"{export_dir!r} is an hf-cage format export, which stock transformers cannot load; "
-            "evaluate it with hf_cage.load_quantized, or export with --format compressed-tensors"
-        )
-    quantization = config.get("quantization_config") or {}
-    return stock_load_dtype(quantization.get("format"))
-
-
 def served_eval(export_dir: str | os.PathLike, input_ids: torch.Tensor, **kwargs) -> ServedResult:
     """Load ``export_dir`` with stock transformers (float32; bf16 for FP4 formats) in a fresh process and run
     ``input_ids`` ``(B, T)``.
@@ -167,6 +208,7 @@ def served_eval(export_dir: str | os.PathLike, input_ids: torch.Tensor, **kwargs
     this process's, so both sides sum in the same order); ``timeout`` in seconds.
 
     Raises:
+        ValueError: an hf-cage-format export or no export (use :func:`evaluate_served` for any format).
         RuntimeError: the child failed (its last stderr lines are in the message).
     """
     return served_eval_many([export_dir], input_ids, **kwargs)[0]
@@ -180,5 +222,39 @@ def served_logits(export_dir: str | os.PathLike, input_ids: torch.Tensor, **kwar
 def served_loss(
     export_dir: str | os.PathLike, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
 ) -> float:
-    """Stock-transformers mean next-token cross-entropy of ``export_dir`` on ``input_ids`` (float)."""
+    """Stock-transformers token-weighted next-token cross-entropy of ``export_dir`` on ``input_ids`` (float)."""
     return served_eval(export_dir, input_ids, labels=labels, logits=False, loss=True, **kwargs).loss
+
+
+def _stock_child(job: str) -> None:
+    """The stock process (``python -c <this file> job``): stock transformers only, no hf_cage."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    export_dirs, dtypes, inputs_file, out_dir, want_logits, want_loss, batch_size, threads = json.loads(job)
+    if threads:
+        torch.set_num_threads(threads)
+    inputs = load_file(inputs_file)
+    for index, (export_dir, dtype) in enumerate(zip(export_dirs, dtypes)):
+        model, info = AutoModelForCausalLM.from_pretrained(
+            export_dir, dtype=getattr(torch, dtype), output_loading_info=True
+        )
+        tied = getattr(model, "_tied_weights_keys", None) or []
+        missing = [k for k in info["missing_keys"] if k not in tied]
+        if missing or info["unexpected_keys"]:
+            sys.exit(f"{export_dir}: stock loading left weights unset: {missing[:3]} {info['unexpected_keys'][:3]}")
+        total, count, logits = token_loss(
+            model.eval(), inputs["input_ids"], inputs.get("labels"), batch_size=batch_size, logits=want_logits
+        )
+        result = {"logits": logits} if want_logits else {}
+        if want_loss:
+            result["loss"] = torch.tensor([total / max(count, 1)], dtype=torch.float64)
+            result["tokens"] = torch.tensor([count])
+        imported = sorted(name for name in sys.modules if name == "hf_cage" or name.startswith("hf_cage."))
+        if imported:
+            sys.exit(f"hf_cage was imported by the stock loader: {imported}")
+        save_file(result, f"{out_dir}/{index}.safetensors")
+
+
+if __name__ == "__main__":
+    _stock_child(sys.argv[1])
