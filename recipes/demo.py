@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     quant = settings.quant_config()
     fmt = quant_label(quant)
     print(f"demo: --job {args.job}: {job.total} steps x {settings.per_device_train_batch_size} blocks per run, {fmt}, "
-          f"CAGE lambda {settings.cage_lambda:g} branched from STE at step {job.branch}", flush=True)  # fmt: skip
+          f"CAGE {cage_strength(settings)} branched from STE at step {job.branch}", flush=True)  # fmt: skip
     try:
         base = None
         if args.job == "finetune":
@@ -421,6 +421,11 @@ def cpu_seconds() -> float:
     """CPU time (user + system) of this process and its finished child processes."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def cage_strength(settings) -> str:
+    """``pull 0.2`` (the run's total pull; the trainer derives lambda) or ``lambda 13`` (set directly)."""
+    return f"pull {settings.cage_pull:g}" if settings.cage_pull is not None else f"lambda {settings.cage_lambda:g}"
 
 
 def quant_label(quant) -> str:
