@@ -37,14 +37,19 @@ grid point is ``argmin f`` over that set, the true optimum of ``min_x f(Q(x))``:
 Studies (one JSON line per run in ``benchmarks/results/quadratic.jsonl``; finished runs are skipped, so every
 command resumes):
 
-- ``main``: d 256, 2000 steps, kappa 1 / 10 / 100, 10 seeds, the three quantizers; STE-SGD, STE-Adam and CAGE with
+- ``main``: d 256, 2000 steps, kappa 1 / 10 / 100, seeds 0-9, the three quantizers; STE-SGD, STE-Adam and CAGE with
   SGD and with Adam, decoupled and coupled, at the total pull ``sum_t lr_t lambda_t`` of ``MAIN_PULL``, silence 0.5
   (loss curves kept for the plot);
-- ``pull``: the same at total pulls 0.1 to 100 (the lambda sweep; the lambda of each run is recorded);
-- ``silence``: absmax, silence ratio 0 / 0.25 / 0.5 / 0.75 / 0.9 at two pulls;
+- ``tune``: absmax, the total pull swept from 0.1 to 100 (the lambda sweep) on seeds 100-109, where ``MAIN_PULL``
+  was chosen;
+- ``pull``: ``int`` and ``quest`` at pulls 0.3 / 3 / 30, seeds 0-9;
+- ``silence``: absmax, silence ratio 0 / 0.25 / 0.5 / 0.75 / 0.9 at the main pull and a tenth of it;
+- ``lr``: absmax, the main pull at a third of and three times the peak LR (lambda the other way), with STE there;
 - ``small``: d 4, every quantizer and kappa, against the brute-force best grid point.
 
-    # everything not yet done (about 25 core-minutes), one torch thread, in the background:
+All of it: 348 runs, about 14 CPU minutes on one thread (the best grid points included).
+
+    # everything not yet done, one torch thread, in the background:
     OMP_NUM_THREADS=1 nohup python benchmarks/quadratic.py run > quadratic.log 2>&1 &
     python benchmarks/quadratic.py run --study main        # one study
     python benchmarks/quadratic.py report --plot docs/quadratic.png   # tables (markdown) + the figure
@@ -74,7 +79,7 @@ LR = {"sgd": 0.5, "adam": 1e-2}
 # CAGE runs: (optimizer, variant); STE is variant "ste".
 CAGE_RUNS = (("sgd", "decoupled"), ("sgd", "coupled"), ("adam", "decoupled"), ("adam", "coupled"))
 STE_RUNS = (("sgd", "ste"), ("adam", "ste"))
-MAIN_PULL = {"sgd": 30.0, "adam": 3.0}
+MAIN_PULL = {"sgd": 30.0, "adam": 3.0}  # from the ``tune`` sweep (seeds 100-109)
 PULLS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 SILENCES = (0.0, 0.25, 0.5, 0.75, 0.9)
 SHORT_PULLS = (0.3, 3.0, 30.0)
@@ -505,32 +510,6 @@ def command_run(args) -> int:
 
 # ------------------------------------------------------------------------------------------------- report
 
-
-def _by(done: dict[str, dict], **match) -> list[dict]:
-    return [r for r in done.values() if all(r.get(k) == v for k, v in match.items())]
-
-
-def _one(done, **match) -> dict | None:
-    found = _by(done, **match)
-    return found[0] if found else None
-
-
-def _geo_mean(values) -> float:
-    return math.exp(statistics.mean(math.log(v) for v in values))
-
-
-def paired(cage: dict, ste: dict) -> str:
-    """CAGE / STE per seed: geometric mean, range, wins."""
-    ratios = [c / s for c, s in zip(cage["final"], ste["final"])]
-    wins = sum(r < 1 for r in ratios)
-    return f"{_geo_mean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}), {wins}/{len(ratios)}"
-
-
-def _mean_sd(values) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2e} ± {sd:.1e}"
-
-
 NAMES = {
     ("sgd", "ste"): "STE-SGD",
     ("adam", "ste"): "STE-Adam",
@@ -539,87 +518,188 @@ NAMES = {
     ("adam", "decoupled"): "CAGE-Adam",
     ("adam", "coupled"): "CAGE-Adam coupled",
 }
+SWEPT = (("sgd", "decoupled"), ("adam", "decoupled"), ("adam", "coupled"))  # SGD coupled = SGD decoupled here
+
+
+def find(done: dict[str, dict], d: int = 256, silence: float = 0.5, lr: float | None = None, **match) -> dict | None:
+    """The record with these fields (``lr``: the optimizer's default peak LR unless given), or None."""
+    for r in done.values():
+        peak = LR[r["optimizer"]] if lr is None else lr
+        if (
+            (r["d"], r["silence"]) == (d, silence)
+            and math.isclose(r["lr"], peak)
+            and all(r[k] == v for k, v in match.items())
+        ):
+            return r
+    return None
+
+
+def ste_of(done: dict[str, dict], r: dict) -> dict | None:
+    """The STE run paired with ``r``: same problems (quantizer, kappa, d, seeds), optimizer, LR and steps."""
+    for s in done.values():
+        if s["variant"] == "ste" and all(s[k] == r[k] for k in ("quantizer", "kappa", "d", "seeds", "optimizer")):
+            if s["steps"] == r["steps"] and math.isclose(s["lr"], r["lr"]):
+                return s
+    return None
+
+
+def _geo_mean(values) -> float:
+    return math.exp(statistics.mean(math.log(v) for v in values))
+
+
+def paired_ratios(done: dict[str, dict], r: dict | None) -> list[float] | None:
+    """CAGE / STE final ``f(Q(x_T))`` per seed (paired), or None when either run is missing."""
+    ste = ste_of(done, r) if r else None
+    return None if ste is None else [c / s for c, s in zip(r["final"], ste["final"])]
+
+
+def _win_cell(ratios: list[float] | None) -> str:
+    if ratios is None:
+        return "-"
+    wins = sum(x < 1 for x in ratios)
+    return f"**{_geo_mean(ratios):.2f}** ({min(ratios):.2f}-{max(ratios):.2f}), {wins}/{len(ratios)}"
+
+
+def _ratio_cell(ratios: list[float] | None) -> str:
+    return "-" if ratios is None else f"{_geo_mean(ratios):.2f}"
+
+
+def _mean_sd(values) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.4f} ± {sd:.4f}"
 
 
 def main_table(done: dict[str, dict], study: str = "main") -> str:
-    """Per quantizer and kappa: STE's final ratio and every CAGE variant's, with CAGE / STE paired by seed."""
+    """Final ``f(Q(x_T)) / f(0)`` of STE per quantizer, kappa and optimizer, and CAGE's paired win over it."""
+    d = 4 if study == "small" else 256
     lines = [
-        "| quantizer | kappa | best grid point | STE-SGD | CAGE-SGD: f / f(0); CAGE / STE (range), wins "
-        "| CAGE-SGD coupled | STE-Adam | CAGE-Adam | CAGE-Adam coupled |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| quantizer | kappa | RTN: Q(x*) | best grid point | STE-SGD | CAGE-SGD / STE | CAGE-SGD coupled / STE "
+        "| STE-Adam | CAGE-Adam / STE | CAGE-Adam coupled / STE |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for quantizer in QUANTIZERS:
         for kappa in KAPPAS:
-            row = _by(done, study=study, quantizer=quantizer, kappa=kappa)
-            if not row:
+            ref = find(done, d=d, study=study, quantizer=quantizer, kappa=kappa, optimizer="adam", variant="ste")
+            if ref is None:
                 continue
-            cells = []
-            ref = next((r for r in row if "best" in r), None)
-            cells.append(_mean_sd(ref["best"]) if ref else "-")
+            cells = [_mean_sd(ref["rtn"]), _mean_sd(ref["best"]) if "best" in ref else "-"]
             for opt in ("sgd", "adam"):
-                ste = _one(done, study=study, quantizer=quantizer, kappa=kappa, optimizer=opt, variant="ste")
+                ste = find(done, d=d, study=study, quantizer=quantizer, kappa=kappa, optimizer=opt, variant="ste")
                 cells.append(_mean_sd(ste["final"]) if ste else "-")
                 for variant in ("decoupled", "coupled"):
-                    cage = _one(done, study=study, quantizer=quantizer, kappa=kappa, optimizer=opt, variant=variant)
-                    cells.append(f"{_mean_sd(cage['final'])}; {paired(cage, ste)}" if cage and ste else "-")
+                    cage = find(
+                        done, d=d, study=study, quantizer=quantizer, kappa=kappa, optimizer=opt, variant=variant
+                    )
+                    cells.append(_win_cell(paired_ratios(done, cage)))
             lines.append(f"| {quantizer} | {kappa} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def excess_table(done: dict[str, dict], study: str, kappas=KAPPAS) -> str:
-    """Excess over the best grid point ``f / f_best - 1`` (mean over seeds) and runs that end on it."""
-    lines = ["| quantizer | kappa | " + " | ".join(NAMES.values()) + " |", "|---|---|" + "---|" * len(NAMES)]
+    """Excess over the best grid point, ``f / f_best - 1`` (mean over seeds), and how many runs end on its codes."""
+    d = 4 if study == "small" else 256
+    lines = ["| quantizer | kappa | RTN | " + " | ".join(NAMES.values()) + " |", "|---|---|---|" + "---|" * len(NAMES)]
     for quantizer in QUANTIZERS:
         for kappa in kappas:
             cells = []
             for opt, variant in NAMES:
-                r = _one(done, study=study, quantizer=quantizer, kappa=kappa, optimizer=opt, variant=variant)
+                r = find(done, d=d, study=study, quantizer=quantizer, kappa=kappa, optimizer=opt, variant=variant)
                 if r is None or "best" not in r:
                     cells.append("-")
                     continue
                 excess = [f / b - 1 for f, b in zip(r["final"], r["best"])]
-                on = sum(r["same_codes"])
-                cells.append(f"{100 * statistics.mean(excess):.0f}% ({on}/{len(excess)})")
-            if any(c != "-" for c in cells):
-                lines.append(f"| {quantizer} | {kappa} | " + " | ".join(cells) + " |")
+                cells.append(f"{100 * statistics.mean(excess):.0f}% ({sum(r['same_codes'])}/{len(excess)})")
+            if r is not None and "best" in r:
+                rtn = statistics.mean(f / b - 1 for f, b in zip(r["rtn"], r["best"]))
+                lines.append(f"| {quantizer} | {kappa} | {100 * rtn:.0f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def sweep_table(done: dict[str, dict], axis: str, values, quantizer: str = "absmax", **fixed) -> str:
-    """CAGE / STE (geometric mean over seeds, paired) along ``axis`` (``pull`` or ``silence``), per kappa."""
-    head = f"| kappa | run | {axis}: " + " | ".join(f"{v:g}" for v in values) + " |"
-    lines = [head, "|---|---|" + "---|" * len(values)]
+def pull_table(done: dict[str, dict], study: str, quantizer: str, pulls) -> str:
+    """CAGE / STE (geometric mean over seeds, paired) against the total pull, per kappa and run (silence 0.5)."""
+    lines = ["| kappa | run | " + " | ".join(f"pull {p:g}" for p in pulls) + " |", "|---|---|" + "---|" * len(pulls)]
     for kappa in KAPPAS:
-        for opt, variant in CAGE_RUNS:
-            ste = _one(done, study="main", quantizer=quantizer, kappa=kappa, optimizer=opt, variant="ste")
+        for opt, variant in SWEPT:
             cells = []
-            for value in values:
-                match = dict(quantizer=quantizer, kappa=kappa, optimizer=opt, variant=variant, **fixed)
-                match[axis] = value
-                found = [r for r in _by(done, **match) if r["d"] == 256]
-                if "silence" not in match:
-                    found = [r for r in found if r["silence"] == 0.5]
-                if not found or ste is None:
-                    cells.append("-")
-                    continue
-                ratios = [c / s for c, s in zip(found[0]["final"], ste["final"])]
-                cells.append(f"{_geo_mean(ratios):.2f}")
+            for pull in pulls:
+                studies = (study,) if study == "tune" else ("main", "pull")
+                found = [
+                    find(done, study=s, quantizer=quantizer, kappa=kappa, optimizer=opt, variant=variant, pull=pull)
+                    for s in studies
+                ]
+                cells.append(_ratio_cell(paired_ratios(done, next((r for r in found if r), None))))
+            lines.append(f"| {kappa} | {NAMES[opt, variant]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def silence_table(done: dict[str, dict]) -> str:
+    """CAGE / STE against the silence ratio, absmax, at the main pull and a tenth of it."""
+    lines = [
+        "| kappa | run | pull | " + " | ".join(f"silence {s:g}" for s in SILENCES) + " |",
+        "|---|---|---|" + "---|" * len(SILENCES),
+    ]
+    for kappa in KAPPAS:
+        for opt, variant in SWEPT:
+            for pull in (MAIN_PULL[opt] / 10, MAIN_PULL[opt]):
+                cells = []
+                for silence in SILENCES:
+                    found = [
+                        find(
+                            done,
+                            study=s,
+                            quantizer="absmax",
+                            kappa=kappa,
+                            optimizer=opt,
+                            variant=variant,
+                            pull=pull,
+                            silence=silence,
+                        )
+                        for s in ("silence", "main")
+                    ]
+                    cells.append(_ratio_cell(paired_ratios(done, next((r for r in found if r), None))))
+                lines.append(f"| {kappa} | {NAMES[opt, variant]} | {pull:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lr_table(done: dict[str, dict]) -> str:
+    """CAGE / STE at the main pull with the peak LR scaled (lambda scales inversely), each against STE at that LR."""
+    scales = sorted((*LR_SCALES, 1.0))
+    lines = [
+        "| kappa | run | " + " | ".join(f"LR x {s:.3g}: ratio (lambda)" for s in scales) + " |",
+        "|---|---|" + "---|" * len(scales),
+    ]
+    for kappa in KAPPAS:
+        for opt, variant in SWEPT:
+            cells = []
+            for scale in scales:
+                study = "main" if scale == 1 else "lr"
+                r = find(
+                    done,
+                    study=study,
+                    quantizer="absmax",
+                    kappa=kappa,
+                    optimizer=opt,
+                    variant=variant,
+                    lr=LR[opt] * scale,
+                )
+                ratios = paired_ratios(done, r)
+                cells.append("-" if ratios is None else f"{_ratio_cell(ratios)} ({r['lam']:.3g})")
             lines.append(f"| {kappa} | {NAMES[opt, variant]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def lambda_line(done: dict[str, dict]) -> str:
-    """The lambda each pull means in these runs (silence 0.5)."""
+    """The lambda each total pull means at the default peak LRs (silence 0.5, 2000 steps)."""
     parts = []
     for opt in ("sgd", "adam"):
-        lams = {r["pull"]: r["lam"] for r in _by(done, optimizer=opt, silence=0.5, d=256) if r["variant"] != "ste"}
-        shown = ", ".join(f"{p:g} -> {lam:.3g}" for p, lam in sorted(lams.items()))
-        parts.append(f"{opt} (peak LR {LR[opt]:g}): pull -> lambda {shown}")
+        per = pull_per_lambda(2000, LR[opt], 0.5)
+        parts.append(f"{opt} (peak LR {LR[opt]:g}): lambda = pull / {per:.3g}")
     return "; ".join(parts)
 
 
 def plot(done: dict[str, dict], path: Path, quantizer: str = "absmax") -> None:
-    """Loss curves per kappa (mean over seeds, band = min..max), and CAGE / STE against the total pull."""
+    """Row 1: loss curves per kappa (geometric mean over seeds, band min..max); row 2: CAGE / STE against the total
+    pull (tuning seeds); row 3: against the silence ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -633,69 +713,101 @@ def plot(done: dict[str, dict], path: Path, quantizer: str = "absmax") -> None:
         ("adam", "decoupled"): "tab:red",
         ("adam", "coupled"): "tab:orange",
     }
-    fig, axes = plt.subplots(2, len(KAPPAS), figsize=(5 * len(KAPPAS), 8.5))
+    fig, axes = plt.subplots(3, len(KAPPAS), figsize=(5.2 * len(KAPPAS), 12.5))
     for col, kappa in enumerate(KAPPAS):
         ax = axes[0, col]
-        best = None
         for (opt, variant), color in colors.items():
-            r = _one(done, study="main", quantizer=quantizer, kappa=kappa, optimizer=opt, variant=variant)
+            r = find(done, study="main", quantizer=quantizer, kappa=kappa, optimizer=opt, variant=variant)
             if r is None:
                 continue
-            best = r.get("best", best)
             steps, curve = r["curve_steps"], r["curve"]
-            mean = [_geo_mean(c) for c in curve]
             style = "--" if variant == "ste" else "-"
-            ax.plot(steps, mean, style, color=color, label=NAMES[opt, variant], lw=1.3)
-            ax.fill_between(steps, [min(c) for c in curve], [max(c) for c in curve], color=color, alpha=0.12)
-        if best:
-            ax.axhline(statistics.mean(best), color="green", ls=":", label="best grid point")
+            ax.plot(steps, [_geo_mean(c) for c in curve], style, color=color, label=NAMES[opt, variant], lw=1.3)
+            ax.fill_between(steps, [min(c) for c in curve], [max(c) for c in curve], color=color, alpha=0.1)
+        if r is not None:
+            ax.axhline(_geo_mean(r["rtn"]), color="green", ls=":", label="round-to-nearest Q(x*)")
+            if "best" in r:
+                ax.axhline(_geo_mean(r["best"]), color="purple", ls=":", label="best grid point")
         ax.set_yscale("log")
         ax.set_ylim(3e-3, 3)
         ax.axvline(1000, color="0.7", lw=0.8)
         ax.set_title(f"kappa {kappa}: f(Q(x_t)) / f(0), {quantizer} 4-bit, d 256")
-        ax.set_xlabel("step (silence ends at 1000)")
+        ax.set_xlabel("step (silence 0.5: CAGE starts at 1000)")
         ax = axes[1, col]
         for opt, variant in CAGE_RUNS:
-            ste = _one(done, study="main", quantizer=quantizer, kappa=kappa, optimizer=opt, variant="ste")
             points = []
-            for r in _by(done, quantizer=quantizer, kappa=kappa, optimizer=opt, variant=variant, silence=0.5, d=256):
-                if ste is not None and r["study"] in ("main", "pull"):
-                    points.append((r["pull"], _geo_mean([c / s for c, s in zip(r["final"], ste["final"])])))
+            for pull in PULLS:
+                r = find(
+                    done, study="tune", quantizer=quantizer, kappa=kappa, optimizer=opt, variant=variant, pull=pull
+                )
+                ratios = paired_ratios(done, r)
+                if ratios:
+                    points.append((pull, _geo_mean(ratios)))
             if points:
-                points.sort()
                 ax.plot(*zip(*points), "o-", color=colors[opt, variant], label=NAMES[opt, variant], ms=4)
         ax.axhline(1, color="black", ls="--", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("total pull sum_t lr_t * lambda_t (silence 0.5)")
-        ax.set_title(f"kappa {kappa}: CAGE / STE final (geo. mean of 10 seeds)")
-    axes[0, 0].legend(fontsize=8)
-    axes[1, 0].legend(fontsize=8)
+        ax.set_title(f"kappa {kappa}: CAGE / STE (geo. mean, 10 tuning seeds)")
+        ax = axes[2, col]
+        for opt, variant in SWEPT:
+            for pull, style in ((MAIN_PULL[opt] / 10, "--"), (MAIN_PULL[opt], "-")):
+                points = []
+                for silence in SILENCES:
+                    found = [
+                        find(
+                            done,
+                            study=s,
+                            quantizer=quantizer,
+                            kappa=kappa,
+                            optimizer=opt,
+                            variant=variant,
+                            pull=pull,
+                            silence=silence,
+                        )
+                        for s in ("silence", "main")
+                    ]
+                    ratios = paired_ratios(done, next((r for r in found if r), None))
+                    if ratios:
+                        points.append((silence, _geo_mean(ratios)))
+                if points:
+                    label = f"{NAMES[opt, variant]}, pull {pull:g}"
+                    ax.plot(*zip(*points), "o" + style, color=colors[opt, variant], label=label, ms=4)
+        ax.axhline(1, color="black", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("silence ratio")
+        ax.set_title(f"kappa {kappa}: CAGE / STE against the silence ratio")
+    for row in range(3):
+        axes[row, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def command_report(args) -> int:
     done = load_results(Path(args.results))
-    print("## main (d 256): f(Q(x_T)) / f(0), mean ± sd over seeds; CAGE / STE paired by seed\n")
+    print("### d 256: f(Q(x_T)) / f(0), mean ± sd over 10 seeds; CAGE / STE paired by seed: geo. mean (range), wins\n")
     print(main_table(done))
-    print("\n## excess over the best grid point, d 256, kappa 1 (runs ending on it)\n")
+    print("\n### d 256, kappa 1: excess over the best grid point (runs ending on its codes)\n")
     print(excess_table(done, "main", kappas=(1,)))
-    exact = [e for r in _by(done, study="main") for e in r.get("best_exact", [])]
-    print(f"\nbest grid point exact (scan certified) in {sum(exact)}/{len(exact)} seed-runs")
-    print("\n## small (d 4): f(Q(x_T)) / f(0) and CAGE / STE\n")
+    exact = [e for r in done.values() if r["study"] == "main" for e in r.get("best_exact", [])]
+    print(f"\nbest grid point certified exact by the scan in {sum(exact)}/{len(exact)} seed-runs")
+    print("\n### d 4: f(Q(x_T)) / f(0); CAGE / STE\n")
     print(main_table(done, study="small"))
-    print("\n## small (d 4): excess over the best grid point (runs ending on it)\n")
+    print("\n### d 4: excess over the best grid point (runs ending on its codes)\n")
     print(excess_table(done, "small"))
-    for quantizer in QUANTIZERS:
-        print(f"\n## pull sweep, {quantizer}: CAGE / STE (geometric mean over 10 seeds), silence 0.5\n")
-        print(sweep_table(done, "pull", PULLS, quantizer=quantizer))
-    for pull in SILENCE_PULLS:
-        print(f"\n## silence sweep, absmax, pull {pull:g}: CAGE / STE\n")
-        print(sweep_table(done, "silence", SILENCES, pull=pull))
+    print("\n### total pull, absmax (tuning seeds 100-109): CAGE / STE, geometric mean\n")
+    print(pull_table(done, "tune", "absmax", PULLS))
+    for quantizer in ("int", "quest"):
+        print(f"\n### total pull, {quantizer} (seeds 0-9): CAGE / STE\n")
+        print(pull_table(done, "pull", quantizer, SHORT_PULLS))
+    print("\n### silence ratio, absmax (seeds 0-9): CAGE / STE\n")
+    print(silence_table(done))
+    print("\n### peak LR at the main pull, absmax (seeds 0-9): CAGE / STE at the same LR (lambda)\n")
+    print(lr_table(done))
     print("\n" + lambda_line(done))
     seconds = sum(r["seconds"] for r in done.values())
-    print(f"\n{len(done)} runs, {seconds / 60:.1f} minutes of training in total")
+    print(f"\n{len(done)} runs, {seconds / 60:.1f} CPU minutes of training (one thread) in total")
     if args.plot:
         plot(done, Path(args.plot))
         print(f"plot -> {args.plot}")
