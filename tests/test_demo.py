@@ -14,6 +14,8 @@ import pytest
 import torch
 from test_recipes import RECIPES, write_text
 
+from hf_cage.optim.defaults import CAGE_PULL_DEFAULTS
+
 sys.path.insert(0, str(RECIPES))
 demo = importlib.import_module("demo")
 recipe_common = importlib.import_module("recipe_common")
@@ -128,7 +130,9 @@ def test_pretrain_job_is_one_flag_away(tmp_path, text_pair, capsys):
     branch = recipe_common.silence_end_step(STEPS, 0.8)  # the tiny preset's silence
     assert [runs[m]["resumed_from"] for m in METHODS] == [None, None, str(dirs["ste"] / f"checkpoint-{branch}")]
     assert [runs[m]["a_bits"] for m in METHODS] == [None, 4, 4] and runs["cage"]["quantizer"] == "quest"
-    assert (runs["ste"]["cage_lambda"], runs["cage"]["cage_lambda"]) == (0.0, 56.0)
+    # The tiny preset asks for the pretraining pull; the trainer derives lambda from this short run's schedule.
+    assert runs["ste"]["cage_lambda"] == 0.0 and runs["cage"]["cage_pull"] == CAGE_PULL_DEFAULTS["pretraining"]
+    assert runs["cage"]["cage_pull_realised"] == pytest.approx(CAGE_PULL_DEFAULTS["pretraining"], rel=1e-6)
     _check_report(printed, runs, branch, "STE-to-BF16 gap")
     _check_served(printed, out / "pretrain" / "export", "hf-cage", runs["cage"], text_pair[1])
     assert "hf_cage.load_quantized in float32" in printed
