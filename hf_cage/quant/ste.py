@@ -169,11 +169,11 @@ def quantized_linear(
 ) -> torch.Tensor:
     """``F.linear(Qa(x), Qw(W), b)`` with straight-through gradients (``activation_spec`` None: ``x`` as is).
 
-    ``backend="torch"`` and no FP4 grid: :class:`QuantizedLinearSTE`; otherwise :class:`FakeQuantSTE` on each
-    operand (``global_scale``: NVFP4 activations) and ``F.linear``. Same forward either way.
+    ``backend="torch"``, no FP4 grid and autograd on: :class:`QuantizedLinearSTE`; otherwise :class:`FakeQuantSTE`
+    on each operand (``global_scale``: NVFP4 activations) and ``F.linear``. Same forward either way.
     """
     fp4 = weight_spec.is_fp4 or (activation_spec is not None and activation_spec.is_fp4)
-    if _fused and backend == "torch" and not fp4:
+    if _fused and backend == "torch" and not fp4 and torch.is_grad_enabled():  # no_grad: nothing to save
         return QuantizedLinearSTE.apply(x, weight, bias, weight_spec, activation_spec)
     x = fake_quantize_ste(x, activation_spec, backend, global_scale)
     return F.linear(x, fake_quantize_ste(weight, weight_spec, backend), bias)
