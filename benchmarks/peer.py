@@ -20,6 +20,7 @@ memory: the tensors autograd packs in one training forward (``torch.autograd.gra
 count per storage, parameters excluded.
 
     pip install torchao==0.18.0                     # or: pip install -e ".[bench]"; never imported by hf_cage
+    # (a separate environment: once installed, transformers imports torchao, whose CPU load warnings go to stderr)
     python benchmarks/peer.py                       # 4.5M-parameter Llama, 8 x 256 tokens, 7 trials
     python benchmarks/peer.py --trials 11 --json outputs/peer.json
     python benchmarks/peer.py --dry-run             # tiny model, 1 trial, hf-cage only: no torchao needed
