@@ -8,6 +8,7 @@ trials, so load from other processes on the machine hits every optimizer alike.
     .venv/bin/python benchmarks/optimizer_step.py              # full run, ~25M parameters
     .venv/bin/python benchmarks/optimizer_step.py --quick      # tiny model, a few trials (used by a test)
     .venv/bin/python benchmarks/optimizer_step.py --trials 31 --json outputs/optimizer_step.json
+    .venv/bin/python benchmarks/optimizer_step.py --quantizer quest_w4a4 --rotation-baseline  # fast vs dense rotation
 
 Targets (issue 3): CAGE / AdamW <= 1.05 in silence, <= 1.5 with the correction active.
 """
@@ -59,16 +60,26 @@ def make_optimizers(model) -> dict:
 
 
 def time_steps(optimizers: dict, trials: int, steps_per_trial: int) -> dict[str, float]:
-    """Median seconds per step of each optimizer, trials alternating between optimizers."""
-    for opt in optimizers.values():  # warm-up: creates the moments
-        opt.step()
+    """Median seconds per step of each optimizer, trials alternating between optimizers. A name ending in
+    ``@matmul`` steps with the dense matmul rotation (:func:`hf_cage.kernels.reference.rotation`)."""
+    import contextlib
+
+    from hf_cage.kernels.reference import rotation
+
+    def method(name):
+        return rotation("matmul") if name.endswith("@matmul") else contextlib.nullcontext()
+
+    for name, opt in optimizers.items():  # warm-up: creates the moments
+        with method(name):
+            opt.step()
     times = {name: [] for name in optimizers}
     for _ in range(trials):
         for name, opt in optimizers.items():
-            start = time.perf_counter()
-            for _ in range(steps_per_trial):
-                opt.step()
-            times[name].append((time.perf_counter() - start) / steps_per_trial)
+            with method(name):
+                start = time.perf_counter()
+                for _ in range(steps_per_trial):
+                    opt.step()
+                times[name].append((time.perf_counter() - start) / steps_per_trial)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -83,6 +94,11 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         default=1,
         help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads made every step ~25x slower)",
+    )
+    parser.add_argument(
+        "--rotation-baseline",
+        action="store_true",
+        help="also time the active step with the dense matmul rotation (cage_active@matmul), the path before",
     )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -101,7 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.quantizer or sorted(QUANTIZERS):
         model = build_model(shape, QUANTIZERS[name])
         n_params = sum(p.numel() for p in model.parameters())
-        medians = time_steps(make_optimizers(model), trials, args.steps_per_trial)
+        optimizers = make_optimizers(model)
+        if args.rotation_baseline and QUANTIZERS[name]["quantizer"] == "quest":
+            optimizers["cage_active@matmul"] = optimizers["cage_active"]
+        medians = time_steps(optimizers, trials, args.steps_per_trial)
         base = medians["adamw_foreach"]
         run = {
             "params": n_params,
@@ -109,11 +128,17 @@ def main(argv: list[str] | None = None) -> dict:
             "silence_ratio": medians["cage_silence"] / base,
             "active_ratio": medians["cage_active"] / base,
         }
+        if "cage_active@matmul" in medians:
+            run["active_matmul_rotation_ratio"] = medians["cage_active@matmul"] / base
         results["runs"][name] = run
         print(
             f"| {name} | {n_params / 1e6:.1f}M | {base * 1e3:.1f} | {medians['cage_silence'] * 1e3:.1f} | "
             f"{medians['cage_active'] * 1e3:.1f} | {run['silence_ratio']:.3f} | {run['active_ratio']:.3f} |"
         )
+        if "active_matmul_rotation_ratio" in run:
+            print(
+                f"  {name} active with the dense matmul rotation (before): {run['active_matmul_rotation_ratio']:.3f}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

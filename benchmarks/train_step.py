@@ -17,6 +17,7 @@ a loaded machine. One torch thread by default.
     .venv/bin/python benchmarks/train_step.py                     # 4.5M-parameter Llama, 8 x 256 tokens
     .venv/bin/python benchmarks/train_step.py --quick             # tiny model, 2 trials (used by a test)
     .venv/bin/python benchmarks/train_step.py --trials 9 --profile --json outputs/train_step.json
+    .venv/bin/python benchmarks/train_step.py --quantizer quest_w4a4 --rotation-baseline   # fast vs dense rotation
 
 ``--profile`` adds the top operators (self CPU time) of one step of each STE variant, from torch.profiler.
 
@@ -48,26 +49,54 @@ def build_model(shape: dict, seed: int = 0):
     return LlamaForCausalLM(config).train()
 
 
-def make_variants(shape: dict, quantizers: list[str]) -> dict:
-    """``{name: (model, optimizer)}``; the three variants of one quantizer share one quantized model."""
+def adamw(model):
     import torch
 
+    return torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), foreach=True)
+
+
+def make_variants(shape: dict, quantizers: list[str], rotation_baseline: bool = False) -> dict:
+    """``{name: (model, optimizer, path)}``; the variants of one quantizer share one quantized model.
+
+    ``path`` is ``"auto"``, or ``"matmul"`` for the ``<quantizer>/ste@matmul`` baseline that ``rotation_baseline``
+    adds to quantizers with a Hadamard rotation: the CPU path before issue 23 (dense matmul rotations,
+    ``FakeQuantSTE`` per operand + ``F.linear``), measured in the same run (:func:`cpu_path`).
+    """
     from hf_cage import QuantConfig, create_cage_optimizer, quantize_model
 
     common = dict(lr=1e-6, weight_decay=0.1, foreach=True)
     dense = build_model(shape)
-    variants = {"bf16": (dense, torch.optim.AdamW(dense.parameters(), lr=1e-6, betas=(0.9, 0.95), foreach=True))}
+    variants = {"bf16": (dense, adamw(dense), "auto")}
     for name in quantizers:
-        model = quantize_model(build_model(shape), QuantConfig(**QUANTIZERS[name]))
+        config = QuantConfig(**QUANTIZERS[name])
+        model = quantize_model(build_model(shape), config)
         schedule = dict(cage_lambda=10.0, total_steps=10**9, cage_schedule="constant")
-        variants[f"{name}/ste"] = (model, create_cage_optimizer(model, cage_lambda=0.0, **common))
+        ste = create_cage_optimizer(model, cage_lambda=0.0, **common)
+        variants[f"{name}/ste"] = (model, ste, "auto")
         variants[f"{name}/cage_silence"] = (
-            model, create_cage_optimizer(model, cage_silence_ratio=0.99, **schedule, **common)
+            model, create_cage_optimizer(model, cage_silence_ratio=0.99, **schedule, **common), "auto"
         )  # fmt: skip
         variants[f"{name}/cage_active"] = (
-            model, create_cage_optimizer(model, cage_silence_ratio=0.0, **schedule, **common)
+            model, create_cage_optimizer(model, cage_silence_ratio=0.0, **schedule, **common), "auto"
         )  # fmt: skip
+        if rotation_baseline and config.hadamard:
+            variants[f"{name}/ste@matmul"] = (model, ste, "matmul")
     return variants
+
+
+def cpu_path(path: str):
+    """Context for a variant's ``path``: ``"matmul"`` runs the dense rotation and the unfused straight-through
+    linear (:func:`hf_cage.kernels.reference.rotation`, :func:`hf_cage.quant.ste.fused_linear`)."""
+    import contextlib
+
+    from hf_cage.kernels.reference import rotation
+    from hf_cage.quant.ste import fused_linear
+
+    stack = contextlib.ExitStack()
+    if path == "matmul":
+        stack.enter_context(rotation("matmul"))
+        stack.enter_context(fused_linear(False))
+    return stack
 
 
 def train_step(model, optimizer, ids) -> float:
@@ -80,8 +109,39 @@ def train_step(model, optimizer, ids) -> float:
     return optimizer_s
 
 
-def time_variants(variants: dict, ids, trials: int, seed: int = 0) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds per whole step and per optimizer step of each variant.
+def forward_step(model, optimizer, ids) -> float:
+    """A forward pass without autograd (evaluation); no optimizer time."""
+    import torch
+
+    with torch.no_grad():
+        model(input_ids=ids, labels=ids)
+    return 0.0
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for the backward of one training step: every tensor packed by
+    ``torch.autograd.graph.saved_tensors_hooks``, counted once per storage, parameters excluded (they live anyway)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    del loss
+    return sum(storages.values())
+
+
+def time_variants(
+    variants: dict, ids, trials: int, seed: int = 0, step=train_step
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds per ``step`` (default: a whole training step) and per optimizer step of each variant.
 
     Each trial runs one step of every variant, in a fresh random order (seeded), so neither machine load nor
     the position in a trial favours a variant.
@@ -89,18 +149,20 @@ def time_variants(variants: dict, ids, trials: int, seed: int = 0) -> tuple[dict
     import random
 
     rng = random.Random(seed)
-    for model, opt in variants.values():  # warm-up: allocations, Adam moments, Hadamard matrices
-        train_step(model, opt, ids)
+    for model, opt, path in variants.values():  # warm-up: allocations, Adam moments, Hadamard matrices
+        with cpu_path(path):
+            step(model, opt, ids)
     step_s = {name: [] for name in variants}
     optimizer_s = {name: [] for name in variants}
     names = list(variants)
     for _ in range(trials):
         rng.shuffle(names)
         for name in names:
-            model, opt = variants[name]
-            start = time.perf_counter()
-            optimizer_s[name].append(train_step(model, opt, ids))
-            step_s[name].append(time.perf_counter() - start)
+            model, opt, path = variants[name]
+            with cpu_path(path):
+                start = time.perf_counter()
+                optimizer_s[name].append(step(model, opt, ids))
+                step_s[name].append(time.perf_counter() - start)
     median = statistics.median
     return {n: median(v) for n, v in step_s.items()}, {n: median(v) for n, v in optimizer_s.items()}
 
@@ -112,7 +174,7 @@ def profile(variants: dict, ids, names: list[str], top: int = 12) -> dict[str, l
 
     tables = {}
     for name in names:
-        model, opt = variants[name]
+        model, opt, _ = variants[name]
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             train_step(model, opt, ids)
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -134,6 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quantizer", choices=sorted(QUANTIZERS), action="append", help="default: all")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--profile", action="store_true", help="also profile one step of each STE variant")
+    parser.add_argument(
+        "--rotation-baseline",
+        action="store_true",
+        help="also time STE on the CPU path before issue 23 (<quantizer>/ste@matmul: dense rotations, unfused STE)",
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
 
@@ -145,13 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
     seq = args.seq or (32 if args.quick else 256)
     trials = args.trials or (2 if args.quick else 7)
     quantizers = args.quantizer or sorted(QUANTIZERS)
-    variants = make_variants(shape, quantizers)
+    variants = make_variants(shape, quantizers, args.rotation_baseline)
     ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     medians, optimizer_medians = time_variants(variants, ids, trials)
     params = sum(p.numel() for p in variants["bf16"][0].parameters())
     results = {
         "threads": torch.get_num_threads(), "trials": trials, "batch": batch, "seq": seq, "params": params,
-        "median_s": medians, "optimizer_median_s": optimizer_medians, "runs": {},
+        "median_s": medians, "optimizer_median_s": optimizer_medians, "saved_bytes": {}, "runs": {},
     }  # fmt: skip
     base = medians["bf16"]
     print(f"{params / 1e6:.2f}M parameters, {batch} x {seq} tokens, {trials} trials, {results['threads']} thread(s)")
@@ -171,12 +238,31 @@ def main(argv: list[str] | None = None) -> dict:
             # The correction's own cost (the optimizer-step difference, far less noisy than whole steps) per STE step.
             "correction_over_ste_step": (opt_active - opt_ste) / ste,
         }  # fmt: skip
+        if f"{name}/ste@matmul" in medians:
+            run["ste_matmul_rotation_over_bf16"] = medians[f"{name}/ste@matmul"] / base
         results["runs"][name] = run
         print(
             f"| {name} | {ste * 1e3:.0f} | {silence * 1e3:.0f} | {active * 1e3:.0f} | {run['ste_over_bf16']:.3f} | "
             f"{run['silence_over_ste']:.3f} | {run['active_over_ste']:.3f} | {opt_ste * 1e3:.1f} / "
             f"{opt_silence * 1e3:.1f} / {opt_active * 1e3:.1f} | {run['correction_over_ste_step']:.3f} |"
         )
+    for name, run in results["runs"].items():
+        if "ste_matmul_rotation_over_bf16" in run:
+            print(
+                f"{name} STE on the path before (dense rotations, unfused): "
+                f"{run['ste_matmul_rotation_over_bf16']:.3f} x BF16"
+            )
+    for name, (model, _, path) in variants.items():
+        if name == "bf16" or name.endswith(("/ste", "/ste@matmul")):
+            with cpu_path(path):
+                results["saved_bytes"][name] = saved_bytes(model, ids)
+    print(
+        "saved for backward (MiB; ratio to BF16): "
+        + ", ".join(
+            f"{n} {b / 2**20:.0f} ({b / results['saved_bytes']['bf16']:.2f})"
+            for n, b in results["saved_bytes"].items()
+        )
+    )
     if args.profile:
         results["profile"] = profile(variants, ids, ["bf16"] + [f"{name}/ste" for name in quantizers])
         for name, rows in results["profile"].items():

@@ -146,7 +146,9 @@ def test_rotated_quantization_matches_the_twin(tfp4, fmt, hadamard_block):
     step = step.unsqueeze(-1)
     scaled = (rotated / step).flatten(-2)
     expected = fp4.e2m1_codes(scaled)
-    exact = x.double().unflatten(-1, (-1, hadamard_block)) @ torch.sign(hadamard_matrix(hadamard_block).double())
+    exact = x.double().unflatten(-1, (-1, hadamard_block)) @ torch.sign(
+        hadamard_matrix(hadamard_block, x.device).double()
+    )
     exact = (exact.flatten(-2) / hadamard_block**0.5).unflatten(-1, (-1, group)).abs() / step
     window = (bound / 2 / step + exact * 2.0**-21).flatten(-2)
     exact = exact.flatten(-2)

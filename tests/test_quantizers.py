@@ -219,3 +219,131 @@ def test_integer_mse_step_is_as_good_as_a_brute_force_search():
         q, _ = fake_quantize(x.float(), QuantSpec(bits, "integer", "mse"))
         ours = (q.double() - x).square().mean()
         assert ours <= 1.01 * errors.min(), (bits, float(ours / errors.min()))
+
+
+# ---- The CPU path's fast rotation and fused straight-through linear (issue 23) ----
+
+
+@pytest.mark.parametrize("block", [16, 32, 128])
+def test_butterfly_rotation_is_the_hadamard_product_within_the_fp32_bound(block):
+    """The fast Walsh-Hadamard transform and the dense matmul sum in different orders, so neither is bit-identical
+    to the other; what holds on every CPU and thread count is that each lies within ``rotation_error_bound`` of the
+    exact (fp64) product, so they differ by at most twice it."""
+    from hf_cage.kernels import reference
+
+    x = weights(96, 512, seed=block) * torch.logspace(-2, 2, 512)
+    exact = x.double() @ torch.block_diag(*[explicit_hadamard(block)] * (512 // block))
+    bound = reference.rotation_error_bound(x, block).double()
+    for method in ("butterfly", "matmul"):
+        with reference.rotation(method):
+            rotated = hadamard_rotate(x, block)
+        assert rotated.dtype == torch.float32 and ((rotated.double() - exact).abs() <= bound).all(), method
+    assert (bound < 1e-4 * exact.abs().max()).all()  # the bound is tight enough to mean something
+    with pytest.raises(ValueError, match="choose one of"):
+        with reference.rotation("fft"):
+            pass
+
+
+def test_auto_rotation_uses_the_butterfly_for_large_cpu_tensors():
+    from hf_cage.kernels import reference
+
+    calls = []
+    butterfly = reference._butterfly
+    reference._butterfly = lambda x, block: calls.append(x.numel()) or butterfly(x, block)
+    try:
+        hadamard_rotate(weights(16, 128), 128)
+        hadamard_rotate(weights(1024, 128), 128)
+    finally:
+        reference._butterfly = butterfly
+    assert calls == [1024 * 128]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(4, hadamard_block=128), QuantSpec(4, "integer", "minmax"), QuantSpec(3, "integer", "mse", 32, 64)],
+    ids=str,
+)
+def test_quantize_with_codes_is_quantize_rows_and_fake_quantize_in_one_pass(spec):
+    from hf_cage.kernels import reference
+
+    x = weights(8, 256, seed=4) * 3
+    codes, scales, q, mask = reference.quantize_with_codes(x, spec)
+    assert torch.equal(codes, quantize_rows(x, spec)[0]) and torch.equal(scales, quantize_rows(x, spec)[1])
+    fq, fmask = fake_quantize(x, spec)
+    assert torch.equal(q.view(torch.int32), fq.view(torch.int32)) and torch.equal(mask, fmask)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_carry_the_trust_mask_through_backward(bits):
+    from hf_cage.quant import ste
+
+    spec = QuantSpec(bits, "integer", "absmax")
+    codes = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.int8).repeat(2)
+    mask = torch.arange(codes.numel()) % 3 == 0
+    packed, apart = ste._pack(codes, mask, spec)
+    assert packed.dtype == torch.int8 and (apart is None) == (bits < 8)
+    unpacked, unmasked = ste._unpack(packed, apart, spec)
+    assert torch.equal(unpacked, codes) and torch.equal(unmasked, mask)
+
+
+QAT_CASES = {
+    "quest-w4a4": dict(),
+    "quest-w4a16": dict(a_bits=None),
+    "quest-w8a8": dict(w_bits=8, a_bits=8),
+    "int-w4a4-group32": dict(quantizer="int", granularity="group", group_size=32),
+    "int-w4a16": dict(quantizer="int", a_bits=None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QAT_CASES))
+def test_fused_straight_through_linear_matches_the_composition(case):
+    """``QuantizedLinearSTE`` (the CPU path) against ``FakeQuantSTE`` on each operand + ``F.linear``: the forward
+    is bit for bit the same; gradients equal without a rotation, and with one differ only by fp32 summation order
+    (the rotated-basis product ``g @ (Qw H)`` instead of ``H (g @ Qw)``): 1e-5 of the largest gradient is about
+    100 ulps, far above that rounding and far below any real difference (a masked value moves a gradient by O(1))."""
+    from torch import nn
+
+    from hf_cage import QATLinear, QuantConfig
+    from hf_cage.kernels import reference
+    from hf_cage.quant import ste
+
+    config = QuantConfig(**QAT_CASES[case])
+    torch.manual_seed(0)
+    layer = QATLinear.from_linear(nn.Linear(256, 96), config)
+    x = weights(14, 256, seed=5).reshape(2, 7, 256) * 2
+    x[0, 0, :128] += 30 * explicit_hadamard(128)[3].float()  # clipped in the rotated basis
+    upstream = weights(14, 96, seed=6).reshape(2, 7, 96)
+    runs = {}
+    for fused in (True, False):
+        xi = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        with ste.fused_linear(fused), reference.rotation("butterfly"):
+            out = layer(xi)
+            out.backward(upstream)
+        runs[fused] = (out.detach(), xi.grad, layer.weight.grad, layer.bias.grad)
+    (out, *grads), (ref_out, *ref_grads) = runs[True], runs[False]
+    assert torch.equal(out, ref_out)
+    for got, want in zip(grads, ref_grads):
+        if config.hadamard:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+        else:
+            assert torch.equal(got, want)
+    if config.a_bits and config.hadamard:  # the activation mask mattered, by far more than the tolerance
+        unmasked = upstream @ layer.weight_quantizer()
+        assert (runs[True][1] - unmasked).abs().max() > 1e-3 * unmasked.abs().max()
+
+
+def test_fused_straight_through_linear_keeps_int8_codes_not_float_copies():
+    """Saved for backward by a W4A4 layer on the CPU path: the activation's int8 codes (mask folded in) and
+    one scale per token, the weight's likewise: 1 byte per value instead of a 4-byte ``Q`` plus a 1-byte mask."""
+    from torch import nn
+
+    from hf_cage import QATLinear, QuantConfig
+
+    layer = QATLinear.from_linear(nn.Linear(256, 96, bias=False), QuantConfig())
+    x = weights(64, 256, seed=7).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x)
+    assert [t.dtype for t in saved if t.numel() > 96] == [torch.int8, torch.int8]
+    assert sum(t.numel() * t.element_size() for t in saved) <= (64 + 96) * 256 + 4 * (64 + 96) * 2

@@ -169,12 +169,11 @@ def quantize_rows(x: torch.Tensor, spec: QuantSpec, backend: str | None = None) 
 def quantize_with_codes(
     x: torch.Tensor, spec: QuantSpec, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(codes, scales, Q(x), mask)`` in one pass on Triton (two torch calls on the twin); not FP4 grids."""
+    """``(codes, scales, Q(x), mask)`` in one pass; not FP4 grids."""
     _not_fp4(spec)
     if (backend or backend_for(x)) == "triton":
         return triton_module("triton_quant").quantize(x, spec, codes=True, fake=True)
-    codes, scales = reference.quantize_rows(x, spec)
-    return (codes, scales, *reference.fake_quantize(x, spec))
+    return reference.quantize_with_codes(x, spec)
 
 
 def w4a4_matmul(

@@ -24,6 +24,7 @@ the Triton GEMMs take and compute the same sums: W4A4 exactly in integers, then 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -33,26 +34,87 @@ from .spec import QuantSpec
 
 
 @functools.lru_cache(maxsize=32)
-def _hadamard(block: int, device: str) -> torch.Tensor:
+def _sylvester(block: int, device: str, dtype: torch.dtype, normalized: bool) -> torch.Tensor:
     if block & (block - 1):
         raise ValueError(f"hadamard_block={block} must be a power of two")
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < block:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / block**0.5).to(device=device, dtype=torch.float32)
+    return (h / block**0.5 if normalized else h).to(device=device, dtype=dtype)
 
 
 def hadamard_matrix(block: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Normalized Sylvester Hadamard matrix, shape ``(block, block)``, fp32 (orthogonal, symmetric)."""
-    return _hadamard(block, str(torch.device(device)))
+    return _sylvester(block, str(torch.device(device)), torch.float32, True)
+
+
+ROTATIONS = ("auto", "butterfly", "matmul")
+_rotation = "auto"
+# Widest block the butterfly rotation multiplies by a dense +-1 matrix before its butterfly stages (measured
+# fastest on CPU: a 16-wide matmul is cheaper than four strided add/subtract passes; docs/benchmarks.md).
+_DENSE_INNER = 16
+# Below this many values the butterfly's fixed cost per pass loses to one matmul (measured crossover ~64K on CPU).
+_BUTTERFLY_MIN_NUMEL = 2**16
+
+
+@contextlib.contextmanager
+def rotation(method: str):
+    """Run :func:`hadamard_rotate` with ``method`` inside the block (benchmarks and tests compare them).
+
+    ``"matmul"``: one dense multiply by ``H``; ``"butterfly"``: the fast Walsh-Hadamard transform;
+    ``"auto"`` (the default): butterfly on CPU for tensors of at least 64K values, matmul otherwise (a GPU
+    multiplies a 128-wide block at full speed, and its hot path is the Triton kernels anyway).
+    """
+    global _rotation
+    if method not in ROTATIONS:
+        raise ValueError(f"rotation method {method!r} is not supported; choose one of {ROTATIONS}")
+    previous, _rotation = _rotation, method
+    try:
+        yield
+    finally:
+        _rotation = previous
+
+
+def _butterfly(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Fast Walsh-Hadamard transform of each ``block``-wide slice, Sylvester order, normalized.
+
+    ``H_block = H_(block/inner) kron H_inner``: the lowest ``inner`` index bits are one multiply by
+    ``H_inner`` scaled by ``1/sqrt(block)`` (so no separate scaling pass), each higher bit one butterfly stage
+    (``(a, b) -> (a + b, a - b)`` on halves ``h`` apart): ``log2(block / inner)`` adds per value instead of
+    ``block`` multiply-adds. Sums run in another order than the matmul (see :func:`rotation_error_bound`).
+    """
+    inner = min(block, _DENSE_INNER)
+    h_inner = _sylvester(inner, str(x.device), x.dtype, False) * block**-0.5
+    y = (x.reshape(-1, inner) @ h_inner).reshape(-1, block)
+    if inner == block:
+        return y.reshape(x.shape)
+    spare = torch.empty_like(y)
+    h = inner
+    while h < block:
+        src, dst = y.view(-1, block // (2 * h), 2, h), spare.view(-1, block // (2 * h), 2, h)
+        torch.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
+        torch.sub(src[:, :, 0], src[:, :, 1], out=dst[:, :, 1])
+        y, spare = spare, y
+        h *= 2
+    return y.reshape(x.shape)
 
 
 def hadamard_rotate(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Multiply each ``block``-wide slice of the last dimension by ``H``; its own inverse. fp32 in, fp32 out."""
+    """Multiply each ``block``-wide slice of the last dimension by ``H``; its own inverse. fp32 in, fp32 out.
+
+    On CPU by the fast transform (large tensors; :func:`rotation` switches), else by a matmul; both stay within
+    :func:`rotation_error_bound` of the exact product, not bit-identical to each other.
+    """
     k = x.shape[-1]
     if k % block:
         raise ValueError(f"last dimension {k} is not a multiple of hadamard_block={block}")
-    h = hadamard_matrix(block, x.device)
+    method = _rotation
+    if method == "auto":
+        fast = x.device.type == "cpu" and x.numel() >= _BUTTERFLY_MIN_NUMEL
+        method = "butterfly" if fast else "matmul"
+    if method == "butterfly" and x.numel():
+        return _butterfly(x, block)
+    h = _sylvester(block, str(x.device), x.dtype, True)
     return (x.reshape(*x.shape[:-1], k // block, block) @ h).reshape(x.shape)
 
 
@@ -114,11 +176,12 @@ def _clip_and_step(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor,
 
 
 def _codes(groups: torch.Tensor, clip: torch.Tensor, step: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Integer codes (as fp32) in ``[qmin, qmax]``."""
-    if spec.grid == "midrise":
-        return torch.round(torch.clamp(groups, -clip, clip) / step + 0.5) - 1
+    """Integer codes (as fp32) in ``[qmin, qmax]``. (In-place steps on one fresh tensor: the same operations in the
+    same order as the expressions in the comments, without a new allocation per step.)"""
+    if spec.grid == "midrise":  # round(clamp(x, -clip, clip) / step + 0.5) - 1
+        return torch.clamp(groups, -clip, clip).div_(step).add_(0.5).round_().sub_(1)
     # compressed-tensors' order: divide, add the zero point (0; it turns -0.0 into 0.0), clamp, round.
-    return torch.round(torch.clamp(groups / step + 0.0, spec.qmin, spec.qmax))
+    return (groups / step).add_(0.0).clamp_(spec.qmin, spec.qmax).round_()
 
 
 def _with_offset(codes: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -153,6 +216,20 @@ def dequantize_rows(
     return x.to(dtype)
 
 
+def _quantize(x: torch.Tensor, spec: QuantSpec, with_codes: bool):
+    groups = _grouped(_rotated_fp32(x, spec), spec)
+    clip, step = _clip_and_step(groups, spec)
+    codes = _codes(groups, clip, step, spec)
+    q = (codes + spec.code_offset).mul_(step) if spec.code_offset else codes * step
+    mask = ((q - groups).abs_() <= step * 0.5).reshape(x.shape)
+    q = q.reshape(x.shape)
+    if spec.hadamard_block:
+        q = hadamard_rotate(q, spec.hadamard_block)
+    if not with_codes:
+        return q.to(x.dtype), mask
+    return codes.to(torch.int8).reshape(x.shape), step.squeeze(-1), q.to(x.dtype), mask
+
+
 def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``Q(x)`` in the basis and dtype of ``x``, plus the straight-through mask.
 
@@ -161,14 +238,15 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
         mask: bool, same shape, in the rotated basis: True where ``|Q - x| <= step / 2``
             (QuEST's trust mask; False only where the value was clipped).
     """
-    groups = _grouped(_rotated_fp32(x, spec), spec)
-    clip, step = _clip_and_step(groups, spec)
-    q = _with_offset(_codes(groups, clip, step, spec), spec) * step
-    mask = ((q - groups).abs() <= step * 0.5).reshape(x.shape)
-    q = q.reshape(x.shape)
-    if spec.hadamard_block:
-        q = hadamard_rotate(q, spec.hadamard_block)
-    return q.to(x.dtype), mask
+    return _quantize(x, spec, with_codes=False)
+
+
+def quantize_with_codes(
+    x: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` and :func:`fake_quantize` in one pass: ``(codes, scales, q, mask)``, each exactly
+    what those two return."""
+    return _quantize(x, spec, with_codes=True)
 
 
 def int_matmul_reference(

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
 from ..kernels import fp4
 from ..kernels.spec import QuantSpec
 from ..quant.config import QuantConfig
-from ..quant.ste import fake_quantize_ste, straight_through
+from ..quant.ste import quantized_linear, straight_through
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -164,8 +163,10 @@ class QATLinear(nn.Linear):
         if self.uses_int4_matmul(x):
             return _W4A4LinearSTE.apply(x, self.weight, self.bias, self.weight_spec, self.activation_spec)
         backend = self.kernel_plan.backend(x, self.weight)
-        x = fake_quantize_ste(x, self.activation_spec, backend, self.activation_global_scale(x))
-        return F.linear(x, fake_quantize_ste(self.weight, self.weight_spec, backend), self.bias)
+        global_scale = self.activation_global_scale(x)
+        return quantized_linear(
+            x, self.weight, self.bias, self.weight_spec, self.activation_spec, backend, global_scale
+        )
 
     def extra_repr(self) -> str:
         a_bits = self.quant_config.a_bits
