@@ -63,7 +63,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-STUDIES = ("pretrain", "finetune", "map", "formats")
+STUDIES = ("practical", "pretrain", "finetune", "map", "formats")
 # Every STE run leaves a checkpoint at these fractions of its steps; CAGE runs branch from them.
 BRANCH_POINTS = (0.25, 0.5, 0.8)
 BATCH, BLOCK, VOCAB, EVAL_BLOCKS = 16, 256, 2048, 512
@@ -85,6 +85,7 @@ class Spec:
     group: int | None = None  # weight group size (granularity "group"); None: one scale per output channel
     lam: float = 0.0
     silence: float = 0.0
+    pull: float | None = None  # CAGE strength as the total pull sum_t lr_t * lambda_t (lambda from the schedule)
     variant: str = "decoupled"
     hidden: int = 64
     ffn: int = 192
@@ -113,7 +114,8 @@ class Spec:
     def key(self) -> str:
         name = f"{self.study}-h{self.hidden}-n{self.steps}-{self.fmt}-{self.method}-s{self.seed}"
         if self.method == "cage":
-            name += f"-l{self.lam:g}-q{self.silence:g}" + ("-coupled" if self.variant == "coupled" else "")
+            strength = f"-l{self.lam:g}" if self.pull is None else f"-p{self.pull:g}"
+            name += f"{strength}-q{self.silence:g}" + ("-coupled" if self.variant == "coupled" else "")
         if self.lr != 2e-3:
             name += f"-lr{self.lr:g}"
         if self.bf16_decay != "trainer":
@@ -125,7 +127,13 @@ class Spec:
         """The STE run a CAGE run branches from (None: trained from its start)."""
         if self.method != "cage" or self.silence == 0:
             return None
-        return replace(self, method="ste", lam=0.0, silence=0.0, variant="decoupled", save=False)
+        return replace(self, method="ste", lam=0.0, pull=None, silence=0.0, variant="decoupled", save=False)
+
+    def cage_lambda(self) -> float:
+        """The ``cage_lambda`` the run trains with: ``lam``, or the lambda whose total pull is ``pull``."""
+        if self.method != "cage":
+            return 0.0
+        return self.lam if self.pull is None else lambda_for_pull(self.steps, self.lr, self.pull, self.silence)
 
     @property
     def branch_step(self) -> int:
@@ -226,6 +234,71 @@ def plan_formats(results: dict[str, dict], seeds: int = 3) -> list[Spec]:
     return runs
 
 
+# the practical study: QAT fine-tuning into weight-only formats that stock loaders serve
+PRACTICAL_STEPS, PRACTICAL_LR, PRACTICAL_SEEDS = 100, 5e-4, 5
+PRACTICAL_SILENCE = 0.8  # CAGEConfig's default silence ratio
+PRACTICAL_PULLS = (0.03, 0.1, 0.2, 0.4, 1.0, 2.0)  # the sweep of the total pull, at PRACTICAL_SWEEP_FORMAT
+PRACTICAL_SWEEP_FORMAT = (4, None, "int", 64)
+# group 128 divides none of this model's input widths (64, 192): not measured
+PRACTICAL_FORMATS = (PRACTICAL_SWEEP_FORMAT, (4, None, "int", 32), (3, None, "int", 64), (4, None, "mxfp4", None))
+PRACTICAL_FORMATS += ((4, None, "nvfp4", None),)
+
+
+def practical_base() -> Spec:
+    """The BF16 model the practical study fine-tunes: ``finetune_base()`` retrained under this study's name."""
+    return replace(finetune_base(), study="practical")
+
+
+def practical_choice(results: dict[str, dict], seeds: int = PRACTICAL_SEEDS, **plan) -> float | None:
+    """The fine-tuning default pull: the sweep's pull with the lowest mean CAGE eval loss over ``seeds`` seeds
+    (paired: every pull branches from the same STE runs); None until every sweep run has finished."""
+    runs = [s for s in plan_practical({}, seeds, **plan) if s.pull is not None and s.fmt == _fmt_of(plan)]
+    if any(s.key not in results for s in runs):
+        return None
+    return min(PRACTICAL_PULLS, key=lambda p: _mean([results[s.key]["eval_loss"] for s in runs if s.pull == p]))
+
+
+def _fmt_of(plan: dict) -> str:
+    w, a, quantizer, group = plan.get("sweep_format", PRACTICAL_SWEEP_FORMAT)
+    return Spec("x", "ste", 0, 1, w_bits=w, a_bits=a, quantizer=quantizer, group=group).fmt
+
+
+def plan_practical(
+    results: dict[str, dict],
+    seeds: int = PRACTICAL_SEEDS,
+    base: Spec | None = None,
+    steps: int = PRACTICAL_STEPS,
+    sweep_format: tuple = PRACTICAL_SWEEP_FORMAT,
+    formats: tuple = PRACTICAL_FORMATS,
+) -> list[Spec]:
+    """Priority order: the BF16 base; per seed the BF16 fine-tuning, STE and CAGE at every pull of
+    ``PRACTICAL_PULLS`` at ``sweep_format``; then per seed STE and CAGE at the sweep's choice (once made) in the
+    other formats. A seed is a fine-tuning seed (the Trainer's seed and the data order) from the same base;
+    every CAGE run branches from the STE run of its seed and format."""
+    base = base or practical_base()
+    plan = dict(base=base, steps=steps, sweep_format=sweep_format, formats=formats)
+
+    def ft(method: str, seed: int, fmt: tuple = (None, None, "quest", None), **kw) -> Spec:
+        w, a, quantizer, group = fmt
+        common = dict(study="practical", seed=seed, steps=steps, lr=PRACTICAL_LR, data_seed=1000 + seed, save=False)
+        return replace(
+            base, method=method, init=base.key, w_bits=w, a_bits=a, quantizer=quantizer, group=group, **common, **kw
+        )
+
+    runs = [base]
+    for seed in range(seeds):
+        runs += [ft("bf16", seed), ft("ste", seed, sweep_format)]
+        runs += [ft("cage", seed, sweep_format, pull=p, silence=PRACTICAL_SILENCE) for p in PRACTICAL_PULLS]
+    choice = practical_choice(results, seeds, **plan) if results else None
+    for seed in range(seeds):
+        for fmt in formats:
+            if fmt != sweep_format:
+                runs.append(ft("ste", seed, fmt))
+                if choice is not None:
+                    runs.append(ft("cage", seed, fmt, pull=choice, silence=PRACTICAL_SILENCE))
+    return runs
+
+
 MAP_STEPS = (100, 325, 975)
 MAP_SHAPE = dict(hidden=32, ffn=96)
 
@@ -263,6 +336,7 @@ def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
     formats, int W4A4 (served), the map's 150 point at W4A4, then the rest of seed 0 and the other seeds; the FP4
     formats after the second pretraining seed, one seed at a time."""
     pre, ft, mp, fm = plan_pretrain(), plan_finetune(results), plan_map(), plan_formats(results)
+    practical = plan_practical(results)
 
     def first(r: Spec) -> bool:  # BF16, STE and the first CAGE setting of the map
         return r.method != "cage" or (r.lam, r.silence) == MAP_VARIANTS[0]
@@ -276,7 +350,8 @@ def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
         Spec("map", "bf16", 0, MAP_STEPS[2], **MAP_SHAPE, bf16_decay="blocks"),
     ]
     ordered = (
-        [r for r in pre if r.seed == 0 and r.fmt in ("bf16", "w4a4-quest")]
+        practical
+        + [r for r in pre if r.seed == 0 and r.fmt in ("bf16", "w4a4-quest")]
         + [r for r in ft if r.seed == 0 and r.fmt in ("bf16", FT_W4A4)]
         + [r for r in mp if r.seed == 0 and r.quantizer == "quest" and plain(r) and first(r) and r.steps < 975]
         + [r for r in ft if r.seed == 0]
@@ -374,7 +449,7 @@ def training_args(spec: Spec, output_dir: Path):
         quant_quantizer=spec.quantizer,
         quant_granularity="group" if spec.group else "channel",
         quant_group_size=spec.group,
-        cage_lambda=spec.lam,
+        cage_lambda=spec.cage_lambda(),
         cage_silence_ratio=spec.silence,
         cage_variant=spec.variant,
     )
@@ -488,6 +563,7 @@ def train(spec: Spec, out: Path) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "final_weights_sha": _weights_digest(trainer.model),
         "code_commit": os.environ.get("HF_CAGE_CODE_COMMIT"),
+        "cage_lambda": args.cage_lambda,
     }
 
 
@@ -801,6 +877,112 @@ def total_pull(steps: int, lr: float, lam: float, silence: float) -> float:
         opt.step()
         sched.step()
     return pull
+
+
+def lambda_for_pull(steps: int, lr: float, pull: float, silence: float) -> float:
+    """The ``cage_lambda`` whose total pull over the run is ``pull`` (the pull is linear in lambda). The one place
+    the benchmark turns a pull into a lambda, until ``CAGEConfig`` takes the pull itself."""
+    return pull / total_pull(steps, lr, 1.0, silence)
+
+
+def paired_removed(triples: list[tuple[float, float, float]]) -> dict:
+    """Per seed ``(bf16, ste, cage)`` losses -> the share of STE's loss increase over BF16 that CAGE removes:
+    mean over the seeds where STE is worse than BF16, its standard error (n >= 2), and CAGE's wins over STE."""
+    shares = [(s - c) / (s - b) for b, s, c in triples if s > b]
+    se = statistics.stdev(shares) / math.sqrt(len(shares)) if len(shares) >= 2 else float("nan")
+    wins = sum(c < s for _, s, c in triples)
+    return {"mean": _mean(shares), "se": se, "n": len(shares), "wins": wins, "seeds": len(triples)}
+
+
+def _removed_cell(stats: dict) -> str:
+    if not stats["n"]:
+        return "no increase to remove"
+    se = f" ± {stats['se']:.1%}" if stats["se"] == stats["se"] else ""
+    tail = f" (over {stats['n']} seeds)" if stats["n"] != stats["seeds"] else ""
+    return f"**{stats['mean']:+.1%}**{se}{tail}"
+
+
+def practical_triples(rows: list[dict], fmt: str, pull: float) -> list[tuple[int, float, float, float]]:
+    """``(seed, bf16, ste, cage)`` for every seed where the three fine-tuning runs of ``fmt`` at ``pull`` finished."""
+    by = {(r["method"], spec_of(r).fmt, r.get("pull"), r["seed"]): r["eval_loss"] for r in rows if r["init"]}
+    out = []
+    for seed in sorted({r["seed"] for r in rows}):
+        keys = (("bf16", "bf16", None, seed), ("ste", fmt, None, seed), ("cage", fmt, pull, seed))
+        if all(k in by for k in keys):
+            out.append((seed, *(by[k] for k in keys)))
+    return out
+
+
+def practical_table(rows: list[dict]) -> str:
+    """The fine-tuning table: per format, the paired share of STE's increase CAGE (at the sweep's pull) removes, its
+    standard error, the seeds CAGE won, and the BF16-fine-tuned / STE / CAGE mean losses."""
+    choice = practical_default(rows)
+    lines = [
+        "| fine-tuned into | seeds | share of STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE wins / "
+        "seeds | BF16 fine-tuned | STE | CAGE | STE's increase over BF16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if choice is None:
+        return "\n".join(lines + ["| (no seed has the whole pull sweep yet: no default) | | | | | | | |"])
+    for fmt in _practical_formats(rows):
+        triples = practical_triples(rows, fmt, choice)
+        if not triples:
+            continue
+        stats = paired_removed([t[1:] for t in triples])
+        b, st, c = (_mean([t[i] for t in triples]) for i in (1, 2, 3))
+        lines.append(
+            f"| {format_label(fmt)} | {len(triples)} | {_removed_cell(stats)} | {stats['wins']} / {stats['seeds']} "
+            f"| {b:.4f} | {st:.4f} | {c:.4f} | {st - b:+.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def practical_sweep_table(rows: list[dict]) -> str:
+    """The pull sweep at ``PRACTICAL_SWEEP_FORMAT``: per total pull, its lambda and the paired share removed."""
+    fmt = _fmt_of({})
+    choice = practical_default(rows)
+    lines = [
+        f"| total pull sum_t lr_t lambda_t | lambda it takes ({PRACTICAL_STEPS} steps, silence {PRACTICAL_SILENCE:g}) "
+        "| seeds | share of STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE wins / seeds | "
+        "CAGE eval loss (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for pull in sorted({r["pull"] for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt}):
+        triples = practical_triples(rows, fmt, pull)
+        if not triples:
+            continue
+        stats = paired_removed([t[1:] for t in triples])
+        lam = next(r["cage_lambda"] for r in rows if r.get("pull") == pull and spec_of(r).fmt == fmt)
+        mark = " (chosen)" if pull == choice else ""
+        lines.append(
+            f"| {pull:g}{mark} | {lam:.3g} | {len(triples)} | {_removed_cell(stats)} | {stats['wins']} / "
+            f"{stats['seeds']} | {_mean([t[3] for t in triples]):.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def practical_default(rows: list[dict]) -> float | None:
+    """The pull the fine-tuning table uses: :func:`practical_choice` over the leading seeds that have the whole
+    sweep (all ``PRACTICAL_SEEDS`` once the study is done); None before the first."""
+    done = {r["key"]: r for r in rows}
+    seeds = 0
+    while seeds < PRACTICAL_SEEDS and practical_choice(done, seeds + 1) is not None:
+        seeds += 1
+    return practical_choice(done, seeds) if seeds else None
+
+
+def _practical_formats(rows: list[dict]) -> list[str]:
+    order = [_fmt_of({"sweep_format": f}) for f in PRACTICAL_FORMATS]
+    found = {spec_of(r).fmt for r in rows if r["method"] != "bf16"}
+    return [f for f in order if f in found] + sorted(found - set(order))
+
+
+def format_label(fmt: str) -> str:
+    """``w4-int-g64`` -> ``W4A16 int, group 64``; ``w4-mxfp4`` -> ``W4A16 MXFP4``."""
+    parts = fmt.split("-")
+    bits = parts[0].upper() + ("" if "a" in parts[0] else "A16")
+    grid = parts[1].upper() if parts[1].endswith("fp4") else parts[1]
+    return f"{bits} {grid}" + (f", group {parts[2][1:]}" if len(parts) > 2 else "")
 
 
 def pretrain_table(rows: list[dict]) -> str:
@@ -1119,6 +1301,8 @@ def command_report(args) -> int:
 
     has_formats = bool(study("formats"))
     sections = {
+        "practical": practical_table(study("practical")) if study("practical") else "",
+        "practical-sweep": practical_sweep_table(study("practical")) if study("practical") else "",
         "pretrain": pretrain_table(study("pretrain")) if study("pretrain") else "",
         "finetune": finetune_table(study("finetune")) if study("finetune") else "",
         "formats-pretrain": pretrain_table(formats_rows(done, finetuning=False)) if has_formats else "",
