@@ -955,7 +955,7 @@ def practical_sweep_table(rows: list[dict]) -> str:
         lam = next(r["cage_lambda"] for r in rows if r.get("pull") == pull and spec_of(r).fmt == fmt)
         mark = " (chosen)" if pull == choice else ""
         lines.append(
-            f"| {pull:g}{mark} | {lam:.3g} | {len(triples)} | {_removed_cell(stats)} | {stats['wins']} / "
+            f"| {pull:g}{mark} | {lam:.4g} | {len(triples)} | {_removed_cell(stats)} | {stats['wins']} / "
             f"{stats['seeds']} | {_mean([t[3] for t in triples]):.4f} |"
         )
     return "\n".join(lines)
