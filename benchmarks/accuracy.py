@@ -1289,6 +1289,47 @@ def plot_map(done: dict[str, dict], path: Path) -> bool:
     return True
 
 
+def plot_practical_pull(rows: list[dict], path: Path) -> bool:
+    """The pull sweep: the paired share of STE's increase CAGE removes against the total pull, mean ± s.e. and
+    per seed, at ``PRACTICAL_SWEEP_FORMAT``."""
+    fmt = _fmt_of({})
+    points = []
+    for pull in sorted({r["pull"] for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt}):
+        triples = [t[1:] for t in practical_triples(rows, fmt, pull)]
+        if triples:
+            points.append((pull, paired_removed(triples), [(s - c) / (s - b) for b, s, c in triples if s > b]))
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for pull, _, shares in points:
+        ax.scatter([pull] * len(shares), [100 * x for x in shares], s=10, color="C0", alpha=0.4)
+    ax.errorbar(
+        [p for p, _, _ in points],
+        [100 * st["mean"] for _, st, _ in points],
+        yerr=[100 * st["se"] if st["se"] == st["se"] else 0 for _, st, _ in points],
+        fmt="-o",
+        color="C0",
+        capsize=3,
+        label="paired mean ± s.e.",
+    )
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("CAGE total pull sum_t lr_t lambda_t")
+    ax.set_ylabel("share of STE's loss increase removed (%)")
+    seeds = max(st["seeds"] for _, st, _ in points)
+    ax.set_title(f"Fine-tuning into {format_label(fmt)}: CAGE strength ({seeds} seeds)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def command_report(args) -> int:
     results = Path(args.results)
     done = load_results(results)
@@ -1321,6 +1362,9 @@ def command_report(args) -> int:
     plot.parent.mkdir(parents=True, exist_ok=True)
     if plot_map(done, plot):
         print(f"plot: {plot}")
+    pull_plot = plot.with_name("practical_pull.png")
+    if plot_practical_pull(study("practical"), pull_plot):
+        print(f"plot: {pull_plot}")
     if args.write_docs:
         target = docs / "results.md"
         text = target.read_text() if target.exists() else ""

@@ -254,7 +254,7 @@ def test_practical_plan_sweeps_the_pull_then_takes_its_choice_to_the_other_forma
     assert all(s.parent.fmt == s.fmt and s.parent.seed == s.seed for s in chosen)
 
 
-def test_practical_tables_give_the_paired_share_its_standard_error_and_wins(accuracy):
+def test_practical_tables_give_the_paired_share_its_standard_error_and_wins(accuracy, tmp_path):
     import math
     import statistics
     from dataclasses import asdict
@@ -277,3 +277,4 @@ def test_practical_tables_give_the_paired_share_its_standard_error_and_wins(accu
     assert f"| 3 | **{statistics.mean(shares):+.1%}** ± {se:.1%} | 2 / 3 | 3.1000 | 3.2167 | 3.1700 |" in row
     sweep = accuracy.practical_sweep_table(rows)
     assert re.search(r"\| 0\.1 \(chosen\) \| 157\.8 \| 3 \|", sweep) and "| 2 | 3155 | 3 |" in sweep
+    assert accuracy.plot_practical_pull(rows, tmp_path / "pull.png") and (tmp_path / "pull.png").stat().st_size > 1000
