@@ -12,6 +12,13 @@ STE/CAGE comparison is paired and a CAGE run costs ``1 - silence`` of a run.
 Studies (one results file each under ``--results``, one JSON line per finished run; finished runs are
 skipped, so every command is resumable):
 
+- ``practical``: the practical path, QAT fine-tuning into weight-only formats that stock loaders serve: the
+  seed-0 BF16 model of ``pretrain`` (retrained under this study's name) fine-tuned 100 steps at peak LR 5e-4
+  into W4A16 int (group 32 and 64; group 128 divides neither input width of this model, 64 and 192), W3A16 int
+  (group 64), W4A16 MXFP4 and NVFP4, with STE and CAGE, against BF16 fine-tuned the same way, 5 fine-tuning seeds
+  (Trainer seed and data order) from the same base. CAGE's strength is a total pull ``sum_t lr_t * lambda_t``
+  (silence 0.8, CAGEConfig's default), turned into ``cage_lambda`` by :func:`lambda_for_pull`; a sweep of the pull
+  (0.03 to 2) at W4A16 int group 64 over the same seeds chooses the pull the other formats use.
 - ``pretrain``: the headline table. Tiny Llama (hidden 64, 2 layers, 4 heads, SwiGLU 192, vocab 2048:
   0.11M block parameters) trained from scratch on the Shakespeare plays, 1500 steps x 16 x 256 tokens
   (6.1M tokens, 58 tokens per block parameter), peak LR 2e-3, QuEST W4A4 and W3A3, CAGE lambda 13 with
