@@ -17,8 +17,9 @@ skipped, so every command is resumable):
   into W4A16 int (group 32 and 64; group 128 divides neither input width of this model, 64 and 192), W3A16 int
   (group 64), W4A16 MXFP4 and NVFP4, with STE and CAGE, against BF16 fine-tuned the same way, 5 fine-tuning seeds
   (Trainer seed and data order) from the same base. CAGE's strength is a total pull ``sum_t lr_t * lambda_t``
-  (silence 0.8, CAGEConfig's default), turned into ``cage_lambda`` by :func:`lambda_for_pull`; a sweep of the pull
-  (0.03 to 2) at W4A16 int group 64 over the same seeds chooses the pull the other formats use.
+  (silence 0.5, as ``finetune``), turned into ``cage_lambda`` by :func:`lambda_for_pull`; a sweep of the pull
+  (0.03 to 2) at W4A16 int group 64 over the same seeds chooses the pull the other formats use. Last, the same
+  sweep at CAGEConfig's default silence 0.8 (a 20-step correction here).
 - ``pretrain``: the headline table. Tiny Llama (hidden 64, 2 layers, 4 heads, SwiGLU 192, vocab 2048:
   0.11M block parameters) trained from scratch on the Shakespeare plays, 1500 steps x 16 x 256 tokens
   (6.1M tokens, 58 tokens per block parameter), peak LR 2e-3, QuEST W4A4 and W3A3, CAGE lambda 13 with
@@ -243,7 +244,8 @@ def plan_formats(results: dict[str, dict], seeds: int = 3) -> list[Spec]:
 
 # the practical study: QAT fine-tuning into weight-only formats that stock loaders serve
 PRACTICAL_STEPS, PRACTICAL_LR, PRACTICAL_SEEDS = 100, 5e-4, 5
-PRACTICAL_SILENCE = 0.8  # CAGEConfig's default silence ratio
+PRACTICAL_SILENCE = 0.5  # as the finetune study; CAGEConfig's default 0.8 leaves the correction 20 steps here
+PRACTICAL_SILENCE_DEFAULT = 0.8  # CAGEConfig's default: its sweep runs after everything else
 PRACTICAL_PULLS = (0.03, 0.1, 0.2, 0.4, 1.0, 2.0)  # the sweep of the total pull, at PRACTICAL_SWEEP_FORMAT
 PRACTICAL_SWEEP_FORMAT = (4, None, "int", 64)
 # group 128 divides none of this model's input widths (64, 192): not measured
@@ -260,6 +262,7 @@ def practical_choice(results: dict[str, dict], seeds: int = PRACTICAL_SEEDS, **p
     """The fine-tuning default pull: the sweep's pull with the lowest mean CAGE eval loss over ``seeds`` seeds
     (paired: every pull branches from the same STE runs); None until every sweep run has finished."""
     runs = [s for s in plan_practical({}, seeds, **plan) if s.pull is not None and s.fmt == _fmt_of(plan)]
+    runs = [s for s in runs if s.silence == PRACTICAL_SILENCE]
     if any(s.key not in results for s in runs):
         return None
     return min(PRACTICAL_PULLS, key=lambda p: _mean([results[s.key]["eval_loss"] for s in runs if s.pull == p]))
@@ -303,6 +306,8 @@ def plan_practical(
                 runs.append(ft("ste", seed, fmt))
                 if choice is not None:
                     runs.append(ft("cage", seed, fmt, pull=choice, silence=PRACTICAL_SILENCE))
+    for seed in range(seeds):
+        runs += [ft("cage", seed, sweep_format, pull=p, silence=PRACTICAL_SILENCE_DEFAULT) for p in PRACTICAL_PULLS]
     return runs
 
 
@@ -909,12 +914,19 @@ def _removed_cell(stats: dict) -> str:
     return f"**{stats['mean']:+.1%}**{se}{tail}"
 
 
-def practical_triples(rows: list[dict], fmt: str, pull: float) -> list[tuple[int, float, float, float]]:
-    """``(seed, bf16, ste, cage)`` for every seed where the three fine-tuning runs of ``fmt`` at ``pull`` finished."""
-    by = {(r["method"], spec_of(r).fmt, r.get("pull"), r["seed"]): r["eval_loss"] for r in rows if r["init"]}
+def practical_triples(
+    rows: list[dict], fmt: str, pull: float, silence: float = PRACTICAL_SILENCE
+) -> list[tuple[int, float, float, float]]:
+    """``(seed, bf16, ste, cage)`` for every seed where the three fine-tuning runs of ``fmt`` at ``pull`` and
+    ``silence`` (CAGE's) finished."""
+    by = {
+        (r["method"], spec_of(r).fmt, r.get("pull"), r["silence"], r["seed"]): r["eval_loss"]
+        for r in rows
+        if r["init"]
+    }
     out = []
     for seed in sorted({r["seed"] for r in rows}):
-        keys = (("bf16", "bf16", None, seed), ("ste", fmt, None, seed), ("cage", fmt, pull, seed))
+        keys = (("bf16", "bf16", None, 0.0, seed), ("ste", fmt, None, 0.0, seed), ("cage", fmt, pull, silence, seed))
         if all(k in by for k in keys):
             out.append((seed, *(by[k] for k in keys)))
     return out
@@ -945,25 +957,30 @@ def practical_table(rows: list[dict]) -> str:
 
 
 def practical_sweep_table(rows: list[dict]) -> str:
-    """The pull sweep at ``PRACTICAL_SWEEP_FORMAT``: per total pull, its lambda and the paired share removed."""
+    """The pull sweep at ``PRACTICAL_SWEEP_FORMAT``: per silence and total pull, its lambda and the paired share
+    removed."""
     fmt = _fmt_of({})
     choice = practical_default(rows)
     lines = [
-        f"| total pull sum_t lr_t lambda_t | lambda it takes ({PRACTICAL_STEPS} steps, silence {PRACTICAL_SILENCE:g}) "
-        "| seeds | share of STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE wins / seeds | "
-        "CAGE eval loss (mean) |",
-        "|---|---|---|---|---|---|",
+        f"| silence | total pull sum_t lr_t lambda_t | lambda it takes ({PRACTICAL_STEPS} steps) | seeds | share of "
+        "STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE wins / seeds | CAGE eval loss (mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for pull in sorted({r["pull"] for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt}):
-        triples = practical_triples(rows, fmt, pull)
+    swept = {(r["silence"], r["pull"]) for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt}
+    for silence, pull in sorted(swept, key=lambda sp: (sp[0] != PRACTICAL_SILENCE, sp)):
+        triples = practical_triples(rows, fmt, pull, silence)
         if not triples:
             continue
         stats = paired_removed([t[1:] for t in triples])
-        lam = next(r["cage_lambda"] for r in rows if r.get("pull") == pull and spec_of(r).fmt == fmt)
-        mark = " (chosen)" if pull == choice else ""
+        lam = next(
+            r["cage_lambda"]
+            for r in rows
+            if (r.get("pull"), r["silence"]) == (pull, silence) and spec_of(r).fmt == fmt
+        )
+        mark = " (chosen)" if (pull, silence) == (choice, PRACTICAL_SILENCE) else ""
         lines.append(
-            f"| {pull:g}{mark} | {lam:.4g} | {len(triples)} | {_removed_cell(stats)} | {stats['wins']} / "
-            f"{stats['seeds']} | {_mean([t[3] for t in triples]):.4f} |"
+            f"| {silence:g} | {pull:g}{mark} | {lam:.4g} | {len(triples)} | {_removed_cell(stats)} | "
+            f"{stats['wins']} / {stats['seeds']} | {_mean([t[3] for t in triples]):.4f} |"
         )
     return "\n".join(lines)
 
@@ -1297,15 +1314,18 @@ def plot_map(done: dict[str, dict], path: Path) -> bool:
 
 
 def plot_practical_pull(rows: list[dict], path: Path) -> bool:
-    """The pull sweep: the paired share of STE's increase CAGE removes against the total pull, mean ± s.e. and
-    per seed, at ``PRACTICAL_SWEEP_FORMAT``."""
+    """The pull sweep at ``PRACTICAL_SWEEP_FORMAT``: the paired share of STE's increase CAGE removes against the
+    total pull, mean ± s.e. and per seed, one line per silence ratio."""
     fmt = _fmt_of({})
-    points = []
-    for pull in sorted({r["pull"] for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt}):
-        triples = [t[1:] for t in practical_triples(rows, fmt, pull)]
+    series = {}
+    for silence, pull in sorted(
+        {(r["silence"], r["pull"]) for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt}
+    ):
+        triples = [t[1:] for t in practical_triples(rows, fmt, pull, silence)]
         if triples:
-            points.append((pull, paired_removed(triples), [(s - c) / (s - b) for b, s, c in triples if s > b]))
-    if not points:
+            shares = [(s - c) / (s - b) for b, s, c in triples if s > b]
+            series.setdefault(silence, []).append((pull, paired_removed(triples), shares))
+    if not series:
         return False
     import matplotlib
 
@@ -1313,23 +1333,25 @@ def plot_practical_pull(rows: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for pull, _, shares in points:
-        ax.scatter([pull] * len(shares), [100 * x for x in shares], s=10, color="C0", alpha=0.4)
-    ax.errorbar(
-        [p for p, _, _ in points],
-        [100 * st["mean"] for _, st, _ in points],
-        yerr=[100 * st["se"] if st["se"] == st["se"] else 0 for _, st, _ in points],
-        fmt="-o",
-        color="C0",
-        capsize=3,
-        label="paired mean ± s.e.",
-    )
+    for i, (silence, points) in enumerate(sorted(series.items())):
+        color = f"C{i}"
+        for pull, _, shares in points:
+            ax.scatter([pull] * len(shares), [100 * x for x in shares], s=10, color=color, alpha=0.4)
+        seeds = max(st["seeds"] for _, st, _ in points)
+        ax.errorbar(
+            [p for p, _, _ in points],
+            [100 * st["mean"] for _, st, _ in points],
+            yerr=[100 * st["se"] if st["se"] == st["se"] else 0 for _, st, _ in points],
+            fmt="-o",
+            color=color,
+            capsize=3,
+            label=f"silence {silence:g}: paired mean ± s.e. (up to {seeds} seeds)",
+        )
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("CAGE total pull sum_t lr_t lambda_t")
     ax.set_ylabel("share of STE's loss increase removed (%)")
-    seeds = max(st["seeds"] for _, st, _ in points)
-    ax.set_title(f"Fine-tuning into {format_label(fmt)}: CAGE strength ({seeds} seeds)", fontsize=9)
+    ax.set_title(f"Fine-tuning into {format_label(fmt)}, {PRACTICAL_STEPS} steps: CAGE strength", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
