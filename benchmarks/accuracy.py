@@ -19,7 +19,8 @@ skipped, so every command is resumable):
   (Trainer seed and data order) from the same base. CAGE's strength is a total pull ``sum_t lr_t * lambda_t``
   (silence 0.5, as ``finetune``), turned into ``cage_lambda`` by :func:`lambda_for_pull`; a sweep of the pull
   (0.03 to 2) at W4A16 int group 64 over the same seeds chooses the pull the other formats use. Last, the same
-  sweep at CAGEConfig's default silence 0.8 (a 20-step correction here).
+  sweep at CAGEConfig's default silence 0.8 (a 20-step correction here). Before the other formats: the sweep on
+  seed 0 at 300 steps (the ``finetune`` length), to see whether the best pull depends on the length.
 - ``pretrain``: the headline table. Tiny Llama (hidden 64, 2 layers, 4 heads, SwiGLU 192, vocab 2048:
   0.11M block parameters) trained from scratch on the Shakespeare plays, 1500 steps x 16 x 256 tokens
   (6.1M tokens, 58 tokens per block parameter), peak LR 2e-3, QuEST W4A4 and W3A3, CAGE lambda 13 with
@@ -248,6 +249,8 @@ PRACTICAL_SILENCE = 0.5  # as the finetune study; CAGEConfig's default 0.8 leave
 PRACTICAL_SILENCE_DEFAULT = 0.8  # CAGEConfig's default: its sweep runs after everything else
 PRACTICAL_PULLS = (0.03, 0.1, 0.2, 0.4, 1.0, 2.0)  # the sweep of the total pull, at PRACTICAL_SWEEP_FORMAT
 PRACTICAL_SWEEP_FORMAT = (4, None, "int", 64)
+# the sweep again on a 3x longer fine-tuning (the finetune study's length), seed 0: does the best pull depend on it?
+PRACTICAL_LONG_SEEDS = 1
 # group 128 divides none of this model's input widths (64, 192): not measured
 PRACTICAL_FORMATS = (PRACTICAL_SWEEP_FORMAT, (4, None, "int", 32), (3, None, "int", 64), (4, None, "mxfp4", None))
 PRACTICAL_FORMATS += ((4, None, "nvfp4", None),)
@@ -262,7 +265,7 @@ def practical_choice(results: dict[str, dict], seeds: int = PRACTICAL_SEEDS, **p
     """The fine-tuning default pull: the sweep's pull with the lowest mean CAGE eval loss over ``seeds`` seeds
     (paired: every pull branches from the same STE runs); None until every sweep run has finished."""
     runs = [s for s in plan_practical({}, seeds, **plan) if s.pull is not None and s.fmt == _fmt_of(plan)]
-    runs = [s for s in runs if s.silence == PRACTICAL_SILENCE]
+    runs = [s for s in runs if s.silence == PRACTICAL_SILENCE and s.steps == plan.get("steps", PRACTICAL_STEPS)]
     if any(s.key not in results for s in runs):
         return None
     return min(PRACTICAL_PULLS, key=lambda p: _mean([results[s.key]["eval_loss"] for s in runs if s.pull == p]))
@@ -282,15 +285,16 @@ def plan_practical(
     formats: tuple = PRACTICAL_FORMATS,
 ) -> list[Spec]:
     """Priority order: the BF16 base; per seed the BF16 fine-tuning, STE and CAGE at every pull of
-    ``PRACTICAL_PULLS`` at ``sweep_format``; then per seed STE and CAGE at the sweep's choice (once made) in the
-    other formats. A seed is a fine-tuning seed (the Trainer's seed and the data order) from the same base;
-    every CAGE run branches from the STE run of its seed and format."""
+    ``PRACTICAL_PULLS`` at ``sweep_format``; the same sweep 3x longer on the first ``PRACTICAL_LONG_SEEDS`` seeds;
+    then per seed STE and CAGE at the sweep's choice (once made) in the other formats; last, the sweep at
+    CAGEConfig's default silence. A seed is a fine-tuning seed (the Trainer's seed and the data order) from the
+    same base; every CAGE run branches from the STE run of its seed and format."""
     base = base or practical_base()
     plan = dict(base=base, steps=steps, sweep_format=sweep_format, formats=formats)
 
-    def ft(method: str, seed: int, fmt: tuple = (None, None, "quest", None), **kw) -> Spec:
+    def ft(method: str, seed: int, fmt: tuple = (None, None, "quest", None), n: int = steps, **kw) -> Spec:
         w, a, quantizer, group = fmt
-        common = dict(study="practical", seed=seed, steps=steps, lr=PRACTICAL_LR, data_seed=1000 + seed, save=False)
+        common = dict(study="practical", seed=seed, steps=n, lr=PRACTICAL_LR, data_seed=1000 + seed, save=False)
         return replace(
             base, method=method, init=base.key, w_bits=w, a_bits=a, quantizer=quantizer, group=group, **common, **kw
         )
@@ -299,6 +303,10 @@ def plan_practical(
     for seed in range(seeds):
         runs += [ft("bf16", seed), ft("ste", seed, sweep_format)]
         runs += [ft("cage", seed, sweep_format, pull=p, silence=PRACTICAL_SILENCE) for p in PRACTICAL_PULLS]
+    long = 3 * steps  # 300 steps at the default length: the finetune study's
+    for seed in range(min(seeds, PRACTICAL_LONG_SEEDS)):
+        runs += [ft("bf16", seed, n=long), ft("ste", seed, sweep_format, n=long)]
+        runs += [ft("cage", seed, sweep_format, long, pull=p, silence=PRACTICAL_SILENCE) for p in PRACTICAL_PULLS]
     choice = practical_choice(results, seeds, **plan) if results else None
     for seed in range(seeds):
         for fmt in formats:
@@ -915,14 +923,14 @@ def _removed_cell(stats: dict) -> str:
 
 
 def practical_triples(
-    rows: list[dict], fmt: str, pull: float, silence: float = PRACTICAL_SILENCE
+    rows: list[dict], fmt: str, pull: float, silence: float = PRACTICAL_SILENCE, steps: int = PRACTICAL_STEPS
 ) -> list[tuple[int, float, float, float]]:
-    """``(seed, bf16, ste, cage)`` for every seed where the three fine-tuning runs of ``fmt`` at ``pull`` and
-    ``silence`` (CAGE's) finished."""
+    """``(seed, bf16, ste, cage)`` for every seed where the three ``steps``-long fine-tuning runs of ``fmt`` at
+    ``pull`` and ``silence`` (CAGE's) finished."""
     by = {
         (r["method"], spec_of(r).fmt, r.get("pull"), r["silence"], r["seed"]): r["eval_loss"]
         for r in rows
-        if r["init"]
+        if r["init"] and r["steps"] == steps
     }
     out = []
     for seed in sorted({r["seed"] for r in rows}):
@@ -936,9 +944,10 @@ def practical_table(rows: list[dict]) -> str:
     """The fine-tuning table: per format, the paired share of STE's increase CAGE (at the sweep's pull) removes, its
     standard error, the seeds CAGE won, and the BF16-fine-tuned / STE / CAGE mean losses."""
     choice = practical_default(rows)
+    cage = "CAGE" if choice is None else f"CAGE (total pull {choice:g}, silence {PRACTICAL_SILENCE:g})"
     lines = [
         "| fine-tuned into | seeds | share of STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE wins / "
-        "seeds | BF16 fine-tuned | STE | CAGE | STE's increase over BF16 |",
+        f"seeds | BF16 fine-tuned | STE | {cage} | STE's increase over BF16 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     if choice is None:
@@ -962,24 +971,27 @@ def practical_sweep_table(rows: list[dict]) -> str:
     fmt = _fmt_of({})
     choice = practical_default(rows)
     lines = [
-        f"| silence | total pull sum_t lr_t lambda_t | lambda it takes ({PRACTICAL_STEPS} steps) | seeds | share of "
+        "| fine-tuning steps | silence | total pull sum_t lr_t lambda_t | lambda it takes | seeds | share of "
         "STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE wins / seeds | CAGE eval loss (mean) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    swept = {(r["silence"], r["pull"]) for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt}
-    for silence, pull in sorted(swept, key=lambda sp: (sp[0] != PRACTICAL_SILENCE, sp)):
-        triples = practical_triples(rows, fmt, pull, silence)
+    swept = {
+        (r["steps"], r["silence"], r["pull"]) for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt
+    }
+    for steps, silence, pull in sorted(swept, key=lambda x: (x[0], x[1] != PRACTICAL_SILENCE, x)):
+        triples = practical_triples(rows, fmt, pull, silence, steps)
         if not triples:
             continue
         stats = paired_removed([t[1:] for t in triples])
         lam = next(
             r["cage_lambda"]
             for r in rows
-            if (r.get("pull"), r["silence"]) == (pull, silence) and spec_of(r).fmt == fmt
+            if (r["steps"], r.get("pull"), r["silence"]) == (steps, pull, silence) and spec_of(r).fmt == fmt
         )
-        mark = " (chosen)" if (pull, silence) == (choice, PRACTICAL_SILENCE) else ""
+        chosen = (steps, pull, silence) == (PRACTICAL_STEPS, choice, PRACTICAL_SILENCE)
+        mark = " (chosen)" if chosen else ""
         lines.append(
-            f"| {silence:g} | {pull:g}{mark} | {lam:.4g} | {len(triples)} | {_removed_cell(stats)} | "
+            f"| {steps} | {silence:g} | {pull:g}{mark} | {lam:.4g} | {len(triples)} | {_removed_cell(stats)} | "
             f"{stats['wins']} / {stats['seeds']} | {_mean([t[3] for t in triples]):.4f} |"
         )
     return "\n".join(lines)
@@ -1318,13 +1330,13 @@ def plot_practical_pull(rows: list[dict], path: Path) -> bool:
     total pull, mean ± s.e. and per seed, one line per silence ratio."""
     fmt = _fmt_of({})
     series = {}
-    for silence, pull in sorted(
-        {(r["silence"], r["pull"]) for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt}
+    for steps, silence, pull in sorted(
+        {(r["steps"], r["silence"], r["pull"]) for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt}
     ):
-        triples = [t[1:] for t in practical_triples(rows, fmt, pull, silence)]
+        triples = [t[1:] for t in practical_triples(rows, fmt, pull, silence, steps)]
         if triples:
             shares = [(s - c) / (s - b) for b, s, c in triples if s > b]
-            series.setdefault(silence, []).append((pull, paired_removed(triples), shares))
+            series.setdefault((steps, silence), []).append((pull, paired_removed(triples), shares))
     if not series:
         return False
     import matplotlib
@@ -1333,7 +1345,7 @@ def plot_practical_pull(rows: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (silence, points) in enumerate(sorted(series.items())):
+    for i, ((steps, silence), points) in enumerate(sorted(series.items())):
         color = f"C{i}"
         for pull, _, shares in points:
             ax.scatter([pull] * len(shares), [100 * x for x in shares], s=10, color=color, alpha=0.4)
@@ -1345,13 +1357,13 @@ def plot_practical_pull(rows: list[dict], path: Path) -> bool:
             fmt="-o",
             color=color,
             capsize=3,
-            label=f"silence {silence:g}: paired mean ± s.e. (up to {seeds} seeds)",
+            label=f"{steps} steps, silence {silence:g}: paired mean ± s.e. ({seeds} seeds)",
         )
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("CAGE total pull sum_t lr_t lambda_t")
     ax.set_ylabel("share of STE's loss increase removed (%)")
-    ax.set_title(f"Fine-tuning into {format_label(fmt)}, {PRACTICAL_STEPS} steps: CAGE strength", fontsize=9)
+    ax.set_title(f"Fine-tuning into {format_label(fmt)}: CAGE strength", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
