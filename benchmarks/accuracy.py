@@ -20,7 +20,7 @@ skipped, so every command is resumable):
   (silence 0.5, as ``finetune``), turned into ``cage_lambda`` by :func:`lambda_for_pull`; a sweep of the pull
   (0.03 to 2) at W4A16 int group 64 over the same seeds chooses the pull the other formats use. Last, the same
   sweep at CAGEConfig's default silence 0.8 (a 20-step correction here). Before the other formats: the sweep on
-  seed 0 at 300 steps (the ``finetune`` length), to see whether the best pull depends on the length.
+  seeds 0-1 at 300 steps (the ``finetune`` length), to see whether the best pull depends on the length.
 - ``pretrain``: the headline table. Tiny Llama (hidden 64, 2 layers, 4 heads, SwiGLU 192, vocab 2048:
   0.11M block parameters) trained from scratch on the Shakespeare plays, 1500 steps x 16 x 256 tokens
   (6.1M tokens, 58 tokens per block parameter), peak LR 2e-3, QuEST W4A4 and W3A3, CAGE lambda 13 with
@@ -249,8 +249,8 @@ PRACTICAL_SILENCE = 0.5  # as the finetune study; CAGEConfig's default 0.8 leave
 PRACTICAL_SILENCE_DEFAULT = 0.8  # CAGEConfig's default: its sweep runs after everything else
 PRACTICAL_PULLS = (0.03, 0.1, 0.2, 0.4, 1.0, 2.0)  # the sweep of the total pull, at PRACTICAL_SWEEP_FORMAT
 PRACTICAL_SWEEP_FORMAT = (4, None, "int", 64)
-# the sweep again on a 3x longer fine-tuning (the finetune study's length), seed 0: does the best pull depend on it?
-PRACTICAL_LONG_SEEDS = 1
+# the sweep again on a 3x longer fine-tuning (the finetune study's length), seeds 0-1: does the best pull depend on it?
+PRACTICAL_LONG_SEEDS = 2
 # group 128 divides none of this model's input widths (64, 192): not measured
 PRACTICAL_FORMATS = (PRACTICAL_SWEEP_FORMAT, (4, None, "int", 32), (3, None, "int", 64), (4, None, "mxfp4", None))
 PRACTICAL_FORMATS += ((4, None, "nvfp4", None),)
