@@ -946,23 +946,40 @@ def practical_table(rows: list[dict]) -> str:
     choice = practical_default(rows)
     cage = "CAGE" if choice is None else f"CAGE (total pull {choice:g}, silence {PRACTICAL_SILENCE:g})"
     lines = [
-        "| fine-tuned into | seeds | share of STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE wins / "
-        f"seeds | BF16 fine-tuned | STE | {cage} | STE's increase over BF16 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| fine-tuned into | steps | seeds | share of STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE "
+        f"wins / seeds | BF16 fine-tuned | STE | {cage} | STE's increase over BF16 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     if choice is None:
-        return "\n".join(lines + ["| (no seed has the whole pull sweep yet: no default) | | | | | | | |"])
-    for fmt in _practical_formats(rows):
-        triples = practical_triples(rows, fmt, choice)
+        return "\n".join(lines + ["| (no seed has the whole pull sweep yet: no default) | | | | | | | | |"])
+    rows_at = [(fmt, PRACTICAL_STEPS, choice) for fmt in _practical_formats(rows)]
+    long, long_pull = 3 * PRACTICAL_STEPS, best_pull(rows, 3 * PRACTICAL_STEPS)
+    if long_pull is not None:  # the longer sweep, at its own best pull
+        rows_at.insert(1, (_fmt_of({}), long, long_pull))
+    for fmt, steps, pull in rows_at:
+        triples = practical_triples(rows, fmt, pull, PRACTICAL_SILENCE, steps)
         if not triples:
             continue
         stats = paired_removed([t[1:] for t in triples])
         b, st, c = (_mean([t[i] for t in triples]) for i in (1, 2, 3))
+        note = "" if pull == choice and steps == PRACTICAL_STEPS else f" (pull {pull:g}: that length's best)"
         lines.append(
-            f"| {format_label(fmt)} | {len(triples)} | {_removed_cell(stats)} | {stats['wins']} / {stats['seeds']} "
-            f"| {b:.4f} | {st:.4f} | {c:.4f} | {st - b:+.4f} |"
+            f"| {format_label(fmt)} | {steps} | {len(triples)} | {_removed_cell(stats)} | {stats['wins']} / "
+            f"{stats['seeds']} | {b:.4f} | {st:.4f} | {c:.4f}{note} | {st - b:+.4f} |"
         )
     return "\n".join(lines)
+
+
+def best_pull(rows: list[dict], steps: int) -> float | None:
+    """The pull of the ``steps``-long sweep with the lowest mean CAGE loss over the seeds every pull has."""
+    fmt = _fmt_of({})
+    found = {p: practical_triples(rows, fmt, p, PRACTICAL_SILENCE, steps) for p in PRACTICAL_PULLS}
+    if not all(found.values()):
+        return None
+    seeds = set.intersection(*({t[0] for t in ts} for ts in found.values()))
+    if not seeds:
+        return None
+    return min(found, key=lambda p: _mean([t[3] for t in found[p] if t[0] in seeds]))
 
 
 def practical_sweep_table(rows: list[dict]) -> str:

@@ -280,7 +280,9 @@ def test_practical_tables_give_the_paired_share_its_standard_error_and_wins(accu
     se = statistics.stdev(shares) / math.sqrt(3)
     table = accuracy.practical_table(rows)
     row = next(line for line in table.splitlines() if line.startswith("| W4A16 int, group 64 |"))
-    assert f"| 3 | **{statistics.mean(shares):+.1%}** ± {se:.1%} | 2 / 3 | 3.1000 | 3.2167 | 3.1700 |" in row
+    assert f"| 100 | 3 | **{statistics.mean(shares):+.1%}** ± {se:.1%} | 2 / 3 | 3.1000 | 3.2167 | 3.1700 |" in row
+    # the 300-step sweep (seeds 0-1 of these rows: pull 0.1 best too) gets its own row at its best pull
+    assert "| W4A16 int, group 64 | 300 | 2 |" in table and "(pull 0.1: that length's best)" in table
     sweep = accuracy.practical_sweep_table(rows)
     lam = {(s.steps, s.pull, s.silence): f"{s.cage_lambda():.4g}" for s in specs if s.method == "cage"}
     assert f"| 100 | 0.5 | 0.1 (chosen) | {lam[100, 0.1, 0.5]} | 3 |" in sweep
