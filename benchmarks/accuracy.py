@@ -12,6 +12,15 @@ STE/CAGE comparison is paired and a CAGE run costs ``1 - silence`` of a run.
 Studies (one results file each under ``--results``, one JSON line per finished run; finished runs are
 skipped, so every command is resumable):
 
+- ``practical``: the practical path, QAT fine-tuning into weight-only formats that stock loaders serve: the
+  seed-0 BF16 model of ``pretrain`` (retrained under this study's name) fine-tuned 100 steps at peak LR 5e-4
+  into W4A16 int (group 32 and 64; group 128 divides neither input width of this model, 64 and 192), W3A16 int
+  (group 64), W4A16 MXFP4 and NVFP4, with STE and CAGE, against BF16 fine-tuned the same way, 5 fine-tuning seeds
+  (Trainer seed and data order) from the same base. CAGE's strength is a total pull ``sum_t lr_t * lambda_t``
+  (silence 0.5, as ``finetune``), turned into ``cage_lambda`` by :func:`lambda_for_pull`; a sweep of the pull
+  (0.03 to 2) at W4A16 int group 64 over the same seeds chooses the pull the other formats use. Last, the same
+  sweep at CAGEConfig's default silence 0.8 (a 20-step correction here). Before the other formats: the sweep on
+  seeds 0-1 at 300 steps (the ``finetune`` length), to see whether the best pull depends on the length.
 - ``pretrain``: the headline table. Tiny Llama (hidden 64, 2 layers, 4 heads, SwiGLU 192, vocab 2048:
   0.11M block parameters) trained from scratch on the Shakespeare plays, 1500 steps x 16 x 256 tokens
   (6.1M tokens, 58 tokens per block parameter), peak LR 2e-3, QuEST W4A4 and W3A3, CAGE lambda 13 with
@@ -63,7 +72,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-STUDIES = ("pretrain", "finetune", "map", "formats")
+STUDIES = ("practical", "pretrain", "finetune", "map", "formats")
 # Every STE run leaves a checkpoint at these fractions of its steps; CAGE runs branch from them.
 BRANCH_POINTS = (0.25, 0.5, 0.8)
 BATCH, BLOCK, VOCAB, EVAL_BLOCKS = 16, 256, 2048, 512
@@ -85,6 +94,7 @@ class Spec:
     group: int | None = None  # weight group size (granularity "group"); None: one scale per output channel
     lam: float = 0.0
     silence: float = 0.0
+    pull: float | None = None  # CAGE strength as the total pull sum_t lr_t * lambda_t (lambda from the schedule)
     variant: str = "decoupled"
     hidden: int = 64
     ffn: int = 192
@@ -113,7 +123,8 @@ class Spec:
     def key(self) -> str:
         name = f"{self.study}-h{self.hidden}-n{self.steps}-{self.fmt}-{self.method}-s{self.seed}"
         if self.method == "cage":
-            name += f"-l{self.lam:g}-q{self.silence:g}" + ("-coupled" if self.variant == "coupled" else "")
+            strength = f"-l{self.lam:g}" if self.pull is None else f"-p{self.pull:g}"
+            name += f"{strength}-q{self.silence:g}" + ("-coupled" if self.variant == "coupled" else "")
         if self.lr != 2e-3:
             name += f"-lr{self.lr:g}"
         if self.bf16_decay != "trainer":
@@ -125,7 +136,13 @@ class Spec:
         """The STE run a CAGE run branches from (None: trained from its start)."""
         if self.method != "cage" or self.silence == 0:
             return None
-        return replace(self, method="ste", lam=0.0, silence=0.0, variant="decoupled", save=False)
+        return replace(self, method="ste", lam=0.0, pull=None, silence=0.0, variant="decoupled", save=False)
+
+    def cage_lambda(self) -> float:
+        """The ``cage_lambda`` the run trains with: ``lam``, or the lambda whose total pull is ``pull``."""
+        if self.method != "cage":
+            return 0.0
+        return self.lam if self.pull is None else lambda_for_pull(self.steps, self.lr, self.pull, self.silence)
 
     @property
     def branch_step(self) -> int:
@@ -226,6 +243,82 @@ def plan_formats(results: dict[str, dict], seeds: int = 3) -> list[Spec]:
     return runs
 
 
+# the practical study: QAT fine-tuning into weight-only formats that stock loaders serve
+PRACTICAL_STEPS, PRACTICAL_LR, PRACTICAL_SEEDS = 100, 5e-4, 5
+PRACTICAL_SILENCE = 0.5  # as the finetune study; CAGEConfig's default 0.8 leaves the correction 20 steps here
+PRACTICAL_SILENCE_DEFAULT = 0.8  # CAGEConfig's default: its sweep runs after everything else
+PRACTICAL_PULLS = (0.03, 0.1, 0.2, 0.4, 1.0, 2.0)  # the sweep of the total pull, at PRACTICAL_SWEEP_FORMAT
+PRACTICAL_SWEEP_FORMAT = (4, None, "int", 64)
+# the sweep again on a 3x longer fine-tuning (the finetune study's length), seeds 0-1: does the best pull depend on it?
+PRACTICAL_LONG_SEEDS = 2
+# group 128 divides none of this model's input widths (64, 192): not measured
+PRACTICAL_FORMATS = (PRACTICAL_SWEEP_FORMAT, (4, None, "int", 32), (3, None, "int", 64), (4, None, "mxfp4", None))
+PRACTICAL_FORMATS += ((4, None, "nvfp4", None),)
+
+
+def practical_base() -> Spec:
+    """The BF16 model the practical study fine-tunes: ``finetune_base()`` retrained under this study's name."""
+    return replace(finetune_base(), study="practical")
+
+
+def practical_choice(results: dict[str, dict], seeds: int = PRACTICAL_SEEDS, **plan) -> float | None:
+    """The fine-tuning default pull: the sweep's pull with the lowest mean CAGE eval loss over ``seeds`` seeds
+    (paired: every pull branches from the same STE runs); None until every sweep run has finished."""
+    runs = [s for s in plan_practical({}, seeds, **plan) if s.pull is not None and s.fmt == _fmt_of(plan)]
+    runs = [s for s in runs if s.silence == PRACTICAL_SILENCE and s.steps == plan.get("steps", PRACTICAL_STEPS)]
+    if any(s.key not in results for s in runs):
+        return None
+    return min(PRACTICAL_PULLS, key=lambda p: _mean([results[s.key]["eval_loss"] for s in runs if s.pull == p]))
+
+
+def _fmt_of(plan: dict) -> str:
+    w, a, quantizer, group = plan.get("sweep_format", PRACTICAL_SWEEP_FORMAT)
+    return Spec("x", "ste", 0, 1, w_bits=w, a_bits=a, quantizer=quantizer, group=group).fmt
+
+
+def plan_practical(
+    results: dict[str, dict],
+    seeds: int = PRACTICAL_SEEDS,
+    base: Spec | None = None,
+    steps: int = PRACTICAL_STEPS,
+    sweep_format: tuple = PRACTICAL_SWEEP_FORMAT,
+    formats: tuple = PRACTICAL_FORMATS,
+) -> list[Spec]:
+    """Priority order: the BF16 base; per seed the BF16 fine-tuning, STE and CAGE at every pull of
+    ``PRACTICAL_PULLS`` at ``sweep_format``; the same sweep 3x longer on the first ``PRACTICAL_LONG_SEEDS`` seeds;
+    then per seed STE and CAGE at the sweep's choice (once made) in the other formats; last, the sweep at
+    CAGEConfig's default silence. A seed is a fine-tuning seed (the Trainer's seed and the data order) from the
+    same base; every CAGE run branches from the STE run of its seed and format."""
+    base = base or practical_base()
+    plan = dict(base=base, steps=steps, sweep_format=sweep_format, formats=formats)
+
+    def ft(method: str, seed: int, fmt: tuple = (None, None, "quest", None), n: int = steps, **kw) -> Spec:
+        w, a, quantizer, group = fmt
+        common = dict(study="practical", seed=seed, steps=n, lr=PRACTICAL_LR, data_seed=1000 + seed, save=False)
+        return replace(
+            base, method=method, init=base.key, w_bits=w, a_bits=a, quantizer=quantizer, group=group, **common, **kw
+        )
+
+    runs = [base]
+    for seed in range(seeds):
+        runs += [ft("bf16", seed), ft("ste", seed, sweep_format)]
+        runs += [ft("cage", seed, sweep_format, pull=p, silence=PRACTICAL_SILENCE) for p in PRACTICAL_PULLS]
+    long = 3 * steps  # 300 steps at the default length: the finetune study's
+    for seed in range(min(seeds, PRACTICAL_LONG_SEEDS)):
+        runs += [ft("bf16", seed, n=long), ft("ste", seed, sweep_format, n=long)]
+        runs += [ft("cage", seed, sweep_format, long, pull=p, silence=PRACTICAL_SILENCE) for p in PRACTICAL_PULLS]
+    choice = practical_choice(results, seeds, **plan) if results else None
+    for seed in range(seeds):
+        for fmt in formats:
+            if fmt != sweep_format:
+                runs.append(ft("ste", seed, fmt))
+                if choice is not None:
+                    runs.append(ft("cage", seed, fmt, pull=choice, silence=PRACTICAL_SILENCE))
+    for seed in range(seeds):
+        runs += [ft("cage", seed, sweep_format, pull=p, silence=PRACTICAL_SILENCE_DEFAULT) for p in PRACTICAL_PULLS]
+    return runs
+
+
 MAP_STEPS = (100, 325, 975)
 MAP_SHAPE = dict(hidden=32, ffn=96)
 
@@ -263,6 +356,7 @@ def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
     formats, int W4A4 (served), the map's 150 point at W4A4, then the rest of seed 0 and the other seeds; the FP4
     formats after the second pretraining seed, one seed at a time."""
     pre, ft, mp, fm = plan_pretrain(), plan_finetune(results), plan_map(), plan_formats(results)
+    practical = plan_practical(results)
 
     def first(r: Spec) -> bool:  # BF16, STE and the first CAGE setting of the map
         return r.method != "cage" or (r.lam, r.silence) == MAP_VARIANTS[0]
@@ -276,7 +370,8 @@ def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
         Spec("map", "bf16", 0, MAP_STEPS[2], **MAP_SHAPE, bf16_decay="blocks"),
     ]
     ordered = (
-        [r for r in pre if r.seed == 0 and r.fmt in ("bf16", "w4a4-quest")]
+        practical
+        + [r for r in pre if r.seed == 0 and r.fmt in ("bf16", "w4a4-quest")]
         + [r for r in ft if r.seed == 0 and r.fmt in ("bf16", FT_W4A4)]
         + [r for r in mp if r.seed == 0 and r.quantizer == "quest" and plain(r) and first(r) and r.steps < 975]
         + [r for r in ft if r.seed == 0]
@@ -374,7 +469,7 @@ def training_args(spec: Spec, output_dir: Path):
         quant_quantizer=spec.quantizer,
         quant_granularity="group" if spec.group else "channel",
         quant_group_size=spec.group,
-        cage_lambda=spec.lam,
+        cage_lambda=spec.cage_lambda(),
         cage_silence_ratio=spec.silence,
         cage_variant=spec.variant,
     )
@@ -488,6 +583,7 @@ def train(spec: Spec, out: Path) -> dict:
         "seconds": round(time.perf_counter() - start, 1),
         "final_weights_sha": _weights_digest(trainer.model),
         "code_commit": os.environ.get("HF_CAGE_CODE_COMMIT"),
+        "cage_lambda": args.cage_lambda,
     }
 
 
@@ -796,6 +892,145 @@ def total_pull(steps: int, lr: float, lam: float, silence: float) -> float:
     return pull
 
 
+def lambda_for_pull(steps: int, lr: float, pull: float, silence: float) -> float:
+    """The ``cage_lambda`` whose total pull over the run is ``pull`` (the pull is linear in lambda). The one place
+    the benchmark turns a pull into a lambda, until ``CAGEConfig`` takes the pull itself."""
+    return pull / total_pull(steps, lr, 1.0, silence)
+
+
+def paired_removed(triples: list[tuple[float, float, float]]) -> dict:
+    """Per seed ``(bf16, ste, cage)`` losses -> the share of STE's loss increase over BF16 that CAGE removes:
+    mean over the seeds where STE is worse than BF16, its standard error (n >= 2), and CAGE's wins over STE."""
+    shares = [(s - c) / (s - b) for b, s, c in triples if s > b]
+    se = statistics.stdev(shares) / math.sqrt(len(shares)) if len(shares) >= 2 else float("nan")
+    wins = sum(c < s for _, s, c in triples)
+    return {"mean": _mean(shares), "se": se, "n": len(shares), "wins": wins, "seeds": len(triples)}
+
+
+def _removed_cell(stats: dict) -> str:
+    if not stats["n"]:
+        return "no increase to remove"
+    se = f" ± {stats['se']:.1%}" if stats["se"] == stats["se"] else ""
+    tail = f" (over {stats['n']} seeds)" if stats["n"] != stats["seeds"] else ""
+    return f"**{stats['mean']:+.1%}**{se}{tail}"
+
+
+def practical_triples(
+    rows: list[dict], fmt: str, pull: float, silence: float = PRACTICAL_SILENCE, steps: int = PRACTICAL_STEPS
+) -> list[tuple[int, float, float, float]]:
+    """``(seed, bf16, ste, cage)`` for every seed where the three ``steps``-long fine-tuning runs of ``fmt`` at
+    ``pull`` and ``silence`` (CAGE's) finished."""
+    by = {
+        (r["method"], spec_of(r).fmt, r.get("pull"), r["silence"], r["seed"]): r["eval_loss"]
+        for r in rows
+        if r["init"] and r["steps"] == steps
+    }
+    out = []
+    for seed in sorted({r["seed"] for r in rows}):
+        keys = (("bf16", "bf16", None, 0.0, seed), ("ste", fmt, None, 0.0, seed), ("cage", fmt, pull, silence, seed))
+        if all(k in by for k in keys):
+            out.append((seed, *(by[k] for k in keys)))
+    return out
+
+
+def practical_table(rows: list[dict]) -> str:
+    """The fine-tuning table: per format, the paired share of STE's increase CAGE (at the sweep's pull) removes, its
+    standard error, the seeds CAGE won, and the BF16-fine-tuned / STE / CAGE mean losses."""
+    choice = practical_default(rows)
+    cage = "CAGE" if choice is None else f"CAGE (total pull {choice:g}, silence {PRACTICAL_SILENCE:g})"
+    lines = [
+        "| fine-tuned into | steps | seeds | share of STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE "
+        f"wins / seeds | BF16 fine-tuned | STE | {cage} | STE's increase over BF16 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    if choice is None:
+        return "\n".join(lines + ["| (no seed has the whole pull sweep yet: no default) | | | | | | | | |"])
+    rows_at = [(fmt, PRACTICAL_STEPS, choice) for fmt in _practical_formats(rows)]
+    long, long_pull = 3 * PRACTICAL_STEPS, best_pull(rows, 3 * PRACTICAL_STEPS)
+    if long_pull is not None:  # the longer sweep, at its own best pull
+        rows_at.insert(1, (_fmt_of({}), long, long_pull))
+    for fmt, steps, pull in rows_at:
+        triples = practical_triples(rows, fmt, pull, PRACTICAL_SILENCE, steps)
+        if not triples:
+            continue
+        stats = paired_removed([t[1:] for t in triples])
+        b, st, c = (_mean([t[i] for t in triples]) for i in (1, 2, 3))
+        note = "" if pull == choice and steps == PRACTICAL_STEPS else f" (pull {pull:g}: that length's best)"
+        lines.append(
+            f"| {format_label(fmt)} | {steps} | {len(triples)} | {_removed_cell(stats)} | {stats['wins']} / "
+            f"{stats['seeds']} | {b:.4f} | {st:.4f} | {c:.4f}{note} | {st - b:+.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def best_pull(rows: list[dict], steps: int) -> float | None:
+    """The pull of the ``steps``-long sweep with the lowest mean CAGE loss over the seeds every pull has."""
+    fmt = _fmt_of({})
+    found = {p: practical_triples(rows, fmt, p, PRACTICAL_SILENCE, steps) for p in PRACTICAL_PULLS}
+    if not all(found.values()):
+        return None
+    seeds = set.intersection(*({t[0] for t in ts} for ts in found.values()))
+    if not seeds:
+        return None
+    return min(found, key=lambda p: _mean([t[3] for t in found[p] if t[0] in seeds]))
+
+
+def practical_sweep_table(rows: list[dict]) -> str:
+    """The pull sweep at ``PRACTICAL_SWEEP_FORMAT``: per silence and total pull, its lambda and the paired share
+    removed."""
+    fmt = _fmt_of({})
+    choice = practical_default(rows)
+    lines = [
+        "| fine-tuning steps | silence | total pull sum_t lr_t lambda_t | lambda it takes | seeds | share of "
+        "STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE wins / seeds | CAGE eval loss (mean) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    swept = {
+        (r["steps"], r["silence"], r["pull"]) for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt
+    }
+    for steps, silence, pull in sorted(swept, key=lambda x: (x[0], x[1] != PRACTICAL_SILENCE, x)):
+        triples = practical_triples(rows, fmt, pull, silence, steps)
+        if not triples:
+            continue
+        stats = paired_removed([t[1:] for t in triples])
+        lam = next(
+            r["cage_lambda"]
+            for r in rows
+            if (r["steps"], r.get("pull"), r["silence"]) == (steps, pull, silence) and spec_of(r).fmt == fmt
+        )
+        chosen = (steps, pull, silence) == (PRACTICAL_STEPS, choice, PRACTICAL_SILENCE)
+        mark = " (chosen)" if chosen else ""
+        lines.append(
+            f"| {steps} | {silence:g} | {pull:g}{mark} | {lam:.4g} | {len(triples)} | {_removed_cell(stats)} | "
+            f"{stats['wins']} / {stats['seeds']} | {_mean([t[3] for t in triples]):.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def practical_default(rows: list[dict]) -> float | None:
+    """The pull the fine-tuning table uses: :func:`practical_choice` over the leading seeds that have the whole
+    sweep (all ``PRACTICAL_SEEDS`` once the study is done); None before the first."""
+    done = {r["key"]: r for r in rows}
+    seeds = 0
+    while seeds < PRACTICAL_SEEDS and practical_choice(done, seeds + 1) is not None:
+        seeds += 1
+    return practical_choice(done, seeds) if seeds else None
+
+
+def _practical_formats(rows: list[dict]) -> list[str]:
+    order = [_fmt_of({"sweep_format": f}) for f in PRACTICAL_FORMATS]
+    found = {spec_of(r).fmt for r in rows if r["method"] != "bf16"}
+    return [f for f in order if f in found] + sorted(found - set(order))
+
+
+def format_label(fmt: str) -> str:
+    """``w4-int-g64`` -> ``W4A16 int, group 64``; ``w4-mxfp4`` -> ``W4A16 MXFP4``."""
+    parts = fmt.split("-")
+    bits = parts[0].upper() + ("" if "a" in parts[0] else "A16")
+    grid = parts[1].upper() if parts[1].endswith("fp4") else parts[1]
+    return f"{bits} {grid}" + (f", group {parts[2][1:]}" if len(parts) > 2 else "")
+
+
 def pretrain_table(rows: list[dict]) -> str:
     """BF16 / STE / CAGE per format, per seed, with the share of the STE-to-BF16 gap closed (paired by seed)."""
     bf16 = {r["seed"]: r["eval_loss"] for r in rows if is_baseline(r)}
@@ -1100,6 +1335,52 @@ def plot_map(done: dict[str, dict], path: Path) -> bool:
     return True
 
 
+def plot_practical_pull(rows: list[dict], path: Path) -> bool:
+    """The pull sweep at ``PRACTICAL_SWEEP_FORMAT``: the paired share of STE's increase CAGE removes against the
+    total pull, mean ± s.e. and per seed, one line per silence ratio."""
+    fmt = _fmt_of({})
+    series = {}
+    for steps, silence, pull in sorted(
+        {(r["steps"], r["silence"], r["pull"]) for r in rows if r.get("pull") is not None and spec_of(r).fmt == fmt}
+    ):
+        triples = [t[1:] for t in practical_triples(rows, fmt, pull, silence, steps)]
+        if triples:
+            shares = [(s - c) / (s - b) for b, s, c in triples if s > b]
+            series.setdefault((steps, silence), []).append((pull, paired_removed(triples), shares))
+    if not series:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, ((steps, silence), points) in enumerate(sorted(series.items())):
+        color = f"C{i}"
+        for pull, _, shares in points:
+            ax.scatter([pull] * len(shares), [100 * x for x in shares], s=10, color=color, alpha=0.4)
+        seeds = max(st["seeds"] for _, st, _ in points)
+        ax.errorbar(
+            [p for p, _, _ in points],
+            [100 * st["mean"] for _, st, _ in points],
+            yerr=[100 * st["se"] if st["se"] == st["se"] else 0 for _, st, _ in points],
+            fmt="-o",
+            color=color,
+            capsize=3,
+            label=f"{steps} steps, silence {silence:g}: paired mean ± s.e. ({seeds} seeds)",
+        )
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("CAGE total pull sum_t lr_t lambda_t")
+    ax.set_ylabel("share of STE's loss increase removed (%)")
+    ax.set_title(f"Fine-tuning into {format_label(fmt)}: CAGE strength", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def command_report(args) -> int:
     results = Path(args.results)
     done = load_results(results)
@@ -1112,6 +1393,8 @@ def command_report(args) -> int:
 
     has_formats = bool(study("formats"))
     sections = {
+        "practical": practical_table(study("practical")) if study("practical") else "",
+        "practical-sweep": practical_sweep_table(study("practical")) if study("practical") else "",
         "pretrain": pretrain_table(study("pretrain")) if study("pretrain") else "",
         "finetune": finetune_table(study("finetune")) if study("finetune") else "",
         "formats-pretrain": pretrain_table(formats_rows(done, finetuning=False)) if has_formats else "",
@@ -1130,6 +1413,9 @@ def command_report(args) -> int:
     plot.parent.mkdir(parents=True, exist_ok=True)
     if plot_map(done, plot):
         print(f"plot: {plot}")
+    pull_plot = plot.with_name("practical_pull.png")
+    if plot_practical_pull(study("practical"), pull_plot):
+        print(f"plot: {pull_plot}")
     if args.write_docs:
         target = docs / "results.md"
         text = target.read_text() if target.exists() else ""

@@ -34,9 +34,17 @@ def quick_results(accuracy, tmp_path_factory):
     fp4 = accuracy.Spec("formats", "ste", 0, w_bits=4, a_bits=4, quantizer="mxfp4", **accuracy.QUICK)
     fp4_ft = replace(fp4, init=accuracy.quick_plan()[0].key, steps=8, lr=1e-3, data_seed=7)
     specs += [fp4, replace(fp4, method="cage", lam=10.0, silence=0.5), fp4_ft]
+    specs += [s for s in quick_practical(accuracy) if s.pull in (None, 0.4)]
     for spec in specs:
         accuracy._append(results, accuracy.train(spec, out))
     return out, accuracy.load_results(results)
+
+
+def quick_practical(accuracy):
+    """The practical study's fine-tuning runs on the quick BF16 model: 10 steps, weight-only int4 in groups of 32."""
+    fmt = (4, None, "int", 32)
+    plan = accuracy.plan_practical({}, 1, base=accuracy.quick_plan()[0], steps=10, sweep_format=fmt, formats=(fmt,))
+    return [s for s in plan[1:] if s.steps == 10 and s.silence != accuracy.PRACTICAL_SILENCE_DEFAULT]
 
 
 def test_runs_go_through_the_trainer_and_cage_branches_at_the_end_of_silence(accuracy, quick_results):
@@ -82,7 +90,15 @@ def test_report_write_docs_writes_the_tables_and_the_plot(accuracy, quick_result
     assert accuracy.main(["report", "--results", str(results), "--docs", str(docs), "--write-docs"]) == 0
     text = (docs / "results.md").read_text()
     assert text.startswith("# Results\n\nhand-written text\n") and "\nold\n" not in text
-    for name in ("pretrain", "finetune", "map", "formats-pretrain", "formats-finetune"):
+    for name in (
+        "practical",
+        "practical-sweep",
+        "pretrain",
+        "finetune",
+        "map",
+        "formats-pretrain",
+        "formats-finetune",
+    ):
         assert text.count(f"<!-- {name}-table -->") == 2
     # the written shares are the paired arithmetic of the results file
     ste = accuracy.Spec("pretrain", "ste", 0, w_bits=4, a_bits=4, **accuracy.QUICK)
@@ -195,3 +211,84 @@ def test_served_exports_a_w3a3_int_run_that_stock_transformers_serves_as_trained
     assert row["export_error"] is None and row["export_format"] == "compressed-tensors"
     assert row["export_options"] == "default" and row["loader"] == "stock transformers (no hf_cage)"
     assert row["eval_loss_served"] == pytest.approx(row["eval_loss_trained"], abs=1e-5)
+
+
+def test_a_practical_cage_run_branches_from_its_ste_run_with_the_lambda_of_its_pull(accuracy, quick_results):
+    _, done = quick_results
+    ste, cage = (s for s in quick_practical(accuracy) if s.method != "bf16" and s.pull in (None, 0.4))
+    assert cage.parent == ste and done[cage.key]["steps_trained"] == 5  # silence 0.5 of 10 steps
+    assert done[cage.key]["final_weights_sha"] != done[ste.key]["final_weights_sha"]
+    lam = done[cage.key]["cage_lambda"]
+    assert lam == cage.cage_lambda() > 0 and done[ste.key]["cage_lambda"] == 0
+    assert accuracy.total_pull(cage.steps, cage.lr, lam, cage.silence) == pytest.approx(0.4, rel=1e-9)
+
+
+def test_practical_plan_sweeps_the_pull_then_takes_its_choice_to_the_other_formats(accuracy):
+    specs = accuracy.plan_practical({})
+    base = specs[0]
+    assert base == replace(accuracy.finetune_base(), study="practical") and base.save
+    keys = {s.key for s in specs}
+    assert len(keys) == len(specs)
+    tuned = specs[1:]
+    assert all(s.init == base.key for s in tuned)
+    # the sweep is also run 3x longer (the finetune study's 300 steps) on seeds 0 and 1
+    assert {(s.steps, s.seed) for s in tuned if s.steps != 100} == {(300, 0), (300, 1)}
+    assert len([s for s in tuned if s.steps == 300]) == 2 * (2 + 6)
+    assert {s.seed for s in tuned} == set(range(5))
+    sweep = [s for s in tuned if s.pull is not None and s.silence == 0.5]
+    assert {(s.fmt, s.seed, s.pull) for s in sweep} == {
+        ("w4-int-g64", seed, pull) for seed in range(5) for pull in (0.03, 0.1, 0.2, 0.4, 1, 2)
+    }
+    # the same sweep at CAGEConfig's default silence comes last
+    late = [s for s in tuned if s.silence == 0.8]
+    assert specs[-len(late) :] == late and {(s.seed, s.pull) for s in late} == {(s.seed, s.pull) for s in sweep}
+    assert all(s.parent.key in keys and s.silence in accuracy.BRANCH_POINTS for s in sweep + late)
+    # group 128 divides neither width of this model (64, 192): not planned
+    assert {s.fmt for s in tuned if s.method == "ste"} == {
+        "w4-int-g64",
+        "w4-int-g32",
+        "w3-int-g64",
+        "w4-mxfp4",
+        "w4-nvfp4",
+    }
+    assert specs.index(sweep[-1]) < min(i for i, s in enumerate(specs) if s.fmt == "w4-int-g32")  # the sweep first
+    # until every sweep run has finished, the other formats have no CAGE run; then CAGE at the best mean pull
+    assert accuracy.practical_choice({}) is None and len(sweep + late) == sum(s.method == "cage" for s in specs)
+    results = {s.key: {"eval_loss": 3.0 + abs(s.pull - 0.2) + 0.01 * s.seed} for s in sweep}
+    assert accuracy.practical_choice(results) == 0.2
+    chosen = [s for s in accuracy.plan_practical(results) if s.method == "cage" and s.fmt != "w4-int-g64"]
+    assert len(chosen) == 4 * 5 and {s.pull for s in chosen} == {0.2}
+    assert all(s.parent.fmt == s.fmt and s.parent.seed == s.seed for s in chosen)
+
+
+def test_practical_tables_give_the_paired_share_its_standard_error_and_wins(accuracy, tmp_path):
+    import math
+    import statistics
+    from dataclasses import asdict
+
+    specs = accuracy.plan_practical({}, 3)
+    losses = {"bf16": (3.00, 3.10, 3.20), "ste": (3.10, 3.30, 3.25)}
+    cage_at = {p: tuple(x + 0.01 for x in losses["ste"]) for p in accuracy.PRACTICAL_PULLS}
+    cage_at |= {0.1: (3.05, 3.20, 3.26), 2.0: (3.09, 3.29, 3.24)}  # pull 0.1: the lowest mean loss; loses seed 2
+    rows = []
+    for s in specs[1:]:
+        if s.method == "ste" and s.fmt != "w4-int-g64":
+            continue
+        loss = cage_at[s.pull][s.seed] if s.method == "cage" else losses[s.method][s.seed]
+        rows.append({**asdict(s), "key": s.key, "eval_loss": loss, "cage_lambda": s.cage_lambda()})
+    assert accuracy.practical_default(rows) == 0.1
+    shares = [(st - c) / (st - b) for b, st, c in zip(losses["bf16"], losses["ste"], cage_at[0.1])]
+    se = statistics.stdev(shares) / math.sqrt(3)
+    table = accuracy.practical_table(rows)
+    row = next(line for line in table.splitlines() if line.startswith("| W4A16 int, group 64 |"))
+    assert f"| 100 | 3 | **{statistics.mean(shares):+.1%}** ± {se:.1%} | 2 / 3 | 3.1000 | 3.2167 | 3.1700 |" in row
+    # the 300-step sweep (seeds 0-1 of these rows: pull 0.1 best too) gets its own row at its best pull
+    assert "| W4A16 int, group 64 | 300 | 2 |" in table and "(pull 0.1: that length's best)" in table
+    sweep = accuracy.practical_sweep_table(rows)
+    lam = {(s.steps, s.pull, s.silence): f"{s.cage_lambda():.4g}" for s in specs if s.method == "cage"}
+    assert f"| 100 | 0.5 | 0.1 (chosen) | {lam[100, 0.1, 0.5]} | 3 |" in sweep
+    assert (
+        f"| 100 | 0.8 | 2 | {lam[100, 2.0, 0.8]} | 3 |" in sweep
+        and f"| 300 | 0.5 | 2 | {lam[300, 2.0, 0.5]} | 2 |" in sweep
+    )
+    assert accuracy.plot_practical_pull(rows, tmp_path / "pull.png") and (tmp_path / "pull.png").stat().st_size > 1000
