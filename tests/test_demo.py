@@ -103,7 +103,9 @@ def test_finetune_job_trains_a_base_then_branches_exports_int4_and_serves_it_sto
         (4, None, "int"),
         (4, None, "int"),
     ]
-    assert (runs["ste"]["cage_lambda"], runs["cage"]["cage_lambda"], runs["cage"]["learning_rate"]) == (0, 13, 5e-4)
+    assert runs["ste"]["cage_lambda"] == 0 and runs["cage"]["learning_rate"] == 5e-4
+    assert runs["cage"]["cage_pull"] == CAGE_PULL_DEFAULTS["fine-tuning"] and runs["cage"]["cage_silence_ratio"] == 0.5
+    assert runs["cage"]["cage_pull_realised"] == pytest.approx(CAGE_PULL_DEFAULTS["fine-tuning"], rel=1e-6)
     history = json.loads((out / "finetune" / "cage" / "log_history.json").read_text())
     lambdas = {e["step"]: e["cage/lambda"] for e in history if "cage/lambda" in e}
     assert sorted(lambdas) == list(range(1, STEPS + 1))
