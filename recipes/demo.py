@@ -146,12 +146,8 @@ def prepare(pre_argv: list[str]):
 def finetune_settings(argv: list[str]):
     """The fine-tuning runs' ``CAGEConfig``, parsed as ``finetune_llama.py`` parses it (flags checked up front)."""
     import finetune_llama
-    from recipe_common import DataArguments, RecipeArguments, parse_arguments
 
-    from hf_cage import CAGEConfig
-
-    types = (finetune_llama.FinetuneArguments, DataArguments, RecipeArguments, CAGEConfig)
-    return parse_arguments(types, argv + ["--method", "ste"], yaml_ignore=finetune_llama.MODEL_SHAPE_KEYS)[3]
+    return finetune_llama.parse(argv + ["--method", "ste"])[3]
 
 
 def run_record(argv: list[str]) -> dict:

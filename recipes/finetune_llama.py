@@ -157,6 +157,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def parse(argv: list[str] | None) -> tuple:
+    """``(FinetuneArguments, DataArguments, RecipeArguments, CAGEConfig)`` from the flags and the YAML preset (its
+    model shape is not used here); the CAGE strength defaults to the fine-tuning pull."""
+    from hf_cage import CAGEConfig
+
+    return parse_arguments(
+        (FinetuneArguments, DataArguments, RecipeArguments, CAGEConfig),
+        argv,
+        yaml_ignore=MODEL_SHAPE_KEYS,
+        description=__doc__,
+        job="fine-tuning",
+    )
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Parse flags, fine-tune, evaluate, write outputs; returns the run's metrics (what ``metrics.json`` holds).
 
@@ -164,15 +178,7 @@ def run(argv: list[str] | None = None) -> dict:
     anything is written to ``--output_dir``.
     """
     clock = Stopwatch()
-    from hf_cage import CAGEConfig
-
-    ft_args, data_args, recipe_args, training_args = parse_arguments(
-        (FinetuneArguments, DataArguments, RecipeArguments, CAGEConfig),
-        argv,
-        yaml_ignore=MODEL_SHAPE_KEYS,
-        description=__doc__,
-        job="fine-tuning",
-    )
+    ft_args, data_args, recipe_args, training_args = parse(argv)
     if ft_args.lora and recipe_args.method == "cage":
         raise RecipeInputError(
             "--lora with --method cage: the CAGE correction moves trainable quantized weights, and LoRA "
