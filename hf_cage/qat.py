@@ -152,7 +152,9 @@ def read_model_config(path: str | os.PathLike) -> dict:
 
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{os.fspath(path)!r} is not a directory; pass the folder written by save_pretrained")
+        raise FileNotFoundError(
+            f"{os.fspath(path)!r} not found (not a directory); pass the folder written by save_pretrained"
+        )
     file = folder / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{os.fspath(path)!r} has no config.json; pass the folder written by save_pretrained")

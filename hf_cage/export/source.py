@@ -130,14 +130,10 @@ def check_checkpoint_dir(path: str | os.PathLike) -> QuantConfig:
             or malformed.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise ExportError(f"checkpoint {str(path)!r} not found: pass the directory written by save_pretrained")
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ExportError(f"{str(path)!r} has no config.json: it is not a saved model or Trainer checkpoint")
     try:
         config = read_model_config(path)
-    except CheckpointError as err:
+    except (FileNotFoundError, CheckpointError) as err:
         raise ExportError(str(err)) from None
     if CONFIG_KEY not in config:
         raise ExportError(
