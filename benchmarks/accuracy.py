@@ -19,8 +19,9 @@ skipped, so every command is resumable):
   (Trainer seed and data order) from the same base. CAGE's strength is a total pull ``sum_t lr_t * lambda_t``
   (silence 0.5, as ``finetune``), turned into ``cage_lambda`` by :func:`lambda_for_pull`; a sweep of the pull
   (0.03 to 2) at W4A16 int group 64 over the same seeds chooses the pull the other formats use. Last, the same
-  sweep at CAGEConfig's default silence 0.8 (a 20-step correction here). Before the other formats: the sweep on
-  seeds 0-1 at 300 steps (the ``finetune`` length), to see whether the best pull depends on the length.
+  sweep at CAGEConfig's default silence 0.8 (a 20-step correction here). Before the other formats: 300-step
+  fine-tunes (the ``finetune`` length, where CAGE helps) of every format on 5 seeds at the fine-tuning default pull
+  0.2, then the pull sweep at 300 steps.
 - ``pretrain``: the headline table. Tiny Llama (hidden 64, 2 layers, 4 heads, SwiGLU 192, vocab 2048:
   0.11M block parameters) trained from scratch on the Shakespeare plays, 1500 steps x 16 x 256 tokens
   (6.1M tokens, 58 tokens per block parameter), peak LR 2e-3, QuEST W4A4 and W3A3, CAGE lambda 13 with
@@ -249,8 +250,10 @@ PRACTICAL_SILENCE = 0.5  # as the finetune study; CAGEConfig's default 0.8 leave
 PRACTICAL_SILENCE_DEFAULT = 0.8  # CAGEConfig's default: its sweep runs after everything else
 PRACTICAL_PULLS = (0.03, 0.1, 0.2, 0.4, 1.0, 2.0)  # the sweep of the total pull, at PRACTICAL_SWEEP_FORMAT
 PRACTICAL_SWEEP_FORMAT = (4, None, "int", 64)
-# the sweep again on a 3x longer fine-tuning (the finetune study's length), seeds 0-1: does the best pull depend on it?
-PRACTICAL_LONG_SEEDS = 2
+# the 3x longer fine-tuning (the finetune study's and the demo's length), where CAGE helps: every format at the
+# recipes' fine-tuning default pull (hf_cage.optim.defaults), then the pull sweep on the same 5 seeds
+PRACTICAL_LONG_SEEDS = 5
+PRACTICAL_LONG_PULL = 0.2  # CAGE_PULL_DEFAULTS["fine-tuning"] when these runs were planned
 # group 128 divides none of this model's input widths (64, 192): not measured
 PRACTICAL_FORMATS = (PRACTICAL_SWEEP_FORMAT, (4, None, "int", 32), (3, None, "int", 64), (4, None, "mxfp4", None))
 PRACTICAL_FORMATS += ((4, None, "nvfp4", None),)
@@ -285,8 +288,8 @@ def plan_practical(
     formats: tuple = PRACTICAL_FORMATS,
 ) -> list[Spec]:
     """Priority order: the BF16 base; per seed the BF16 fine-tuning, STE and CAGE at every pull of
-    ``PRACTICAL_PULLS`` at ``sweep_format``; the same sweep 3x longer on the first ``PRACTICAL_LONG_SEEDS`` seeds;
-    then per seed STE and CAGE at the sweep's choice (once made) in the other formats; last, the sweep at
+    ``PRACTICAL_PULLS`` at ``sweep_format``; 3x longer on ``PRACTICAL_LONG_SEEDS`` seeds: BF16, STE and CAGE at
+    ``PRACTICAL_LONG_PULL`` in every format, then the sweep; then per seed STE and CAGE at the sweep's choice (once made) in the other formats; last, the sweep at
     CAGEConfig's default silence. A seed is a fine-tuning seed (the Trainer's seed and the data order) from the
     same base; every CAGE run branches from the STE run of its seed and format."""
     base = base or practical_base()
@@ -304,8 +307,16 @@ def plan_practical(
         runs += [ft("bf16", seed), ft("ste", seed, sweep_format)]
         runs += [ft("cage", seed, sweep_format, pull=p, silence=PRACTICAL_SILENCE) for p in PRACTICAL_PULLS]
     long = 3 * steps  # 300 steps at the default length: the finetune study's
-    for seed in range(min(seeds, PRACTICAL_LONG_SEEDS)):
+    long_seeds = range(min(seeds, PRACTICAL_LONG_SEEDS))
+    for seed in long_seeds:  # the headline cell first, then every format at the default pull, then the sweep
         runs += [ft("bf16", seed, n=long), ft("ste", seed, sweep_format, n=long)]
+        runs.append(ft("cage", seed, sweep_format, long, pull=PRACTICAL_LONG_PULL, silence=PRACTICAL_SILENCE))
+    for seed in long_seeds:
+        for fmt in formats:
+            if fmt != sweep_format:
+                runs.append(ft("ste", seed, fmt, long))
+                runs.append(ft("cage", seed, fmt, long, pull=PRACTICAL_LONG_PULL, silence=PRACTICAL_SILENCE))
+    for seed in long_seeds:
         runs += [ft("cage", seed, sweep_format, long, pull=p, silence=PRACTICAL_SILENCE) for p in PRACTICAL_PULLS]
     choice = practical_choice(results, seeds, **plan) if results else None
     for seed in range(seeds):
