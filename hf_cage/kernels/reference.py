@@ -12,7 +12,7 @@ last dimension (a weight's input features, an activation's hidden size):
    ``step = absmax / (2^(b-1) - 1)`` so the extreme value is representable; ``minmax`` is
    compressed-tensors' dynamic activation rule, ``step = absmax / ((2^b - 1) / 2)``, bit for bit);
 3. round to integer codes in ``[-2^(b-1), 2^(b-1) - 1]`` and map back with
-   ``(code + code_offset) * step``; the mid-rise grid is exactly CAGE.md section 4:
+   ``(code + code_offset) * step``; the mid-rise grid is QuEST's (docs/method.md):
    ``q = (round(clip(x, -s, s) / step + 1/2) - 1/2) * step``;
 4. rotate back, so the result lives in the same basis as ``x``.
 
