@@ -50,10 +50,9 @@ def hadamard_matrix(block: int, device: torch.device | str = "cpu") -> torch.Ten
 
 ROTATIONS = ("auto", "butterfly", "matmul")
 _rotation = "auto"
-# Widest block the butterfly rotation multiplies by a dense +-1 matrix before its butterfly stages (measured
-# fastest on CPU: a 16-wide matmul is cheaper than four strided add/subtract passes; docs/benchmarks.md).
+# Widest block the butterfly rotation multiplies by a dense +-1 matrix before its butterfly stages, and the size
+# below which one matmul beats the butterfly's fixed cost per pass: both chosen on CPU (docs/benchmarks.md).
 _DENSE_INNER = 16
-# Below this many values the butterfly's fixed cost per pass loses to one matmul (measured crossover ~64K on CPU).
 _BUTTERFLY_MIN_NUMEL = 2**16
 
 
