@@ -21,7 +21,7 @@ PACKAGE = "hf_cage"
 # Layers, lowest first. A module may import from its own layer or a lower one, never from a higher one. A name
 # covers that module and everything under it; a module takes the layer of the longest name that covers it.
 LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    # layer      modules                                          what sits there (what it may import)
+    # layer      modules (a name covers everything under it)      what sits there
     ("base", ("hf_cage.data", "hf_cage._version"), "offline corpus/tokenizer, the version: nothing of hf_cage"),
     ("kernels", ("hf_cage.kernels",), "QuantSpec, torch twins, Triton kernels, the dispatch seam"),
     ("quant", ("hf_cage.quant",), "QuantConfig, straight-through quantizers"),
