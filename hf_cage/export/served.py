@@ -139,7 +139,8 @@ def stock_dtype(export_dir: str | os.PathLike) -> str:
 
     Refuses, with what to do, an export stock transformers cannot load (the hf-cage format).
     """
-    from .formats import EXPORT_KEY, stock_load_dtype
+    from ..qat import EXPORT_KEY
+    from .formats import stock_load_dtype
 
     config = _read_config(export_dir)
     if "quantization_config" not in config and EXPORT_KEY in config:
