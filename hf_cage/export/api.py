@@ -16,10 +16,10 @@ from torch import nn
 
 from ..layers.packed import pack_weight, packing_problem, unpack_weight
 from ..qat import quant_config_of, quantized_layers
+from . import hub
 from .card import CardOptions, build_model_card, plot_loss_curve
 from .errors import ExportError, PushError
 from .formats import Conversion, ExportFormat, resolve_format
-from .hub import push_folder, resolve_token
 from .metadata import write_config
 from .options import DTYPE_CHOICES, DTYPES, ExportOptions
 from .parity import measure_parity
@@ -167,7 +167,7 @@ def export_model(
     )
     if options.push_to_hub:
         try:
-            result.commit_url = push_folder(
+            result.commit_url = hub.push_folder(
                 result.output_dir,
                 options.push_to_hub,
                 token=token,
@@ -226,7 +226,7 @@ def _push_token(options: ExportOptions) -> str | None:
         validate_repo_id(options.push_to_hub)
     except HFValidationError as err:
         raise ExportError(f"--push-to-hub {options.push_to_hub!r} is not a valid repo id: {err}") from None
-    token = resolve_token(options.token)
+    token = hub.resolve_token(options.token)
     if not token:
         raise ExportError(
             "--push-to-hub needs a Hugging Face token: pass --token, set HF_TOKEN or run `hf auth login`"
