@@ -124,10 +124,8 @@ def export_model(
         weight_files = sorted(staging.glob("model*.safetensors"))
         size = sum(f.stat().st_size for f in weight_files)
         quantized = {name for name, _ in layers}
-        write_config(
-            model, staging, fmt, exported_config, config, conversion,
-            weights_only=weights_only, dtype=dtype, quantized=quantized, parity=parity,
-        )  # fmt: skip
+        write_config(model, staging, fmt, exported_config, config, conversion, weights_only=weights_only,
+                     dtype=dtype, quantized=quantized, parity=parity)  # fmt: skip
         _copy_side_files(model, staging, training)
         curve = LOSS_CURVE if plot_loss_curve(training.log_history, staging / LOSS_CURVE) else None
         model_card = build_model_card(
@@ -202,9 +200,8 @@ def export_checkpoint(
     options = replace(options, token=_push_token(options))
     check_output_dir(output_dir, options.overwrite, checkpoint=checkpoint_dir)
     config = check_checkpoint_dir(checkpoint_dir)
-    # before loading weights
     resolve_format(options.format, config, weights_only=options.weights_only, allow_lossy=options.allow_lossy)
-    options.shard_bytes()
+    options.shard_bytes()  # every option is checked before the weights are loaded
     model = load_checkpoint(checkpoint_dir, progress=options.progress)
     stored = checkpoint_dtype(checkpoint_dir)
     return export_model(
