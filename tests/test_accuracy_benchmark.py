@@ -1,6 +1,6 @@
 """The accuracy benchmark in seconds: product-path runs, paired CAGE branches, the report it writes."""
 
-import importlib.util
+import importlib
 import json
 import re
 import sys
@@ -14,11 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", REPO / "benchmarks" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module("accuracy_study")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def quick_results(accuracy, tmp_path_factory):
     specs += [fp4, replace(fp4, method="cage", lam=10.0, silence=0.5), fp4_ft]
     specs += [s for s in quick_practical(accuracy) if s.pull in (None, 0.4)]
     for spec in specs:
-        accuracy._append(results, accuracy.train(spec, out))
+        accuracy.append_result(results, accuracy.train(spec, out))
     return out, accuracy.load_results(results)
 
 
@@ -205,7 +205,7 @@ def test_served_exports_a_w3a3_int_run_that_stock_transformers_serves_as_trained
     """A saved W3A3 int run: exported with the defaults (compressed-tensors, 3-bit codes packed densely) and served
     by stock transformers at the trained loss."""
     spec = accuracy.Spec("map", "ste", 0, w_bits=3, a_bits=3, quantizer="int", save=True, **accuracy.QUICK)
-    accuracy._append(tmp_path / "results", accuracy.train(spec, tmp_path))
+    accuracy.append_result(tmp_path / "results", accuracy.train(spec, tmp_path))
     assert accuracy.main(["served", "--out", str(tmp_path), "--results", str(tmp_path / "results")]) == 0
     (row,) = accuracy.load_served(tmp_path / "results")
     assert row["export_error"] is None and row["export_format"] == "compressed-tensors"
