@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .plans import (
     PRACTICAL_FORMATS,
-    PRACTICAL_PULLS,
+    PRACTICAL_LONG_PULL,
     PRACTICAL_SEEDS,
     PRACTICAL_SILENCE,
     PRACTICAL_STEPS,
@@ -44,45 +44,34 @@ def practical_triples(
 
 
 def practical_table(rows: list[dict]) -> str:
-    """The fine-tuning table: per format, the paired share of STE's increase CAGE (at the sweep's pull) removes, its
-    standard error, the seeds CAGE won, and the BF16-fine-tuned / STE / CAGE mean losses."""
-    choice = practical_default(rows)
-    cage = "CAGE" if choice is None else f"CAGE (total pull {choice:g}, silence {PRACTICAL_SILENCE:g})"
+    """The fine-tuning table: first the ``3 * PRACTICAL_STEPS``-step runs of every format with CAGE at
+    ``PRACTICAL_LONG_PULL``, then the ``PRACTICAL_STEPS``-step runs with CAGE at the sweep's choice (once made). Per
+    row: the paired share of STE's loss increase CAGE removes, its standard error, the seeds CAGE won, and the
+    BF16-fine-tuned / STE / CAGE mean losses over the seeds that have all three."""
     lines = [
-        "| fine-tuned into | steps | seeds | share of STE's loss increase CAGE removes (paired mean ± s.e.) | CAGE "
-        f"wins / seeds | BF16 fine-tuned | STE | {cage} | STE's increase over BF16 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| fine-tuned into | steps | CAGE total pull (silence {PRACTICAL_SILENCE:g}) | seeds | share of STE's loss "
+        "increase CAGE removes (paired mean ± s.e.) | CAGE wins / seeds | BF16 fine-tuned | STE | CAGE | STE's "
+        "increase over BF16 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    if choice is None:
-        return "\n".join(lines + ["| (no seed has the whole pull sweep yet: no default) | | | | | | | | |"])
-    rows_at = [(fmt, PRACTICAL_STEPS, choice) for fmt in practical_formats(rows)]
-    long, long_pull = 3 * PRACTICAL_STEPS, best_pull(rows, 3 * PRACTICAL_STEPS)
-    if long_pull is not None:  # the longer sweep, at its own best pull
-        rows_at.insert(1, (format_key(), long, long_pull))
-    for fmt, steps, pull in rows_at:
+    formats = practical_formats(rows)
+    rows_at = [(fmt, 3 * PRACTICAL_STEPS, PRACTICAL_LONG_PULL, "fine-tuning default") for fmt in formats]
+    choice = practical_default(rows)
+    if choice is not None:
+        rows_at += [(fmt, PRACTICAL_STEPS, choice, f"the {PRACTICAL_STEPS}-step sweep's choice") for fmt in formats]
+    for fmt, steps, pull, why in rows_at:
         triples = practical_triples(rows, fmt, pull, PRACTICAL_SILENCE, steps)
         if not triples:
             continue
         stats = paired_removed([t[1:] for t in triples])
         b, st, c = (mean([t[i] for t in triples]) for i in (1, 2, 3))
-        note = "" if pull == choice and steps == PRACTICAL_STEPS else f" (pull {pull:g}: that length's best)"
         lines.append(
-            f"| {format_label(fmt)} | {steps} | {len(triples)} | {removed_cell(stats)} | {stats['wins']} / "
-            f"{stats['seeds']} | {b:.4f} | {st:.4f} | {c:.4f}{note} | {st - b:+.4f} |"
+            f"| {format_label(fmt)} | {steps} | {pull:g} ({why}) | {len(triples)} | {removed_cell(stats)} | "
+            f"{stats['wins']} / {stats['seeds']} | {b:.4f} | {st:.4f} | {c:.4f} | {st - b:+.4f} |"
         )
+    if len(lines) == 2:
+        lines.append("| (no format has finished BF16, STE and CAGE runs of one seed yet) | | | | | | | | | |")
     return "\n".join(lines)
-
-
-def best_pull(rows: list[dict], steps: int) -> float | None:
-    """The pull of the ``steps``-long sweep with the lowest mean CAGE loss over the seeds every pull has."""
-    fmt = format_key()
-    found = {p: practical_triples(rows, fmt, p, PRACTICAL_SILENCE, steps) for p in PRACTICAL_PULLS}
-    if not all(found.values()):
-        return None
-    seeds = set.intersection(*({t[0] for t in ts} for ts in found.values()))
-    if not seeds:
-        return None
-    return min(found, key=lambda p: mean([t[3] for t in found[p] if t[0] in seeds]))
 
 
 def practical_sweep_table(rows: list[dict]) -> str:
