@@ -203,11 +203,9 @@ def plan_map(seeds: int = 2) -> list[Spec]:
 
 
 def full_plan(results: dict[str, dict], studies=STUDIES) -> list[Spec]:
-    """Priority order. Compute is scarce (a 2-core machine shared with other work, measured at 0.9-2.6 s per
-    step instead of 0.12-0.32 s alone), so one of each first: pretraining W4A4 seed 0, fine-tuning W4A4 seed 0
-    with its sweep, the map's first seed with lambda 13 at 15 and 50 tokens per parameter, the other fine-tuning
-    formats, int W4A4 (served), the map's 150 point at W4A4, then the rest of seed 0 and the other seeds; the FP4
-    formats after the second pretraining seed, one seed at a time."""
+    """The runs of ``studies`` in priority order (docs/benchmarks.md), each key once: the practical study, then
+    one of each of the other studies first (seed 0), the other seeds after; ``results`` settles the sweeps'
+    choices."""
     pre, ft, mp, fm = plan_pretrain(), plan_finetune(results), plan_map(), plan_formats(results)
     practical = plan_practical(results)
 
