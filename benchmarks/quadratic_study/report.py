@@ -29,14 +29,7 @@ def plot(done: dict[str, dict], path: Path, quantizer: str = "absmax") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {
-        ("sgd", "ste"): "tab:gray",
-        ("adam", "ste"): "black",
-        ("sgd", "decoupled"): "tab:blue",
-        ("sgd", "coupled"): "tab:cyan",
-        ("adam", "decoupled"): "tab:red",
-        ("adam", "coupled"): "tab:orange",
-    }
+    colors = dict(zip(NAMES, ("tab:gray", "black", "tab:blue", "tab:cyan", "tab:red", "tab:orange")))
     fig, axes = plt.subplots(3, len(KAPPAS), figsize=(5.2 * len(KAPPAS), 12.5))
     for col, kappa in enumerate(KAPPAS):
         ax = axes[0, col]
