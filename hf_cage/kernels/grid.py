@@ -46,7 +46,8 @@ class Grid:
         packing: how the packed tensors are laid out, written into the export's metadata.
         legacy_name: the name ``QuantSpec`` used for this grid before the one vocabulary; still accepted, and
             still written as the export metadata's ``weight_grid`` so exports stay byte-identical.
-        card_name: how the model card names the weight grid.
+        card_name: how the model card names the weight grid (``card_converted_name``: when an export converted
+            the weights to it; default ``card_name``).
         stock_format: the compressed-tensors export format that can hold this grid (``None``: only the hf-cage
             format holds it).
     """
@@ -65,6 +66,7 @@ class Grid:
     packing: ClassVar[str] = ""
     legacy_name: ClassVar[str | None] = None
     card_name: ClassVar[str] = ""
+    card_converted_name: ClassVar[str | None] = None
     stock_format: ClassVar[str | None] = None
 
     # --- constraints ------------------------------------------------------------------------------------
@@ -135,6 +137,11 @@ class Grid:
     def card_tag(self, w_bits: int) -> str:
         """The Hub tag naming the stored weights."""
         return self.name
+
+    def card_stored(self) -> tuple[str, str]:
+        """The hf-cage format's card: what it stores (``"the X grid"``) and why stock loaders cannot serve it."""
+        why = "no rotation is applied" if self.stock_format else f"compressed-tensors has no {self.name} grid"
+        return f"the {self.name.upper()} grid", why
 
 
 def register_grid(grid: Grid) -> Grid:

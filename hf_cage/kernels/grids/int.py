@@ -14,6 +14,10 @@ class IntGrid(UniformGrid):
     default_activation_clip = "minmax"
     card_name = "integer"
     card_grid = "integer"
+    card_converted_name = "int"
+
+    def card_stored(self):
+        return "hf-cage's integer grid", "no rotation is applied"
 
 
 register_grid(IntGrid())

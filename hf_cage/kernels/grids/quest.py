@@ -16,5 +16,8 @@ class QuestGrid(UniformGrid):
     card_name = "mid-rise (QuEST)"
     card_grid = "mid-rise"
 
+    def card_stored(self):
+        return "the QuEST mid-rise grid", "compressed-tensors has no mid-rise grid"
+
 
 register_grid(QuestGrid())
