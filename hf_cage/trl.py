@@ -1,9 +1,8 @@
 """CAGE in TRL's trainers: ``CAGESFTTrainer`` / ``CAGESFTConfig`` and ``CAGEDPOTrainer`` / ``CAGEDPOConfig``.
 
 Each is :class:`hf_cage.CAGETrainerMixin` over TRL's trainer and :class:`hf_cage.CAGEArguments` over TRL's
-config: TRL's defaults (``SFTConfig``'s learning rate 2e-5, bf16, gradient checkpointing, logging every 10
-steps, ...) and behaviour are kept; the model is quantized and trained with CAGE. The DPO reference model
-stays dense (a dense copy of the model, taken before quantization, when none is given). Any other TRL
+config: TRL's defaults and behaviour are kept; the model is quantized and trained with CAGE. The DPO reference
+model stays dense (a dense copy of the model, taken before quantization, when none is given). Any other TRL
 trainer takes CAGE the same way, in two lines::
 
     @dataclass

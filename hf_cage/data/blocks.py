@@ -8,10 +8,9 @@ from pathlib import Path
 
 
 def _fingerprint(paths: list[str], tokenizer, block_size: int) -> str | None:
-    """A cache key from the text, the tokenizer's serialized form and the block size, so that every process
-    (the recipes' parallel runs) finds the same cached token blocks: with datasets' own hash of the tokenizer
-    object, the demo's runs each re-tokenized the corpus the parent had just tokenized. ``None`` (datasets'
-    hashing) for a tokenizer without a serialized form."""
+    """A cache key from the text, the tokenizer's serialized form and the block size, so that every process (the
+    recipes' parallel runs) finds the same cached token blocks, which datasets' own hash of the tokenizer object
+    does not guarantee. ``None`` (datasets' hashing) for a tokenizer without a serialized form."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None

@@ -1,56 +1,29 @@
-"""Pure-torch twins of the two FP4 grids, MXFP4 and NVFP4, bit for bit as compressed-tensors 0.20 does them.
+"""Pure-torch twins of the two FP4 grids, MXFP4 and NVFP4, bit for bit as compressed-tensors computes them.
 
-Both grids store each value as E2M1 (1 sign, 2 exponent, 1 mantissa bit): magnitudes
-``{0, 0.5, 1, 1.5, 2, 3, 4, 6}``, one scale per group of consecutive inputs along the last dimension.
-A tensor ``x`` of shape ``(..., K)`` is quantized row by row, as in :mod:`hf_cage.kernels.reference`:
+Both grids store each value as E2M1 (1 sign, 2 exponent, 1 mantissa bit): magnitudes ``{0, 0.5, 1, 1.5, 2, 3, 4, 6}``,
+one scale per group of consecutive inputs along the last dimension. A tensor ``x`` of shape ``(..., K)`` is
+quantized row by row, as in :mod:`hf_cage.kernels.reference`:
 
-1. optionally rotate each block of ``hadamard_block`` inputs by the normalized Hadamard matrix
-   (:func:`hf_cage.kernels.reference.hadamard_rotate`, its own inverse);
+1. optionally rotate each block of ``hadamard_block`` inputs (:func:`hf_cage.kernels.reference.hadamard_rotate`);
 2. give each group a scale from its largest magnitude ``amax``:
 
-   - ``mxfp4`` (groups of 32): a power of two stored as an E8M0 byte (biased exponent, bias 127).
-     compressed-tensors rounds ``amax`` to a power of two by adding a quarter of the lowest exponent
-     step to its mantissa and truncating (``round_to_power_2``: a mantissa ``>= 1.75`` goes up, anything
-     less goes down), then subtracts 2 (``floor(log2(6))``) from the exponent:
-     ``e8m0 = clamp(127 + floor(log2(p2(amax))) - 2, 0, 255)``, ``scale = 2^(e8m0 - 127)``. So
-     ``amax / scale`` lies in ``[4, 7)``; values in ``(6, 7)`` clip to 6.
-   - ``nvfp4`` (groups of 16): an FP8 E4M3 group scale times one fp32 global scale per tensor.
-     The global scale is ``gs = 448 * 6 / amax(tensor)`` (``generate_gparam``; amax clamped to the
-     smallest normal, NaN or inf replaced by 1), the stored group scale is
-     ``s8 = e4m3(clamp(gs * (amax_group / 6), -448, 448))`` (torch's round-to-nearest-even cast; a zero
-     becomes 0.125, the e4m3 "eps" compressed-tensors substitutes), and the effective scale is
-     ``s8 / gs`` computed once in fp32.
-3. ``code = e2m1(clamp(x / scale, -6, 6))``: round to the nearest E2M1 value, ties to the even
-   mantissa (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4), exactly
-   compressed-tensors' ``cast_to_fp4`` thresholds; ``Q(x) = e2m1_value(code) * scale``;
+   - ``mxfp4`` (groups of 32): a power of two stored as an E8M0 byte,
+     ``e8m0 = clamp(127 + floor(log2(p2(amax))) - 2, 0, 255)``, ``scale = 2^(e8m0 - 127)``, with ``p2``
+     compressed-tensors' ``round_to_power_2`` (:func:`mx_scale_exponents`). So ``amax / scale`` lies in ``[4, 7)``;
+     values in ``(6, 7)`` clip to 6.
+   - ``nvfp4`` (groups of 16): an FP8 E4M3 group scale ``s8 = e4m3(clamp(gs * (amax / 6), -448, 448))`` (a zero
+     becomes 0.125) with one fp32 global scale per tensor ``gs = 448 * 6 / amax(tensor)``; the effective scale is
+     ``s8 / gs``. Weights take ``gs`` from the tensor (``global_scale=None``); activations must pass the layer's
+     calibrated static ``global_scale`` to be quantized as the serving loader does.
+3. ``code = e2m1(clamp(x / scale, -6, 6))``: the nearest E2M1 value, ties to the even mantissa (0.25 -> 0,
+   0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4); ``Q(x) = e2m1_value(code) * scale``;
 4. rotate back.
 
-Codes are the 4-bit E2M1 encodings as int8 in ``[0, 15]``: bit 3 is the sign, bits 0-2 index
-``E2M1_VALUES``. A negative value that rounds to zero keeps its sign (code 8, ``-0.0``), as
-compressed-tensors' ``torch.sign`` based rounding does; ``-0.0`` itself rounds to code 0. Packing puts
-two codes in a byte, the even-indexed input in the low nibble (``pack_fp4_to_uint8``).
-
-Activations at serving time (compressed-tensors' forward hook, what transformers runs):
-
-- MXFP4 (preset ``MXFP4``, ``dynamic: true``): the same rule on every forward, per token and group of 32.
-  The power-of-two scale makes the result independent of the activation dtype (bf16 or fp32).
-- NVFP4 (preset ``NVFP4``, ``dynamic: "local"``): the group scales are dynamic, the global scale is the
-  *static* ``input_global_scale`` stored in the checkpoint (calibrated). Training must therefore quantize
-  activations with a fixed per-layer global scale (pass ``global_scale``) to be served identically;
-  ``global_scale=None`` computes it from the tensor at hand, which is the weight rule, not the
-  activation rule. With ``dynamic: true`` no global scale is used at all (``s8 = e4m3(amax / 6)``),
-  which equals ``global_scale = 1``.
-
-All maths is fp32 whatever the input dtype, with one exception copied from compressed-tensors: for an
-unrotated bf16 / fp16 input the NVFP4 scale arithmetic (``amax / 6``, ``448 * 6 / amax``) is done in
-that dtype, as its loader does for bf16 activations and its calibration for bf16 weights. ``Q(x)`` is
-cast back to the input dtype.
-
-Loading (transformers 5.24 + compressed-tensors 0.20, CPU): an ``mxfp4-`` / ``nvfp4-pack-quantized``
-checkpoint is decompressed at load into **bf16** weights (``unpack_fp4_from_uint8`` defaults to bf16):
-``bf16(e2m1 * scale)``, exact for MXFP4, one bf16 rounding of the fp32 product for NVFP4. Load it
-with ``dtype=torch.bfloat16``; ``dtype=torch.float32`` fails at the first forward (bf16 weight, fp32
-input), and ``CompressedTensorsConfig(dequantize=True)`` loads fp32 weights but no activation quantization.
+Codes are int8 in ``[0, 15]``: bit 3 is the sign, bits 0-2 index ``E2M1_VALUES``. A negative value that rounds to
+zero keeps its sign (code 8, ``-0.0``); ``-0.0`` itself gives code 0. Packing puts two codes in a byte, the
+even-indexed input in the low nibble. All maths is fp32 and ``Q(x)`` is cast back to the input dtype, except that
+for an unrotated bf16 / fp16 input the NVFP4 scale arithmetic runs in that dtype, as compressed-tensors does.
+How exports on these grids load and serve: docs/quantization.md.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ last dimension (a weight's input features, an activation's hidden size):
    ``step = absmax / (2^(b-1) - 1)`` so the extreme value is representable; ``minmax`` is
    compressed-tensors' dynamic activation rule, ``step = absmax / ((2^b - 1) / 2)``, bit for bit);
 3. round to integer codes in ``[-2^(b-1), 2^(b-1) - 1]`` and map back with
-   ``(code + code_offset) * step``; the mid-rise grid is exactly CAGE.md section 4:
+   ``(code + code_offset) * step``; the mid-rise grid is QuEST's (docs/method.md):
    ``q = (round(clip(x, -s, s) / step + 1/2) - 1/2) * step``;
 4. rotate back, so the result lives in the same basis as ``x``.
 
@@ -50,10 +50,9 @@ def hadamard_matrix(block: int, device: torch.device | str = "cpu") -> torch.Ten
 
 ROTATIONS = ("auto", "butterfly", "matmul")
 _rotation = "auto"
-# Widest block the butterfly rotation multiplies by a dense +-1 matrix before its butterfly stages (measured
-# fastest on CPU: a 16-wide matmul is cheaper than four strided add/subtract passes; docs/benchmarks.md).
+# Widest block the butterfly rotation multiplies by a dense +-1 matrix before its butterfly stages, and the size
+# below which one matmul beats the butterfly's fixed cost per pass: both chosen on CPU (docs/benchmarks.md).
 _DENSE_INNER = 16
-# Below this many values the butterfly's fixed cost per pass loses to one matmul (measured crossover ~64K on CPU).
 _BUTTERFLY_MIN_NUMEL = 2**16
 
 

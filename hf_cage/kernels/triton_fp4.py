@@ -1,8 +1,7 @@
 """Triton kernel: fused FP4 quantization (rotate, group scale, E2M1 rounding) for MXFP4 and NVFP4.
 
 The torch twin is :mod:`hf_cage.kernels.fp4`; this module has the same ``quantize`` / ``fake_quantize``
-signatures and the same numerics (see that module's docstring for the rules, copied from
-compressed-tensors 0.20).
+signatures and the same numerics (that module's docstring gives the rules).
 
 Layout. ``x`` is viewed as ``(M, K)`` and cut into tiles of ``BLOCK_M`` rows x ``CHUNK`` inputs, one
 program each, where ``CHUNK = max(group, hadamard_block)`` (group 32 for MXFP4, 16 for NVFP4), so a

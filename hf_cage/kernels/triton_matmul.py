@@ -1,28 +1,20 @@
 """Triton kernels: GEMMs on packed int4 weights (W4A4 for QAT and packed inference, W4A16 for inference).
 
-Weights arrive packed in the compressed-tensors layout (:mod:`hf_cage.kernels.packing`):
-``w_packed`` int32 ``(N, K / 8)``, code ``k`` of row ``n`` in bits ``4 (k % 8) .. 4 (k % 8) + 3`` of
-word ``k // 8``, stored as ``code + 8``. Each kernel loads every word of its tile once and unpacks it in
-registers into its 8 codes, ``((word >> 4 (k % 8)) & 0xF) - 8``; the codes never reach memory as int8.
+Weights arrive packed in the compressed-tensors layout (:mod:`hf_cage.kernels.packing`): ``w_packed`` int32
+``(N, K / 8)``, code ``k`` of row ``n`` stored as ``code + 8`` in bits ``4 (k % 8) .. 4 (k % 8) + 3`` of word
+``k // 8``. Each kernel loads every word of its tile once and unpacks it in registers.
 
-W4A4 (:func:`w4a4_matmul`). Hopper has no int4 tensor cores, so codes go through ``tl.dot`` as
-int8 with an int32 accumulator, which is exact. A mid-rise grid adds ``+1/2`` to every code; rather
-than correcting with row sums afterwards, the kernel feeds ``2 code + 1`` (still in int8) and
-scales the integer result by ``1/2`` per doubled side: the same exact integer, no extra reduction.
-Scales go in the epilogue: ``(acc * s_x) * s_w`` per channel, the operation order of the twin
-:func:`hf_cage.kernels.reference.int_matmul_reference`, so given the same codes and scales the
-output is bit-identical to it. With per-group weight scales the K tile is one group, and each
-group's exact integer dot is scaled into an fp32 accumulator (a K tile never straddles two groups).
+- :func:`w4a4_matmul`: the codes go through an int8 ``tl.dot`` with an int32 accumulator, which is exact; a
+  mid-rise grid feeds ``2 code + 1`` and scales the integer by ``1/2`` per doubled side. Epilogue
+  ``(acc * s_x) * s_w``, the operation order of :func:`hf_cage.kernels.reference.int_matmul_reference`, so given
+  the same codes and scales the output is bit-identical to it. Per-group weight scales: a K tile is one group.
+- :func:`w4a16_matmul`: fp16/bf16/fp32 activations; weights dequantized in registers to ``(code + offset) * scale``
+  and fed to ``tl.dot`` in the activation dtype with an fp32 accumulator (IEEE fp32 dots for fp32 inputs, no
+  TF32; fp32 dots under the interpreter, whose bf16 arithmetic is wrong).
 
-W4A16 (:func:`w4a16_matmul`). fp16/bf16/fp32 activations; weights dequantized in registers to
-``(code + offset) * scale`` and fed to ``tl.dot`` in the activation dtype (fp32 accumulate). fp32
-inputs use IEEE fp32 dots (no TF32). Under the interpreter bf16 arithmetic is wrong, so there the
-dot runs in fp32.
-
-Tiles. On CUDA both GEMMs are ``@triton.autotune``-d over :data:`hf_cage.kernels.tiles.GEMM_SPACE`, pruned
-per problem by :func:`hf_cage.kernels.tiles.gemm_configs` (M bucket, tile legality, shared memory of the
-device including pipeline stages). Under the interpreter one fixed legal tile is used. Row and column
-indices are 64-bit, so ``row * stride`` cannot overflow for any tensor that fits in memory.
+On CUDA both are autotuned over the legal tiles :func:`hf_cage.kernels.tiles.gemm_configs` keeps for the problem;
+under the interpreter one fixed legal tile is used. Row and column indices are 64-bit. Why the kernels are built
+this way: docs/kernels.md, "Design".
 """
 
 from __future__ import annotations

@@ -4,18 +4,16 @@ One kernel serves :func:`quantize_rows` (int8 codes + fp32 scales, what the int 
 :func:`fake_quantize` (``Q(x)`` + straight-through mask, what QAT trains through); the torch twins
 are :func:`hf_cage.kernels.reference.quantize_rows` and :func:`~hf_cage.kernels.reference.fake_quantize`.
 
-Layout. ``x`` is viewed as ``(M, K)``. The row is cut into *segments*, the smallest spans that are
-independent for both the rotation and the scale (a group, or a Hadamard block holding several
-groups, or the whole row for per-token scales), one program per ``BLOCK_M`` rows x segment.
-Each segment is walked twice in ``CHUNK``-wide tiles: pass 1 rotates the tile (``tl.dot`` with the
-block-diagonal Hadamard ``kron(I, H)``) and accumulates the group statistic (sum of squares for the
-``mse`` rule, max magnitude for ``absmax``); pass 2 rotates again, rounds, and writes codes and/or
-``Q`` rotated back plus the mask. Recomputing the rotation is cheaper than a round trip to memory.
+Layout. ``x`` is viewed as ``(M, K)`` and cut into *segments*, the smallest spans independent for both the
+rotation and the scale (a group, a Hadamard block holding several groups, or the whole row for per-token
+scales), one program per ``BLOCK_M`` rows x segment. Pass 1 over the segment rotates each ``CHUNK``-wide tile and
+accumulates the group statistic; pass 2 rotates again, rounds, and writes codes and/or ``Q`` rotated back plus
+the mask (docs/kernels.md, "Design").
 
-Numerics follow the twin: fp32 throughout, IEEE division and square root (``div_rn``,
-``sqrt_rn``), round half to even, no FMA contraction. The group sums run in a different order than torch's, so scales
-may differ from the twin's by an ulp, which can move a value sitting on a rounding boundary by one
-code; the tests check codes against the twin's rounding *of the kernel's own scales*.
+Numerics follow the twin: fp32 throughout, IEEE division and square root (``div_rn``, ``sqrt_rn``), round half
+to even, no FMA contraction. The group sums run in another order than torch's, so a scale may differ from the
+twin's by an ulp and move a value on a rounding boundary by one code; the tests check codes against the twin's
+rounding *of the kernel's own scales*.
 """
 
 from __future__ import annotations

@@ -1,21 +1,10 @@
-"""``CAGE``: ``torch.optim.AdamW`` with the CAGE correction attached (CAGE.md section 2).
+"""``CAGE``: ``torch.optim.AdamW`` with the CAGE correction attached to itself (docs/method.md, "The update").
 
-The AdamW update is torch's own, untouched (``foreach`` / ``fused`` / single-tensor, exactly as
-``torch.optim.AdamW``); the correction, its schedule and its state are
-:class:`hf_cage.optim.correction.CAGECorrection`, attached to this optimizer through torch's step and
-state-dict hooks, the same code that attaches CAGE to any other optimizer. One ``step()``:
-
-1. ``lambda_t`` from the schedule, with ``t = cage_step + 1``;
-2. coupled variant only: ``grad += lambda_t * (W - Q(W))`` for each quantized weight;
-3. the AdamW update of every parameter;
-4. decoupled variant (default): ``W <- W - lr_t * lambda_t * (W - Q(W))``, ``Q`` at the updated weight.
-
-While ``lambda_t == 0`` (the silence period, or ``cage_lambda=0``: the STE baseline) steps 2 and 4
-are skipped, so ``Q`` is never called and the step is AdamW's, bit for bit.
-
-Resume: ``state_dict()`` carries the moments, Adam's per-parameter steps and ``cage_step``;
-``load_state_dict`` restores them and keeps this optimizer's ``cage_*`` settings and ``total_steps``
-(resuming an STE checkpoint with ``cage_lambda > 0`` branches a CAGE run from it).
+The AdamW update is torch's own (``foreach`` / ``fused`` / single-tensor); the correction, its schedule and its
+state are :class:`hf_cage.optim.correction.CAGECorrection`, the same code that attaches CAGE to any optimizer.
+While ``lambda_t == 0`` (the silence period, or ``cage_lambda=0``: the STE baseline) ``Q`` is never called and the
+step is AdamW's, bit for bit. ``load_state_dict`` restores the moments and ``cage_step`` and keeps this optimizer's
+``cage_*`` settings and ``total_steps``.
 """
 
 from __future__ import annotations
@@ -30,7 +19,7 @@ from .defaults import CAGE_LAMBDA, CAGE_SCHEDULE, CAGE_SILENCE_RATIO, CAGE_VARIA
 
 
 class CAGE(torch.optim.AdamW):
-    """AdamW + CAGE. See the module docstring for the update and the resume semantics.
+    """AdamW + CAGE: each ``step()`` is the coupled term (if any), AdamW's update, then the decoupled pull.
 
     Args:
         params: parameters or param groups (groups may override ``lr``, ``betas``, ``weight_decay``, ...).

@@ -1,47 +1,20 @@
 """The CAGE correction: one implementation, attached to any torch optimizer through its public hooks.
 
-For every quantized weight ``W`` (the weight of a ``QATLinear``), with ``Q`` its layer's
-``QATLinear.weight_quantizer`` and ``lambda_t`` the schedule of :mod:`hf_cage.optim.schedule`:
+For every trainable quantized weight ``W`` (a ``QATLinear``'s weight, ``Q`` its ``weight_quantizer``) and the
+``lambda_t`` of :mod:`hf_cage.optim.schedule` (docs/method.md gives the method):
 
-- **decoupled** (default; CAGE.md section 2): after the optimizer's own step on the STE gradient,
-  ``W <- W - lr_t * lambda_t * (W - Q(W))`` (computed as ``W.lerp_(Q(W), lr_t * lambda_t)``), with
-  ``Q`` taken at the updated weight and ``lr_t`` the learning rate of ``W``'s param group. With Adam
-  this is CAGE's curvature-aware form; with SGD, Adafactor or anything else it is the
-  optimizer-agnostic form.
-- **coupled**: before the step, ``grad += lambda_t * (W - Q(W))``, so the optimizer's moments see the
-  corrected gradient; no post-step.
+- ``decoupled`` (default): after the optimizer's own step, ``W <- W - lr_t * lambda_t * (W - Q(W))``
+  (``W.lerp_(Q(W), lr_t * lambda_t)``), ``Q`` at the updated weight, ``lr_t`` the LR of ``W``'s param group;
+- ``coupled``: before the step, ``grad += lambda_t * (W - Q(W))``; ``step(closure)`` is refused, since the closure
+  would recompute the gradients after the term was added.
 
-How it attaches (torch's public seams only, no private state or unwrapped methods):
-``optimizer.register_step_pre_hook`` (coupled term, and ``lambda_t`` of the coming step),
-``optimizer.register_step_post_hook`` (decoupled pull, schedule counter) and
-``optimizer.register_load_state_dict_post_hook`` (the counter of a state dict saved without one).
-The optimizer is used exactly as before (``opt.step()``, LR schedulers, ``Trainer``, accelerate);
-``hf_cage.CAGE`` is ``torch.optim.AdamW`` with this correction attached to itself. The coupled variant
-refuses ``step(closure)`` (the closure would recompute the gradients after the coupled term was added).
-
-State: the schedule counter ``cage_step`` (optimizer steps taken in this run) is a plain int in
-every param group (beside it ``cage_pull``, the realised ``sum_t lr_t * lambda_t`` of the run), so it
-travels with ``optimizer.state_dict()`` (also through
-``torch.distributed.checkpoint`` for FSDP2) and survives a resume. The hyperparameters
-(``cage_lambda``, ``cage_silence_ratio``, ``cage_schedule``, ``cage_variant``, ``total_steps``) belong to
-the correction, one set per optimizer, and are never read from a state dict: loading a checkpoint
-restores the counter and the moments but keeps the correction's own settings, so resuming an STE
-checkpoint with ``cage_lambda > 0`` branches a CAGE run from it. :meth:`CAGECorrection.start_run`
-sets ``total_steps`` and restarts the counter (``CAGETrainer`` calls it at every ``train()``).
-
-Mixed precision: under ``torch.amp.GradScaler`` a non-fused optimizer is stepped only on unscaled,
-finite gradients, so a skipped step runs no hook. A fused optimizer (``fused=True``) is always
-stepped, with the still-scaled gradients and GradScaler's ``grad_scale`` / ``found_inf`` tensors set
-on it: the coupled term is then scaled by ``grad_scale`` like the gradient it joins, and a step with
-``found_inf`` neither pulls nor advances ``cage_step`` (the fused kernel skips it too). The weights
-should be fp32 master weights: in bf16 a pull of ``lr * lambda ~ 1e-2`` moves only about a quarter of
-the entries (the rest round back), so attaching to bf16 quantized weights warns.
-
-FSDP2 (``fully_shard``): parameters are DTensors sharded by rows. ``Q`` acts per row along the input
-dimension (per-channel and per-group scales, Hadamard blocks), which a row shard holds whole, so the
-correction runs on ``p.to_local()`` and writes into the local shard; uneven and empty shards
-included. The quantized weights are looked up in the model at every step, so the parameters
-accelerate swaps into the optimizer when it shards the model are found too.
+It hooks ``register_step_pre_hook``, ``register_step_post_hook`` and ``register_load_state_dict_post_hook``; the
+optimizer is stepped as before. The counter ``cage_step`` (steps of this run) and ``cage_pull`` (the realised
+``sum_t lr_t * lambda_t``) are plain numbers in every param group, so they travel with ``state_dict()`` and survive
+a resume; the hyperparameters belong to the correction and are never read from a state dict. A step GradScaler
+skips runs no correction (for a fused optimizer: ``found_inf`` set), and the coupled term is multiplied by
+``grad_scale`` like the gradient it joins. FSDP2: ``Q`` acts per row, which a row shard holds whole, so the
+correction runs on each local shard.
 """
 
 from __future__ import annotations
@@ -96,20 +69,27 @@ def _skipped_by_grad_scaler(optimizer: torch.optim.Optimizer) -> bool:
 
 
 class CAGECorrection:
-    """Attach the CAGE correction to ``optimizer`` (see the module docstring); returns the handle object.
+    """Attach the CAGE correction to ``optimizer`` (see the module docstring).
 
     Args:
         optimizer: any ``torch.optim.Optimizer`` holding the quantized weights, or a wrapper that holds one as its
             public ``.optimizer`` (accelerate's ``AcceleratedOptimizer``, what a ``TrainerCallback`` receives): the
             correction attaches to the optimizer inside.
-        model: the quantized model; its ``QATLinear`` layers give the weights and ``Q``, looked up at
-            every step. Or pass ``weight_quantizers`` (``{weight: Q}``, fixed) instead.
-        cage_lambda, cage_silence_ratio, cage_schedule, total_steps: the schedule (CAGE.md section 3);
+        model: the quantized model; its ``QATLinear`` layers give the weights and ``Q``, looked up at every step
+            (so the parameters accelerate swaps in when it shards the model are found). Or pass
+            ``weight_quantizers`` (``{weight: Q}``, fixed) instead.
+        cage_lambda, cage_silence_ratio, cage_schedule, total_steps: the schedule (:mod:`hf_cage.optim.schedule`);
             ``total_steps`` counts optimizer steps and may be given later with :meth:`start_run`.
         cage_variant: ``"decoupled"`` or ``"coupled"``.
 
-    Frozen weights (``requires_grad=False``) and weights without a gradient are left alone.
-    :meth:`remove` detaches the hooks.
+    Raises:
+        TypeError: ``optimizer`` is not a ``torch.optim.Optimizer``.
+        ValueError: a hyperparameter is out of range, both or neither of ``model`` / ``weight_quantizers``, the
+            optimizer already has a correction, a quantized weight is missing from its param groups, or
+            ``cage_lambda > 0`` with no quantized weight.
+
+    Warns when the quantized weights are not fp32 (the pull rounds away in bf16). Frozen weights and weights
+    without a gradient are left alone. :meth:`remove` detaches the hooks.
     """
 
     def __init__(

@@ -1,11 +1,10 @@
 """hf-cage's CAGE defaults, the one place they are written (every signature, help text and recipe reads them here).
 
-- ``CAGE_LAMBDA`` / ``CAGE_SILENCE_RATIO`` / ``CAGE_SCHEDULE`` / ``CAGE_VARIANT``: the reference scripts'
-  published settings (CAGE.md section 3), the defaults of :class:`hf_cage.CAGE`, :class:`hf_cage.CAGECorrection`
-  and :class:`hf_cage.CAGEConfig` when no ``cage_pull`` is asked for.
-- ``CAGE_PULL_DEFAULTS``: the total pull ``sum_t lr_t * lambda_t`` the recipes ask for per job (``cage_pull``).
-  Pretraining: the published runs' range (about 1.6-2.7). Fine-tuning: provisional, within the 0.1-0.4 that
-  fine-tuning measurements favour (docs/training.md); the measured sweep sets it.
+- ``CAGE_LAMBDA`` / ``CAGE_SILENCE_RATIO`` / ``CAGE_SCHEDULE`` / ``CAGE_VARIANT``: the reference scripts' published
+  settings, the defaults of :class:`hf_cage.CAGE`, :class:`hf_cage.CAGECorrection` and :class:`hf_cage.CAGEConfig`
+  when no ``cage_pull`` is asked for.
+- ``CAGE_PULL_DEFAULTS``: the total pull ``sum_t lr_t * lambda_t`` the recipes ask for per job (``cage_pull``);
+  docs/training.md ("Strength and schedule") says where each value comes from.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """``create_cage_optimizer`` and the one weight-decay policy of hf-cage.
 
-Weight-decay policy (the CAGE reference's, CAGE.md section 5): weight decay applies to the weights of
-the quantized block linears (the ``QATLinear`` layers: q, k, v, o, gate, up, down) and to nothing
-else: embeddings, ``lm_head`` (tied or not), norms and biases are not decayed.
-:func:`decay_parameter_names` is that rule; ``create_cage_optimizer`` and
-``CAGETrainer.get_decay_parameter_names`` both use it, and the recipes' BF16 baseline applies it to the dense
-model with the runs' ``QuantConfig`` (the same block linears decay in all three methods).
-
-Frozen parameters (``requires_grad=False``) are left out of the optimizer; empty groups are dropped.
+Weight decay applies to the weights of the quantized block linears (the ``QATLinear`` layers) and to nothing else:
+embeddings, ``lm_head`` (tied or not), norms and biases are not decayed, as in the CAGE reference.
+:func:`decay_parameter_names` is that rule; ``create_cage_optimizer``, the trainer mixin and the recipes' BF16
+baseline all use it. Frozen parameters are left out of the optimizer; empty groups are dropped.
 """
 
 from __future__ import annotations

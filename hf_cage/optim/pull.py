@@ -1,10 +1,8 @@
 """``cage_pull``: the correction's strength as the total pull ``sum_t lr_t * lambda_t`` of a run.
 
-The decoupled step moves each quantized weight by ``lr_t * lambda_t`` of its distance to the grid, so the
-sum over the run is what sets how far CAGE pulls (CAGE.md section 3); the same ``lambda`` pulls 100x less
-at a fine-tuning LR than at a pretraining one. Given the run's learning rates ``lr_1 .. lr_T`` (from the
-scheduler the run actually uses) and the shape of the lambda schedule, :func:`lambda_for_pull` returns the
-``cage_lambda`` whose schedule realises the requested pull over the whole run, ``t = 1 .. T``.
+The decoupled step moves each quantized weight by ``lr_t * lambda_t`` of its distance to the grid, so that sum, not
+``lambda`` alone, sets how far CAGE pulls (docs/method.md, "The total pull"). :func:`lambda_for_pull` returns the
+``cage_lambda`` whose schedule realises a requested pull over the run's learning rates ``lr_1 .. lr_T``.
 """
 
 from __future__ import annotations

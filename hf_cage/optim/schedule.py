@@ -1,4 +1,4 @@
-"""The CAGE lambda schedule (CAGE.md section 3) and the checks every CAGE entry point shares.
+"""The CAGE lambda schedule (docs/method.md, "Lambda schedule") and the checks every CAGE entry point shares.
 
 With optimizer step ``t`` (1-based), ``T`` total steps, progress ``r = t / T``, strength ``lambda``
 and silence ratio ``s``:

@@ -28,6 +28,8 @@ class CAGEArguments:
             pass
 
     :class:`CAGEConfig` is ``CAGEArguments`` over ``TrainingArguments``; ``hf_cage.trl`` has TRL's configs.
+    ``__post_init__`` raises ``ValueError`` naming the field for a value out of range, a ``quant_*`` combination
+    ``QuantConfig`` refuses, or ``cage_pull`` set together with ``cage_lambda``.
     """
 
     quant_w_bits: int = field(default=4, metadata={"help": f"Weight bits, one of {SUPPORTED_BITS}."})

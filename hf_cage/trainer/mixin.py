@@ -1,39 +1,21 @@
 """``CAGETrainerMixin``: CAGE quantization-aware training for any ``transformers.Trainer`` subclass.
 
-``class MyTrainer(CAGETrainerMixin, SomeTrainer)`` (the mixin first) adds to ``SomeTrainer``, through
-``super()`` only:
+``class MyTrainer(CAGETrainerMixin, SomeTrainer)`` (the mixin first) adds to ``SomeTrainer``, through ``super()``:
 
-- at construction, the ``model`` argument (an ``nn.Module`` without ``QATLinear`` layers) is quantized with
-  ``args.quant_config()`` before ``SomeTrainer.__init__`` sees it; a model ``SomeTrainer`` loads itself (a
-  name or path, as TRL's trainers accept) is quantized right after. Arguments are forwarded to
-  ``SomeTrainer.__init__`` by keyword, bound to its own signature, so positional calls keep their meaning
-  (``DPOTrainer(model, ref_model, args)``). A ``ref_model`` parameter left ``None`` gets a dense copy of the
-  model taken before quantization (not with PEFT, whose reference is the base model): a reference model
-  stays unquantized;
-- ``create_optimizer`` is ``SomeTrainer.create_optimizer`` (``--optim``, ``optim_args``,
-  ``optimizer_cls_and_kwargs``, Trainer's param groups) with the CAGE correction
-  (:class:`hf_cage.CAGECorrection`) attached to the optimizer it builds, or to a user optimizer passed with
-  ``optimizers=(opt, sched)``. ``--optim adamw_torch`` / ``adamw_torch_fused`` give AdamW + CAGE in either
-  variant; any other torch optimizer gets the decoupled correction (``cage_variant='coupled'`` is refused
-  with it); an ``--optim`` that is not a ``torch.optim.Optimizer`` is refused;
-- weight decay follows hf-cage's one policy (:func:`hf_cage.optim.decay_parameter_names`): only the
-  quantized block linears are decayed;
-- ``create_scheduler(num_training_steps)``, called by every ``train()`` (also after an
-  ``auto_find_batch_size`` retry), starts the correction's schedule (``total_steps``, counter back to 0); a
-  resumed run then loads its counter from the checkpoint. With ``cage_pull`` it first sets lambda so that
-  ``sum_t lr_t * lambda_t`` over the whole run (``t = 1 .. num_training_steps``, ``lr_t`` from the scheduler
-  just built, :mod:`hf_cage.optim.pull`) equals ``cage_pull``: a run resumed or branched at step ``k`` gets
-  the lambda of the whole run and realises the part of the pull after ``k`` (all of it when ``k`` is within
-  the silence period);
-- ``log`` adds ``cage/lambda`` (lambda of the last optimizer step), ``cage/pull`` (``sum_t lr_t * lambda_t``
-  so far), ``cage/quant_error`` and ``cage/clip_fraction`` (:func:`hf_cage.trainer.quantization_metrics`) to
-  the training logs, and ``cage/peak_lambda`` with the realised ``cage/pull`` to the run's summary; they
-  reach ``log_history`` like the Trainer's own metrics.
+- ``__init__``: quantizes ``model`` with ``args.quant_config()`` (before ``SomeTrainer.__init__``, or right after it
+  when the trainer loads the model from a name or path); every argument is forwarded by keyword, bound to
+  ``SomeTrainer.__init__``'s own signature, so positional calls keep their meaning; a ``ref_model`` parameter left
+  ``None`` gets a dense copy taken before quantization (not with PEFT, whose reference is the base model);
+- ``create_optimizer``: Trainer's own optimizer (or the one passed in ``optimizers=``) with
+  :class:`hf_cage.CAGECorrection` attached; ``get_decay_parameter_names``: hf-cage's one weight-decay rule;
+- ``create_scheduler``: starts the correction's schedule for the run (every ``train()``); with ``cage_pull`` it first
+  picks lambda from the whole run's learning rates (:mod:`hf_cage.optim.pull`);
+- ``log``: ``cage/lambda``, ``cage/pull``, ``cage/quant_error``, ``cage/clip_fraction`` in each training log,
+  ``cage/peak_lambda`` and ``cage/pull`` in the run's summary; ``save_model``: ``log_history.json`` beside a save.
 
-The hf-cage quantization config travels in the model's ``config.json`` (``quantize_model`` records it), so
-every checkpoint carries it; ``save_model`` also writes the run's ``log_history.json`` beside a final save.
-FSDP2 is supported; FSDP1 (flat parameters) is refused, and so is an FSDP launch that accelerate ran without
-FSDP (it would silently train unsharded).
+Raises ``TypeError`` when ``args`` lacks the :class:`hf_cage.CAGEArguments` fields, and ``ValueError`` for an
+optimizer that is not a ``torch.optim.Optimizer``, ``cage_variant='coupled'`` without Adam, FSDP1 (flat
+parameters), or an FSDP launch that accelerate ran unsharded. docs/training.md describes each behaviour.
 """
 
 from __future__ import annotations
