@@ -12,23 +12,13 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_llama
+from test_trainer import Blocks, config
 
-from hf_cage import CAGEConfig, CAGETrainer, QuantConfig, QuantSpec, load_quantized
+from hf_cage import CAGETrainer, QuantConfig, QuantSpec, load_quantized
 from hf_cage.export import export_model
 from hf_cage.kernels import Grid, get_grid, grid_names, register_grid, registered_grid
 from hf_cage.layers.packed import PackedLinear
 from hf_cage.qat import EXPORT_KEY
-
-
-class Blocks(torch.utils.data.Dataset):
-    def __init__(self, n: int = 16, length: int = 16):
-        self.ids = torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(3))
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 def _codes_and_step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,23 +62,8 @@ class SymmetricGrid(Grid):
 def train(tmp_path, **quant):
     """A tiny Llama after 3 CAGETrainer steps on ``QuantConfig(**quant)`` (correction active), in eval mode."""
     fields = {f"quant_{k}": v for k, v in quant.items()}
-    args = CAGEConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=3,
-        per_device_train_batch_size=2,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        cage_lambda=10.0,
-        cage_silence_ratio=0.0,
-        disable_tqdm=True,
-        **fields,
-    )
     model = make_tiny_llama()
-    CAGETrainer(model, args, train_dataset=Blocks()).train()
+    CAGETrainer(model, config(tmp_path / "run", cage_silence_ratio=0.0, **fields), train_dataset=Blocks()).train()
     return model.eval()
 
 

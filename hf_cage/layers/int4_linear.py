@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
-from ..kernels.spec import QuantSpec
 from .packed import PackedLinear
 
 
@@ -17,26 +16,11 @@ class Int4Linear(PackedLinear):
     ``(out, in / group)``. Inputs are quantized per token with ``activation_spec`` when given, so
     the output equals the QAT layer's forward. On the Triton backend the forward multiplies the
     packed words directly (W4A4 GEMM for 4-bit activations, W4A16 otherwise; :func:`hf_cage.kernels.int4_gemm`,
-    decided once at build time in ``kernel_plan`` like :class:`~hf_cage.QATLinear`'s).
+    decided once at build time in ``kernel_plan`` like :class:`~hf_cage.QATLinear`'s). Takes the arguments of
+    :class:`~hf_cage.layers.packed.PackedLinear`.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool,
-        weight_spec: QuantSpec,
-        activation_spec: QuantSpec | None = None,
-        device=None,
-        dtype: torch.dtype = torch.float32,
-    ):
-        if weight_spec.bits != 4 or not weight_spec.quant_grid.integer_codes:
-            raise ValueError(
-                f"Int4Linear holds 4-bit weights with integer codes, got bits={weight_spec.bits}, "
-                f"grid={weight_spec.grid!r} (the {weight_spec.grid} grid loads into "
-                f"{weight_spec.quant_grid.packed_layer})"
-            )
-        super().__init__(in_features, out_features, bias, weight_spec, activation_spec, device, dtype)
+    holds_bits = (4,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel_plan.backend(x, self.weight_packed) == "triton":

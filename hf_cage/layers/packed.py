@@ -64,6 +64,8 @@ class PackedLinear(nn.Module):
     forward (:class:`~hf_cage.Int4Linear`, :class:`~hf_cage.layers.Fp4Linear`).
     """
 
+    holds_bits: tuple[int, ...] | None = None  # weight widths a subclass takes (None: any its grid packs)
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _PACKED_CLASSES[cls.__name__] = cls
@@ -83,6 +85,9 @@ class PackedLinear(nn.Module):
         layer = type(self).__name__
         if layer not in ("PackedLinear", grid.packed_layer):
             raise ValueError(f"{layer} cannot hold {grid.name} weights; that grid loads into {grid.packed_layer}")
+        if self.holds_bits and weight_spec.bits not in self.holds_bits:
+            bits = "/".join(map(str, self.holds_bits))
+            raise ValueError(f"{layer} holds {bits}-bit weights, got bits={weight_spec.bits} (grid {grid.name!r})")
         problem = packing_problem(in_features, weight_spec)
         if problem:
             raise ValueError(problem)
