@@ -98,10 +98,6 @@ class Grid:
         """Why the grid's Triton kernel cannot take rows of ``in_features`` inputs, or ``None`` when it can."""
         return f"the {self.name} grid has no Triton kernel"
 
-    @property
-    def has_triton(self) -> bool:
-        return type(self).triton_problem is not Grid.triton_problem
-
     def observed_input_scale(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         """``input_global_scale`` grids: the scale one batch ``x`` asks for; the layer keeps the running minimum."""
         raise NotImplementedError(f"the {self.name} grid has no input_global_scale")
