@@ -7,7 +7,7 @@ handling: a Ctrl-C while torch is being imported is an exit code, not a tracebac
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 # Public name -> the module that defines it, imported on first use.
 _PUBLIC = {

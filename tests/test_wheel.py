@@ -16,6 +16,8 @@ from pathlib import Path
 
 from test_export import INT_W4A4_GROUP, qat_model, save_checkpoint
 
+from hf_cage.version import __version__
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,7 @@ def test_wheel_holds_the_package_data_and_exports_from_another_folder(tmp_path):
     pip = [sys.executable, "-m", "pip", "-q"]
     _run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path / "dist", source], env=env)
     (wheel,) = (tmp_path / "dist").glob("hf_cage-*.whl")
+    assert wheel.name.startswith(f"hf_cage-{__version__}-")  # pyproject.toml reads the one version string
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"hf_cage/export/templates/model_card.md", "hf_cage/py.typed", "hf_cage/export/api.py"} <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

@@ -43,8 +43,8 @@ behind, or, once the export is complete (during the push), the export kept, as t
 
 
 def add_parser(subparsers, name: str, help: str) -> argparse.ArgumentParser:
-    from ..export.api import DEFAULT_MAX_SHARD_SIZE, DTYPE_CHOICES
     from ..export.formats import FORMAT_CHOICES, FORMATS
+    from ..export.options import DEFAULT_MAX_SHARD_SIZE, DTYPE_CHOICES
 
     parser = subparsers.add_parser(
         name,
@@ -141,8 +141,12 @@ def _folder_identity(path) -> tuple[int, int] | None:
     return (stat.st_dev, stat.st_ino)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..export import CardOptions, ExportError, ExportWriteError, PushError, export_checkpoint
+def options_of(args: argparse.Namespace):
+    """The :class:`~hf_cage.export.ExportOptions` the parsed flags ask for: every flag whose destination is a field
+    of it (``--format`` -> ``format``, ``--push-to-hub`` -> ``push_to_hub``, ...), plus the card's flags."""
+    from dataclasses import fields
+
+    from ..export import CardOptions, ExportOptions
 
     card = CardOptions(
         base_model=args.base_model,
@@ -150,27 +154,18 @@ def run(args: argparse.Namespace) -> int:
         datasets=list(args.dataset),
         model_name=args.model_name,
     )
+    flags = {f.name: getattr(args, f.name) for f in fields(ExportOptions) if hasattr(args, f.name)}
+    return ExportOptions(**flags, card=card, progress=not args.no_progress, log=print)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import ExportError, ExportWriteError, PushError, export_checkpoint
+
+    options = options_of(args)
     before = _folder_identity(args.output_dir)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        result = export_checkpoint(
-            args.checkpoint,
-            args.output_dir,
-            format=args.format,
-            weights_only=args.weights_only,
-            allow_lossy=args.allow_lossy,
-            dtype=args.dtype,
-            max_shard_size=args.max_shard_size,
-            overwrite=args.overwrite,
-            card=card,
-            push_to_hub=args.push_to_hub,
-            token=args.token,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            progress=not args.no_progress,
-            log=print,
-        )
+        result = export_checkpoint(args.checkpoint, args.output_dir, options)
     except ExportError as err:
         return _fail(str(err), 2)
     except ExportWriteError as err:

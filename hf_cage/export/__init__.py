@@ -1,11 +1,12 @@
 """Export trained QAT models as packed checkpoints (compressed-tensors or hf-cage), load them, publish them."""
 
-from .api import DEFAULT_MAX_SHARD_SIZE, ExportResult, export_checkpoint, export_model
+from .api import ExportResult, export_checkpoint, export_model
 from .card import CardOptions
 from .errors import ExportError, ExportWriteError, PushError
 from .formats import FORMAT_CHOICES, FORMATS, ExportFormat, choose_format
 from .hub import push_folder, resolve_token
 from .load import load_quantized
+from .options import DEFAULT_MAX_SHARD_SIZE, ExportOptions
 from .source import TrainingInfo, load_checkpoint
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "CardOptions",
     "ExportError",
     "ExportFormat",
+    "ExportOptions",
     "ExportResult",
     "ExportWriteError",
     "PushError",

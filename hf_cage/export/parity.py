@@ -7,8 +7,6 @@ none for a weights-only export), and every dense parameter is rounded through th
 loader computing in float32 upcasts what was stored). Both models then run the same seeded batch, the
 trained one in its own dtype, the served one in the format's compute dtype (the model's, or bfloat16 for
 the FP4 formats, which stock transformers decompresses into bf16), and the logits are compared.
-``tests/test_parity.py`` and ``tests/test_fp4_qat.py`` check the emulation against stock transformers
-loading the export in a process that never imports hf_cage.
 """
 
 from __future__ import annotations

@@ -13,11 +13,9 @@ same token-weighted loss (:func:`token_loss`)::
     many = served_eval_many([dir_a, dir_b], input_ids, loss=True)   # one stock process, several exports
 
 The stock process runs this module's own source as a script (it imports only torch, transformers and safetensors
-at module level; compressed-tensors comes in through transformers' quantizer), loads each export with
-``AutoModelForCausalLM.from_pretrained(path, dtype=...)``, and checks that no ``hf_cage`` module was imported;
-tensors travel through a temporary safetensors file. The dtype is ``torch.float32``, except for
-compressed-tensors' FP4 formats, which transformers can only run in ``torch.bfloat16``; logits come back as
-float32. So the numbers are what a stock loader computes from the files, not what hf-cage believes it computes.
+at module level), loads each export with ``AutoModelForCausalLM.from_pretrained(path, dtype=...)`` in the dtype
+its format is served in (:func:`stock_dtype`), and fails if any ``hf_cage`` module was imported; tensors travel
+through a temporary safetensors file and logits come back as float32.
 """
 
 from __future__ import annotations
@@ -139,7 +137,8 @@ def stock_dtype(export_dir: str | os.PathLike) -> str:
 
     Refuses, with what to do, an export stock transformers cannot load (the hf-cage format).
     """
-    from .formats import EXPORT_KEY, stock_load_dtype
+    from ..qat import EXPORT_KEY
+    from .formats import stock_load_dtype
 
     config = _read_config(export_dir)
     if "quantization_config" not in config and EXPORT_KEY in config:
