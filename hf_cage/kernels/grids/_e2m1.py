@@ -30,6 +30,7 @@ class E2M1Grid(Grid):
     packing = PACKING
     scale_dtype: torch.dtype = torch.uint8  # dtype of the stored group scales
     global_scale = False  # the weights carry a per-tensor fp32 ``weight_global_scale``
+    card_activation_rule = ""  # the card: how the stock loaders quantize activations, "with <rule>"
 
     @property
     def stock_format(self) -> str:

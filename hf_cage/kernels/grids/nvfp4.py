@@ -21,6 +21,10 @@ class Nvfp4Grid(E2M1Grid):
     global_scale = True
     input_global_scale = True
     card_name = "NVFP4 (E2M1 values, E4M3 scale per group times an fp32 global scale)"
+    card_activation_rule = (
+        "an FP8 E4M3 scale per token and group of 16, computed on every forward, times the layer's "
+        "`input_global_scale` (calibrated during training as the running input maximum, stored here)"
+    )
 
     def observed_input_scale(self, x, spec):
         return fp4.tensor_global_scale(x.detach(), spec.hadamard_block)
