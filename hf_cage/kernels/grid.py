@@ -32,7 +32,7 @@ class Grid:
         bits: the weight and activation widths it takes.
         fixed_group_size: a group size the format fixes for weights and activations alike (then activations are
             quantized per token and group, and ``QuantConfig`` sets ``granularity="group"``); ``None``: the user
-            chooses per channel or a group of ``QuantConfig.GROUP_SIZES`` for weights, one scale per token for
+            chooses per channel or a group of ``hf_cage.quant.config.GROUP_SIZES`` for weights, one scale per token for
             activations.
         fixed_scale_rule: a scale rule the format fixes (``clip`` and ``a_clip`` then do not apply), or ``None``.
         default_activation_clip / default_hadamard: ``QuantConfig``'s defaults for ``a_clip`` / ``hadamard``.
