@@ -53,17 +53,18 @@ from recipe_common import (
     DataArguments,
     RecipeArguments,
     RecipeInputError,
+    parse_arguments,
+    prepare_training_args,
+    preset_name,
+    report_error,
+)
+from recipe_training import (
     Stopwatch,
     end_distributed,
     exit_process,
     load_tokenizer,
     make_trainer,
-    parse_arguments,
-    prepare_training_args,
-    preset_name,
-    report_error,
     run_metrics,
-    silence_end_step,
     text_files,
     token_blocks,
     write_outputs,
@@ -153,6 +154,8 @@ def run(argv: list[str] | None = None) -> dict:
 
     import torch
     from transformers import LlamaForCausalLM, set_seed
+
+    from hf_cage.trainer.comparison import silence_end_step
 
     with training_args.main_process_first(desc="data preparation"):
         files = text_files(data_args)

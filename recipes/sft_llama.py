@@ -35,15 +35,17 @@ from recipe_common import (
     MODEL_SHAPE_KEYS,
     RecipeArguments,
     RecipeInputError,
+    parse_arguments,
+    prepare_training_args,
+    preset_name,
+    report_error,
+)
+from recipe_training import (
     Stopwatch,
     end_distributed,
     exit_process,
     load_tokenizer,
     make_trainer,
-    parse_arguments,
-    prepare_training_args,
-    preset_name,
-    report_error,
     run_metrics,
     write_outputs,
 )

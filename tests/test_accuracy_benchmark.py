@@ -1,6 +1,6 @@
 """The accuracy benchmark in seconds: product-path runs, paired CAGE branches, the report it writes."""
 
-import importlib.util
+import importlib
 import json
 import re
 import sys
@@ -14,11 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def accuracy():
-    spec = importlib.util.spec_from_file_location("accuracy_benchmark", REPO / "benchmarks" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module("accuracy_study")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def quick_results(accuracy, tmp_path_factory):
     specs += [fp4, replace(fp4, method="cage", lam=10.0, silence=0.5), fp4_ft]
     specs += [s for s in quick_practical(accuracy) if s.pull in (None, 0.4)]
     for spec in specs:
-        accuracy._append(results, accuracy.train(spec, out))
+        accuracy.append_result(results, accuracy.train(spec, out))
     return out, accuracy.load_results(results)
 
 
@@ -151,6 +151,22 @@ def test_plans_pair_every_cage_run_with_an_ste_parent_in_the_plan(accuracy):
     assert json.dumps([s.key for s in specs])  # keys are plain strings
 
 
+# sha256 of the run keys of full_plan({}) then quick_plan(), one a line, in plan order (289 keys). The results files
+# are keyed by these: a change of a key or of the order retrains finished runs or reorders a running measurement.
+PLAN_KEYS_SHA256 = "048d48bc034a529d97c912e0c04d5ee3fb67d7c777fc0d12ac0da54a4b431e6c"
+
+
+def test_plan_keys_and_order_are_pinned(accuracy):
+    import hashlib
+
+    keys = [s.key for s in accuracy.full_plan({})] + [s.key for s in accuracy.quick_plan()]
+    assert len(keys) == 289
+    assert hashlib.sha256("\n".join(keys).encode()).hexdigest() == PLAN_KEYS_SHA256, (
+        "the benchmark's run keys or their order changed: finished results would no longer match; update the pin "
+        "only for a deliberate change of the plan"
+    )
+
+
 @pytest.mark.parametrize(
     ("quantizer", "export_format", "tolerance"),
     # int: fp32 both sides; MXFP4: stock transformers computes in bfloat16 (the fp32 model does not)
@@ -205,7 +221,7 @@ def test_served_exports_a_w3a3_int_run_that_stock_transformers_serves_as_trained
     """A saved W3A3 int run: exported with the defaults (compressed-tensors, 3-bit codes packed densely) and served
     by stock transformers at the trained loss."""
     spec = accuracy.Spec("map", "ste", 0, w_bits=3, a_bits=3, quantizer="int", save=True, **accuracy.QUICK)
-    accuracy._append(tmp_path / "results", accuracy.train(spec, tmp_path))
+    accuracy.append_result(tmp_path / "results", accuracy.train(spec, tmp_path))
     assert accuracy.main(["served", "--out", str(tmp_path), "--results", str(tmp_path / "results")]) == 0
     (row,) = accuracy.load_served(tmp_path / "results")
     assert row["export_error"] is None and row["export_format"] == "compressed-tensors"
@@ -227,15 +243,24 @@ def test_practical_plan_sweeps_the_pull_then_takes_its_choice_to_the_other_forma
     specs = accuracy.plan_practical({})
     base = specs[0]
     assert base == replace(accuracy.finetune_base(), study="practical") and base.save
-    keys = {s.key for s in specs}
-    assert len(keys) == len(specs)
+    keys = [s.key for s in specs]
+    # the one key planned twice: the 300-step CAGE run at the default pull, first as a format's cell, then in the
+    # sweep (full_plan keeps the first)
+    twice = {k for k in keys if keys.count(k) > 1}
+    assert twice == {
+        s.key
+        for s in specs
+        if s.steps == 300 and s.method == "cage" and s.fmt == "w4-int-g64" and s.pull == accuracy.PRACTICAL_LONG_PULL
+    }
+    assert len(twice) == 5 and len(set(keys)) == len(keys) - 5
     tuned = specs[1:]
     assert all(s.init == base.key for s in tuned)
-    # the sweep is also run 3x longer (the finetune study's 300 steps) on seeds 0 and 1
-    assert {(s.steps, s.seed) for s in tuned if s.steps != 100} == {(300, 0), (300, 1)}
-    assert len([s for s in tuned if s.steps == 300]) == 2 * (2 + 6)
-    assert {s.seed for s in tuned} == set(range(5))
-    sweep = [s for s in tuned if s.pull is not None and s.silence == 0.5]
+    # 3x longer (the finetune study's 300 steps) on 5 seeds: every format at the default pull, and the pull sweep
+    long = {s.key: s for s in tuned if s.steps != 100}
+    assert {(s.steps, s.seed) for s in long.values()} == {(300, seed) for seed in range(5)}
+    assert len(long) == 5 * (1 + 5 * 2 + 5)  # BF16; STE and CAGE in 5 formats; the 5 other pulls of the sweep
+    assert {s.pull for s in long.values() if s.fmt != "w4-int-g64" and s.method == "cage"} == {0.2}
+    sweep = [s for s in tuned if s.pull is not None and s.silence == 0.5 and s.steps == 100]
     assert {(s.fmt, s.seed, s.pull) for s in sweep} == {
         ("w4-int-g64", seed, pull) for seed in range(5) for pull in (0.03, 0.1, 0.2, 0.4, 1, 2)
     }
@@ -251,44 +276,73 @@ def test_practical_plan_sweeps_the_pull_then_takes_its_choice_to_the_other_forma
         "w4-mxfp4",
         "w4-nvfp4",
     }
-    assert specs.index(sweep[-1]) < min(i for i, s in enumerate(specs) if s.fmt == "w4-int-g32")  # the sweep first
-    # until every sweep run has finished, the other formats have no CAGE run; then CAGE at the best mean pull
-    assert accuracy.practical_choice({}) is None and len(sweep + late) == sum(s.method == "cage" for s in specs)
+    short_other = [i for i, s in enumerate(specs) if s.fmt == "w4-int-g32" and s.steps == 100]
+    assert specs.index(sweep[-1]) < min(short_other)  # the sweep first
+    # until every sweep run has finished, the other formats have no 100-step CAGE run; then CAGE at the best mean pull
+    short_cage = [s for s in specs if s.method == "cage" and s.steps == 100]
+    assert accuracy.practical_choice({}) is None and len(sweep + late) == len(short_cage)
     results = {s.key: {"eval_loss": 3.0 + abs(s.pull - 0.2) + 0.01 * s.seed} for s in sweep}
     assert accuracy.practical_choice(results) == 0.2
-    chosen = [s for s in accuracy.plan_practical(results) if s.method == "cage" and s.fmt != "w4-int-g64"]
+    chosen = [
+        s for s in accuracy.plan_practical(results) if s.method == "cage" and s.fmt != "w4-int-g64" and s.steps == 100
+    ]
     assert len(chosen) == 4 * 5 and {s.pull for s in chosen} == {0.2}
     assert all(s.parent.fmt == s.fmt and s.parent.seed == s.seed for s in chosen)
 
 
-def test_practical_tables_give_the_paired_share_its_standard_error_and_wins(accuracy, tmp_path):
+def test_practical_tables_lead_with_300_steps_and_give_the_paired_share_its_standard_error_and_wins(
+    accuracy, tmp_path
+):
     import math
     import statistics
     from dataclasses import asdict
 
-    specs = accuracy.plan_practical({}, 3)
-    losses = {"bf16": (3.00, 3.10, 3.20), "ste": (3.10, 3.30, 3.25)}
-    cage_at = {p: tuple(x + 0.01 for x in losses["ste"]) for p in accuracy.PRACTICAL_PULLS}
-    cage_at |= {0.1: (3.05, 3.20, 3.26), 2.0: (3.09, 3.29, 3.24)}  # pull 0.1: the lowest mean loss; loses seed 2
+    specs = {s.key: s for s in accuracy.plan_practical({}, 3)[1:]}.values()
+    losses = {  # (steps, method) -> per seed; every format's STE alike
+        (100, "bf16"): (3.00, 3.10, 3.20),
+        (100, "ste"): (3.10, 3.30, 3.25),
+        (300, "bf16"): (2.90, 3.00, 3.05),
+        (300, "ste"): (3.00, 3.08, 3.15),
+    }
+    cage_at = {(n, p): tuple(x + 0.01 for x in losses[n, "ste"]) for n in (100, 300) for p in accuracy.PRACTICAL_PULLS}
+    cage_at[100, 0.1] = (3.05, 3.20, 3.26)  # the lowest mean loss at 100 steps: the choice; loses seed 2
+    cage_at[100, 2.0] = (3.09, 3.29, 3.24)
+    cage_at[300, 0.2] = (2.95, 3.05, 3.16)  # the default pull at 300 steps: wins seeds 0 and 1
     rows = []
-    for s in specs[1:]:
-        if s.method == "ste" and s.fmt != "w4-int-g64":
-            continue
-        loss = cage_at[s.pull][s.seed] if s.method == "cage" else losses[s.method][s.seed]
+    for s in specs:
+        if s.method == "ste" and s.fmt != "w4-int-g64" and s.steps == 100:
+            continue  # the other formats at 100 steps: not run yet
+        loss = cage_at[s.steps, s.pull][s.seed] if s.method == "cage" else losses[s.steps, s.method][s.seed]
         rows.append({**asdict(s), "key": s.key, "eval_loss": loss, "cage_lambda": s.cage_lambda()})
     assert accuracy.practical_default(rows) == 0.1
-    shares = [(st - c) / (st - b) for b, st, c in zip(losses["bf16"], losses["ste"], cage_at[0.1])]
-    se = statistics.stdev(shares) / math.sqrt(3)
-    table = accuracy.practical_table(rows)
-    row = next(line for line in table.splitlines() if line.startswith("| W4A16 int, group 64 |"))
-    assert f"| 100 | 3 | **{statistics.mean(shares):+.1%}** ± {se:.1%} | 2 / 3 | 3.1000 | 3.2167 | 3.1700 |" in row
-    # the 300-step sweep (seeds 0-1 of these rows: pull 0.1 best too) gets its own row at its best pull
-    assert "| W4A16 int, group 64 | 300 | 2 |" in table and "(pull 0.1: that length's best)" in table
+
+    def cells(n: int, pull: float) -> str:
+        b, st, c = losses[n, "bf16"], losses[n, "ste"], cage_at[n, pull]
+        shares = [(y - z) / (y - x) for x, y, z in zip(b, st, c)]
+        se = statistics.stdev(shares) / math.sqrt(3)
+        wins = sum(z < y for y, z in zip(st, c))
+        means = [statistics.mean(v) for v in (b, st, c)]
+        return (
+            f"| 3 | **{statistics.mean(shares):+.1%}** ± {se:.1%} | {wins} / 3 | {means[0]:.4f} | {means[1]:.4f} | "
+            f"{means[2]:.4f} | {means[1] - means[0]:+.4f} |"
+        )
+
+    table = accuracy.practical_table(rows).splitlines()
+    labels = ["W4A16 int, group 64", "W4A16 int, group 32", "W3A16 int, group 64", "W4A16 MXFP4", "W4A16 NVFP4"]
+    # first every format at 300 steps, CAGE at the default pull; then 100 steps at the sweep's choice
+    assert table[2:] == [f"| {label} | 300 | 0.2 (fine-tuning default) {cells(300, 0.2)}" for label in labels] + [
+        f"| W4A16 int, group 64 | 100 | 0.1 (the 100-step sweep's choice) {cells(100, 0.1)}"
+    ]
+    assert "| 2 / 3 | 3.1000 | 3.2167 | 3.1700 | +0.1167 |" in table[-1]
     sweep = accuracy.practical_sweep_table(rows)
     lam = {(s.steps, s.pull, s.silence): f"{s.cage_lambda():.4g}" for s in specs if s.method == "cage"}
     assert f"| 100 | 0.5 | 0.1 (chosen) | {lam[100, 0.1, 0.5]} | 3 |" in sweep
     assert (
         f"| 100 | 0.8 | 2 | {lam[100, 2.0, 0.8]} | 3 |" in sweep
-        and f"| 300 | 0.5 | 2 | {lam[300, 2.0, 0.5]} | 2 |" in sweep
+        and f"| 300 | 0.5 | 2 | {lam[300, 2.0, 0.5]} | 3 |" in sweep
     )
     assert accuracy.plot_practical_pull(rows, tmp_path / "pull.png") and (tmp_path / "pull.png").stat().st_size > 1000
+
+
+def test_practical_table_before_any_finished_triple_says_so(accuracy):
+    assert accuracy.practical_table([]).splitlines()[2].startswith("| (no format has finished")

@@ -15,10 +15,11 @@ import torch
 from test_recipes import RECIPES, write_text
 
 from hf_cage.optim.defaults import CAGE_PULL_DEFAULTS
+from hf_cage.trainer.comparison import silence_end_step
 
 sys.path.insert(0, str(RECIPES))
 demo = importlib.import_module("demo")
-recipe_common = importlib.import_module("recipe_common")
+demo_runs = importlib.import_module("demo_runs")
 
 STEPS = 10  # demo.SMOKE_DATA
 METHODS = ("bf16", "ste", "cage")
@@ -92,7 +93,7 @@ def test_finetune_job_trains_a_base_then_branches_exports_int4_and_serves_it_sto
     assert (base["method"], base["steps"], base["w_bits"]) == ("bf16", STEPS, None)
     assert all(runs[m]["base_model"] == str(out / "finetune" / "base") for m in METHODS)
     # BF16 and STE fine-tuned from the start; CAGE resumed the STE checkpoint at the end of silence (half the run)
-    branch = recipe_common.silence_end_step(STEPS, 0.5)
+    branch = silence_end_step(STEPS, 0.5)
     checkpoint = out / "finetune" / "ste" / f"checkpoint-{branch}"
     assert branch == 5 and (checkpoint / "trainer_state.json").is_file()
     assert [runs[m]["steps"] for m in METHODS] == [STEPS] * 3
@@ -129,7 +130,7 @@ def test_pretrain_job_is_one_flag_away(tmp_path, text_pair, capsys):
     printed = capsys.readouterr().out
     dirs = {"bf16": out / "pretrain" / "bf16", "ste": out / "pretrain" / "ste", "cage": out / "pretrain" / "cage"}
     runs = {m: json.loads((d / "metrics.json").read_text()) for m, d in dirs.items()}
-    branch = recipe_common.silence_end_step(STEPS, 0.8)  # the tiny preset's silence
+    branch = silence_end_step(STEPS, 0.8)  # the tiny preset's silence
     assert [runs[m]["resumed_from"] for m in METHODS] == [None, None, str(dirs["ste"] / f"checkpoint-{branch}")]
     assert [runs[m]["a_bits"] for m in METHODS] == [None, 4, 4] and runs["cage"]["quantizer"] == "quest"
     # The tiny preset asks for the pretraining pull; the trainer derives lambda from this short run's schedule.
@@ -153,12 +154,12 @@ def test_demo_reuses_matching_runs_and_retrains_what_depends_on_a_changed_one(tm
     again = json.loads((out / "finetune" / "cage" / "metrics.json").read_text())
     assert again["eval_loss"] == first["cage"]["eval_loss"]  # the CAGE branch is retrained, deterministically
     # a base cached before the training changed (no revision) is retrained, and the fine-tuning runs with it
-    record = out / "finetune" / "base" / demo.RUN_RECORD
+    record = out / "finetune" / "base" / demo_runs.RUN_RECORD
     record.write_text(json.dumps({"argv": json.loads(record.read_text())["argv"]}))
     capsys.readouterr()
     assert demo.main(_argv(out, text_pair, "--in_process")) == 0
     assert "reusing" not in capsys.readouterr().out
-    assert json.loads(record.read_text())["training_revision"] == demo.TRAINING_REVISION
+    assert json.loads(record.read_text())["training_revision"] == demo_runs.TRAINING_REVISION
 
 
 def test_demo_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, text_pair, capsys):

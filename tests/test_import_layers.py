@@ -22,7 +22,7 @@ PACKAGE = "hf_cage"
 # covers that module and everything under it; a module takes the layer of the longest name that covers it.
 LAYERS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     # layer      modules (a name covers everything under it)      what sits there
-    ("base", ("hf_cage.data", "hf_cage.version"), "offline corpus/tokenizer, the version: nothing of hf_cage"),
+    ("base", ("hf_cage.data", "hf_cage.version", "hf_cage.plots", "hf_cage.workers"), "import nothing of hf_cage"),
     ("kernels", ("hf_cage.kernels",), "QuantSpec, torch twins, Triton kernels, the dispatch seam"),
     ("quant", ("hf_cage.quant",), "QuantConfig, straight-through quantizers"),
     ("layers", ("hf_cage.layers",), "QATLinear, packed layers, packing of weights"),
@@ -53,9 +53,12 @@ PUBLIC_MODULES = (
     "hf_cage.kernels",
     "hf_cage.lora",
     "hf_cage.optim",
+    "hf_cage.plots",
     "hf_cage.qat",
     "hf_cage.quant",
+    "hf_cage.trainer.comparison",
     "hf_cage.trl",
+    "hf_cage.workers",
 )
 # Imports by recipes/ of something outside the public API, as "recipe: module.name".
 KNOWN_RECIPE_IMPORTS: set[str] = {

@@ -28,7 +28,7 @@ correction's sign flipped (``lerp_`` weight and coupled ``alpha`` negated) all f
 inside the correction all four fail (0.86 / 0.83 / 0.91 / 0.98, 7-11 wins).
 """
 
-import importlib.util
+import importlib
 import math
 import statistics
 import sys
@@ -49,11 +49,11 @@ MIN_WINS = 13
 
 @pytest.fixture(scope="module")
 def quadratic():
-    spec = importlib.util.spec_from_file_location("quadratic_benchmark", REPO / "benchmarks" / "quadratic.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module("quadratic_study")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hf_cage.trainer.comparison import silence_end_step
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
 pretrain_llama = importlib.import_module("pretrain_llama")
 finetune_llama = importlib.import_module("finetune_llama")
-recipe_common = importlib.import_module("recipe_common")
 
 
 def help_text(module, flag: str, capsys) -> str:
@@ -68,7 +69,7 @@ def test_the_branching_examples_name_the_checkpoint_the_run_saves(module):
     for match in named:
         steps = re.findall(r"--max_steps (\d+)", doc[doc.rfind("\n\n", 0, match.start()) : match.start()])
         total = int(steps[-1]) if steps else tiny["max_steps"]
-        assert int(match.group(1)) == recipe_common.silence_end_step(total, tiny["cage_silence_ratio"]), match.group()
+        assert int(match.group(1)) == silence_end_step(total, tiny["cage_silence_ratio"]), match.group()
 
 
 def test_a_run_with_save_branch_checkpoint_prints_the_path_to_branch_from(tmp_path, capsys):

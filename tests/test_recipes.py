@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from hf_cage.optim.defaults import CAGE_PULL_DEFAULTS
+from hf_cage.trainer.comparison import silence_end_step
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 sys.path.insert(0, str(RECIPES))
 pretrain_llama = importlib.import_module("pretrain_llama")
 finetune_llama = importlib.import_module("finetune_llama")
 recipe_common = importlib.import_module("recipe_common")
+recipe_training = importlib.import_module("recipe_training")
 MODEL_SHAPE_KEYS = recipe_common.MODEL_SHAPE_KEYS
 
 WORDS = (
@@ -367,10 +369,10 @@ def test_silence_end_step_is_the_last_step_the_schedule_keeps_silent():
     import hf_cage
 
     for total, ratio in ((1500, 0.8), (1500, 0.5), (7, 0.5), (10, 0.8), (3, 0.34), (5, 0.0), (100, 0.999)):
-        step = recipe_common.silence_end_step(total, ratio)
+        step = silence_end_step(total, ratio)
         assert step == 0 or hf_cage.cage_lambda(step, total, 1.0, ratio, "linear_ramp") == 0
         assert step == total or hf_cage.cage_lambda(step + 1, total, 1.0, ratio, "linear_ramp") > 0
-    assert recipe_common.silence_end_step(1500, 0.8) == 1200 and recipe_common.silence_end_step(7, 0.5) == 3
+    assert silence_end_step(1500, 0.8) == 1200 and silence_end_step(7, 0.5) == 3
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -444,7 +446,7 @@ def test_bf16_baseline_decays_the_same_block_linears_as_the_qat_runs(tmp_path):
     groups = {}
     for method in ("bf16", "ste"):
         model = make_tiny_llama()
-        trainer = recipe_common.make_trainer(method, model, args, None, None)
+        trainer = recipe_training.make_trainer(method, model, args, None, None)
         names = {id(p): n for n, p in model.named_parameters()}
         groups[method] = {
             g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in trainer.create_optimizer().param_groups
@@ -468,7 +470,7 @@ def test_exit_process_skips_interpreter_shutdown_only_for_a_rank_of_a_multi_proc
     script = (
         "import atexit, sys\n"
         f"sys.path.insert(0, {str(RECIPES)!r})\n"
-        "from recipe_common import exit_process\n"
+        "from recipe_training import exit_process\n"
         "atexit.register(lambda: print('interpreter shutdown ran', flush=True))\n"
         "print('trained', end='')\n"
         "exit_process(3)\n"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 
+from ..plots import plot_loss_curve  # noqa: F401 (re-exported: export/api.py writes the export's curve)
 from ..quant.config import QuantConfig
 from .formats import Conversion, ExportFormat
 from .source import TrainingInfo
@@ -64,32 +64,6 @@ def training_rows(metrics: dict) -> list[tuple[str, str]]:
     if "eval_loss" in metrics and "eval_perplexity" not in metrics and isinstance(metrics["eval_loss"], (int, float)):
         rows.append(("eval perplexity", _fmt(math.exp(metrics["eval_loss"]))))
     return rows
-
-
-def plot_loss_curve(log_history: list[dict], path: Path) -> bool:
-    """Write a PNG of training (and eval) loss against step; False when the logs hold no loss."""
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h and "step" in h]
-    if not train and not evals:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.5), dpi=100)
-    ax = fig.add_subplot()
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
 
 
 def parity_sentence(parity: dict, dense_dtype: str, trained_dtype: str) -> str:
