@@ -129,7 +129,7 @@ def test_sub_4_bit_codes_pack_densely_as_compressed_tensors_unpacks_them():
     codes 0..9 and the low 2 bits of code 10 (field 2 = 0b010 -> bits 31..30 = 0b10), word 1 starts with its
     high bit (0). Word 0, bit 31 first: 10 001 000 111 110 101 100 011 010 001 000.
     """
-    from hf_cage.layers.packed import pack_int_codes, unpack_int_codes
+    from hf_cage.kernels.packing import pack_int_codes, unpack_int_codes
 
     codes = (torch.arange(32) % 8 - 4).reshape(1, 32)
     packed = pack_int_codes(codes, 3)

@@ -20,8 +20,8 @@ from compressed_tensors.quantization.utils.helpers import (
 )
 
 from hf_cage.kernels import fp4
+from hf_cage.kernels.fp4 import GROUP_SIZE
 from hf_cage.kernels.reference import hadamard_rotate
-from hf_cage.kernels.spec import FP4_GRIDS
 
 MXFP4 = preset_name_to_scheme("MXFP4", ["Linear"])
 NVFP4 = preset_name_to_scheme("NVFP4", ["Linear"])
@@ -237,7 +237,7 @@ def test_nvfp4_weights_equal_compressed_tensors(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(GROUP_SIZE))
 def test_dynamic_activations_equal_the_loaders_forward_rule(fmt, dtype):
     """What compressed-tensors' forward hook does to a Linear input at load: dynamic per token-group scales."""
     x = awkward(10, 256, seed=4, dtype=dtype).reshape(2, 5, 256)
@@ -263,7 +263,7 @@ def test_nvfp4_fully_dynamic_activations_equal_a_unit_global_scale():
 
 
 @pytest.mark.parametrize("hadamard_block", [None, 32, 128])
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(GROUP_SIZE))
 def test_fake_quantize_is_dequantize_of_quantize(fmt, hadamard_block):
     x = awkward(12, 256, seed=8)
     codes, scales, gs = fp4.quantize(x, fmt, hadamard_block=hadamard_block)
@@ -272,7 +272,7 @@ def test_fake_quantize_is_dequantize_of_quantize(fmt, hadamard_block):
     assert torch.equal(q, dq)
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(GROUP_SIZE))
 def test_hadamard_quantizes_in_the_rotated_basis(fmt):
     x = randn(6, 128, seed=9)
     q, mask = fp4.fake_quantize(x, fmt, hadamard_block=64)

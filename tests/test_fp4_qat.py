@@ -32,7 +32,8 @@ from hf_cage.export import ExportError, export_checkpoint, export_model, load_qu
 from hf_cage.export.parity import sample_batch
 from hf_cage.export.served import served_eval_many
 from hf_cage.kernels import fp4
-from hf_cage.kernels.spec import FP4_GRIDS, FP4_GROUP_SIZE, QuantSpec
+from hf_cage.kernels.fp4 import GROUP_SIZE as FP4_GROUP_SIZE
+from hf_cage.kernels.spec import QuantSpec
 from hf_cage.layers.fp4_linear import Fp4Linear
 from hf_cage.optim import weight_quantizers_of
 
@@ -55,7 +56,7 @@ def fp4_layer(fmt: str, a_bits=4, in_features=64, out_features=32, seed=0, **qua
 # --- QuantConfig ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 def test_fp4_config_forces_the_formats_group_and_scale_rule(fmt):
     group = FP4_GROUP_SIZE[fmt]
     config = QuantConfig(quantizer=fmt)
@@ -93,7 +94,7 @@ def test_fp4_layers_need_whole_groups():
 # --- QATLinear -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 def test_qat_linear_fp4_is_the_twin_on_both_operands_with_the_clip_mask_backward(fmt):
     layer = fp4_layer(fmt).train()
     assert layer.kernel_plan.gemm is None  # FP4 never runs on the int W4A4 GEMM
@@ -112,7 +113,7 @@ def test_qat_linear_fp4_is_the_twin_on_both_operands_with_the_clip_mask_backward
     assert torch.equal(layer.weight.grad, (g.reshape(-1, 32).T @ qx.reshape(-1, 64)) * mask_w)
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 @pytest.mark.parametrize("hadamard", [False, True])
 def test_fp4_linear_packs_a_trained_layer_and_computes_its_forward(fmt, hadamard):
     layer = fp4_layer(fmt, hadamard=hadamard).train()
@@ -155,7 +156,7 @@ def test_nvfp4_input_global_scale_is_a_running_calibration_frozen_in_eval(tmp_pa
 # --- CAGE ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 def test_cage_step_pulls_toward_the_fp4_grid(fmt):
     """One decoupled CAGE step is the AdamW step plus ``-lr * lambda * (W - Q(W))`` with the FP4 ``Q``."""
     model = quantize_model(make_tiny_llama(0), QuantConfig(quantizer=fmt))
@@ -178,7 +179,7 @@ def test_cage_step_pulls_toward_the_fp4_grid(fmt):
     assert checked == 14
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 def test_short_qat_cage_run_trains_an_fp4_model(fmt):
     model = quantize_model(make_tiny_llama(1), QuantConfig(quantizer=fmt))
     opt = create_cage_optimizer(model, lr=3e-3, cage_lambda=10.0, cage_silence_ratio=0.5, total_steps=8)

@@ -164,10 +164,10 @@ QUANT_CASES = [
     (4096, QuantSpec(4, hadamard_block=128)),
     (11008, QuantSpec(4, hadamard_block=128)),
     (4096, QuantSpec(4, group_size=32, hadamard_block=128)),
-    (4096, QuantSpec(4, "integer", "absmax", group_size=128)),
+    (4096, QuantSpec(4, "int", "absmax", group_size=128)),
     (11008, QuantSpec(8)),
-    (4096, QuantSpec(4, "integer", "minmax")),
-    (200, QuantSpec(4, "integer", "minmax")),  # an 8-wide chunk, no rotation: legal
+    (4096, QuantSpec(4, "int", "minmax")),
+    (200, QuantSpec(4, "int", "minmax")),  # an 8-wide chunk, no rotation: legal
 ]
 
 
@@ -177,7 +177,7 @@ def test_quantizer_layouts(arch, k, spec):
     layout = tiles.quant_layout(k, spec)
     constexprs = dict(
         CHUNK=layout.chunk, GROUPS_PER_CHUNK=layout.groups_per_chunk, GROUP_LEN=layout.group,
-        BLOCK_M=tiles.QUANT_BLOCK_M, HADAMARD=bool(spec.hadamard_block), MIDRISE=spec.grid == "midrise",
+        BLOCK_M=tiles.QUANT_BLOCK_M, HADAMARD=bool(spec.hadamard_block), MIDRISE=bool(spec.code_offset),
         MSE=spec.scale_rule == "mse", STORE_CODES=True, STORE_Q=True,
     )  # fmt: skip
     shared, ttir = lower(

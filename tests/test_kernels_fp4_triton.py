@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from hf_cage.kernels import fp4
+from hf_cage.kernels.fp4 import GROUP_SIZE as FP4_GROUP_SIZE
 from hf_cage.kernels.reference import hadamard_matrix, hadamard_rotate, rotation_error_bound
-from hf_cage.kernels.spec import FP4_GRIDS, FP4_GROUP_SIZE
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -63,7 +63,7 @@ def assert_same_scales(scales, ref_scales):
     assert torch.equal(scales.view(torch.uint8), ref_scales.view(torch.uint8))
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_quantize_is_bit_exact_without_rotation(tfp4, fmt, shape):
     x = awkward(*shape, seed=1)
@@ -74,7 +74,7 @@ def test_quantize_is_bit_exact_without_rotation(tfp4, fmt, shape):
     assert codes.dtype == torch.int8 and torch.equal(codes, ref_codes)
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=str)
 def test_fake_quantize_is_bit_exact_without_rotation(tfp4, fmt, shape):
     x = awkward(*shape, seed=2)
@@ -85,7 +85,7 @@ def test_fake_quantize_is_bit_exact_without_rotation(tfp4, fmt, shape):
     assert not mask.all()  # the outliers' groups clip something: the mask is not trivially True
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 def test_a_given_global_scale_is_used(tfp4, fmt):
     x = awkward(20, 128, seed=3)
     gs = torch.tensor([37.0], device=DEVICE) if fmt == "nvfp4" else None
@@ -98,7 +98,7 @@ def test_a_given_global_scale_is_used(tfp4, fmt):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 def test_half_inputs_use_the_half_scale_rule(tfp4, fmt, dtype):
     x = awkward(33, 128, seed=4, dtype=dtype)
     codes, scales, gs = tfp4.quantize_codes(x, fmt)
@@ -120,7 +120,7 @@ def group_steps(amax, fmt, gs):
 
 
 @pytest.mark.parametrize("hadamard_block", [16, 64, 128])
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 def test_rotated_quantization_matches_the_twin(tfp4, fmt, hadamard_block):
     """With a rotation, what is guaranteed on every device, CPU model and thread count: each rotated value lies
     within :func:`rotation_error_bound` of the exact (fp64) one, in the kernel and in the twin alike. So the
@@ -195,7 +195,7 @@ def test_rejects_bad_shapes(tfp4):
         tfp4.quantize_codes(torch.zeros(2, 64, dtype=torch.int8, device=DEVICE), "mxfp4")
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 def test_e2m1_ties_round_to_the_even_mantissa(tfp4, fmt):
     # Scale 1 for both grids (MX: amax 6 -> byte 127; NV: gs = 1, amax 6 -> s8 = 1.0): values sit on the ties.
     ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]
@@ -212,7 +212,7 @@ def test_e2m1_ties_round_to_the_even_mantissa(tfp4, fmt):
 # --- through the kernels seam and QATLinear -------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 def test_the_kernels_seam_dispatches_fp4_grids_to_the_fused_quantizer(tfp4, fmt, monkeypatch):
     from hf_cage import kernels
     from hf_cage.quant.config import QuantConfig
@@ -231,7 +231,7 @@ def test_the_kernels_seam_dispatches_fp4_grids_to_the_fused_quantizer(tfp4, fmt,
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("fmt", FP4_GRIDS)
+@pytest.mark.parametrize("fmt", tuple(FP4_GROUP_SIZE))
 def test_fp4_qat_linear_on_triton_equals_the_torch_twins(tfp4, fmt, monkeypatch):
     """Forward and straight-through backward of an FP4 QATLinear: Triton quantizer vs the twin, bit for bit."""
     from hf_cage import QATLinear

@@ -22,7 +22,7 @@ def cuda_randn(*shape, seed=0):
 
 
 @pytest.mark.parametrize(
-    "spec", [QuantSpec(4, hadamard_block=128), QuantSpec(4, "integer", "absmax", 128), QuantSpec(8)], ids=str
+    "spec", [QuantSpec(4, hadamard_block=128), QuantSpec(4, "int", "absmax", 128), QuantSpec(8)], ids=str
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_quantizer_on_gpu(spec, dtype):
@@ -118,6 +118,6 @@ def test_minmax_rule_is_bit_for_bit_compressed_tensors_on_gpu(bits):
     from test_quantizers import activations_with_ties_and_zeros, compressed_tensors_input_quantizer
 
     x = activations_with_ties_and_zeros(bits).cuda()
-    q, _ = kernels.fake_quantize(x, QuantSpec(bits, "integer", "minmax"))
+    q, _ = kernels.fake_quantize(x, QuantSpec(bits, "int", "minmax"))
     served = compressed_tensors_input_quantizer(x, bits)
     assert torch.equal(q.view(torch.int32), served.view(torch.int32))

@@ -68,7 +68,7 @@ def test_m_bucket_is_the_autotune_key():
 def test_quant_layout_refuses_hadamard_tiles_under_16_and_takes_narrow_plain_rows():
     with pytest.raises(ValueError, match="8-wide tile; the Triton quantizer's tl.dot needs >= 16"):
         tiles.quant_layout(200, QuantSpec(4, hadamard_block=8))
-    layout = tiles.quant_layout(200, QuantSpec(4, "integer", "minmax"))
+    layout = tiles.quant_layout(200, QuantSpec(4, "int", "minmax"))
     assert (layout.segment, layout.chunk, layout.num_stages) == (200, 8, 3)
     assert tiles.quant_layout(4096, QuantSpec(4, hadamard_block=128)).num_stages == 1
 
@@ -79,7 +79,7 @@ def test_quant_layout_refuses_hadamard_tiles_under_16_and_takes_narrow_plain_row
         (QuantSpec(4), QuantSpec(4), 64, "w4a4"),
         (QuantSpec(4, hadamard_block=64), QuantSpec(4, hadamard_block=64), 64, "w4a4"),
         (QuantSpec(4, hadamard_block=64), QuantSpec(4, hadamard_block=32), 64, "w4a16"),
-        (QuantSpec(4, "integer", group_size=32), QuantSpec(4, "integer", "minmax"), 64, "w4a4"),
+        (QuantSpec(4, "int", group_size=32), QuantSpec(4, "int", "minmax"), 64, "w4a4"),
         (QuantSpec(4), QuantSpec(8), 64, "w4a16"),
         (QuantSpec(4), None, 64, "w4a16"),
         (QuantSpec(8), QuantSpec(4), 64, None),

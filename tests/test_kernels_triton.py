@@ -42,14 +42,14 @@ pytestmark = [
 SPECS = [
     QuantSpec(4),
     QuantSpec(4, hadamard_block=128),
-    QuantSpec(4, "integer", "absmax"),
-    QuantSpec(4, "integer", "mse", group_size=32),
-    QuantSpec(4, "midrise", "mse", group_size=64, hadamard_block=128),
-    QuantSpec(4, "integer", "absmax", group_size=128, hadamard_block=32),
-    QuantSpec(8, "midrise", "mse", hadamard_block=64),
-    QuantSpec(2, "integer", "absmax", group_size=32),
-    QuantSpec(4, "integer", "minmax"),
-    QuantSpec(8, "integer", "minmax", hadamard_block=128),
+    QuantSpec(4, "int", "absmax"),
+    QuantSpec(4, "int", "mse", group_size=32),
+    QuantSpec(4, "quest", "mse", group_size=64, hadamard_block=128),
+    QuantSpec(4, "int", "absmax", group_size=128, hadamard_block=32),
+    QuantSpec(8, "quest", "mse", hadamard_block=64),
+    QuantSpec(2, "int", "absmax", group_size=32),
+    QuantSpec(4, "int", "minmax"),
+    QuantSpec(8, "int", "minmax", hadamard_block=128),
 ]
 SHAPES = [(1, 256), (70, 256), (3, 5, 384)]
 
@@ -105,12 +105,12 @@ def twin_rounding(x: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> tup
     ``|Q - x| <= step / 2`` changes exactly at those ties too.
     """
     step = scales.float().unsqueeze(-1)
-    clip = step * (spec.qmax if spec.grid == "integer" and spec.scale_rule == "absmax" else (2**spec.bits - 1) / 2)
+    clip = step * (spec.qmax if not spec.code_offset and spec.scale_rule == "absmax" else (2**spec.bits - 1) / 2)
     groups = reference._grouped(reference._rotated_fp32(x, spec), spec)
     codes = reference._codes(groups, clip, step, spec)
     mask = (reference._with_offset(codes, spec) * step - groups).abs() <= step * 0.5
     exact = reference._grouped(exact_rotation(x, spec.hadamard_block), spec)
-    value = torch.clamp(exact, -clip, clip) / step + 0.5 if spec.grid == "midrise" else exact / step
+    value = torch.clamp(exact, -clip, clip) / step + 0.5 if spec.code_offset else exact / step
     window = reference._grouped(rotation_error(x, spec), spec) / step + value.abs() * 2.0**-21
     near_tie = ((value - value.floor()) - 0.5).abs() <= window
     return codes.to(torch.int8).reshape(x.shape), near_tie.reshape(x.shape), mask.reshape(x.shape), window
@@ -181,7 +181,7 @@ def test_quantizer_takes_half_inputs_and_returns_their_dtype(dtype):
 def test_all_zero_rows_get_the_tiny_step_like_the_twin():
     x = torch.zeros(3, 64, device=DEVICE)
     x[1] = randn(64)
-    for spec in (QuantSpec(4), QuantSpec(4, "integer", "absmax", 32)):
+    for spec in (QuantSpec(4), QuantSpec(4, "int", "absmax", 32)):
         codes, scales = kernels.quantize_rows(x, spec)
         ref_codes, ref_scales = reference.quantize_rows(x, spec)
         assert torch.equal(codes, ref_codes)
@@ -195,7 +195,7 @@ def test_minmax_kernel_is_bit_for_bit_compressed_tensors(bits):
     from test_quantizers import activations_with_ties_and_zeros, compressed_tensors_input_quantizer
 
     x = activations_with_ties_and_zeros(bits).to(DEVICE)
-    spec = QuantSpec(bits, "integer", "minmax")
+    spec = QuantSpec(bits, "int", "minmax")
     q, _ = kernels.fake_quantize(x, spec)
     assert torch.equal(q.view(torch.int32), compressed_tensors_input_quantizer(x, bits).view(torch.int32))
     codes, scales = kernels.quantize_rows(x, spec)
@@ -502,7 +502,7 @@ x.copy_(torch.randn(3, k, generator=g))
 out = kernels.w4a16_matmul(x, w_packed, w_scales)
 ref = reference.w4a16_matmul_reference(x.contiguous().float(), w_packed, w_scales)
 torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
-for spec in (QuantSpec(4, hadamard_block=64), QuantSpec(8, "integer", "minmax")):
+for spec in (QuantSpec(4, hadamard_block=64), QuantSpec(8, "int", "minmax")):
     codes, scales = kernels.quantize_rows(x, spec)
     ref_codes, ref_scales = kernels.quantize_rows(x.contiguous(), spec)  # the same kernel: bit for bit
     assert torch.equal(codes, ref_codes) and torch.equal(scales, ref_scales)

@@ -18,7 +18,7 @@ def test_quest_without_rotation_is_exactly_the_paper_formula():
         s = GAUSSIAN_MSE_CLIP[bits] * w.square().mean(-1, keepdim=True).sqrt()
         step = 2 * s / (2**bits - 1)
         expected = (torch.round(torch.clamp(w, -s, s) / step + 0.5) - 0.5) * step
-        q, _ = fake_quantize(w, QuantSpec(bits, "midrise"))
+        q, _ = fake_quantize(w, QuantSpec(bits, "quest"))
         torch.testing.assert_close(q, expected, atol=0, rtol=0)
 
 
@@ -26,7 +26,7 @@ def test_paper_clip_factors():
     assert GAUSSIAN_MSE_CLIP[4] == 2.5139 and GAUSSIAN_MSE_CLIP[3] == 2.0511 and GAUSSIAN_MSE_CLIP[2] == 1.4935
 
 
-@pytest.mark.parametrize("grid", ["midrise", "integer"])
+@pytest.mark.parametrize("grid", ["quest", "int"])
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_every_4bit_row_has_at_most_16_distinct_values(grid, group_size):
     w = weights()
@@ -35,7 +35,7 @@ def test_every_4bit_row_has_at_most_16_distinct_values(grid, group_size):
         assert row.unique().numel() <= 16
 
 
-@pytest.mark.parametrize("grid", ["midrise", "integer"])
+@pytest.mark.parametrize("grid", ["quest", "int"])
 def test_rotated_4bit_rows_have_at_most_16_distinct_values_in_the_rotated_basis(grid):
     w = weights()
     spec = QuantSpec(4, grid, hadamard_block=128)
@@ -50,7 +50,7 @@ def test_rotated_4bit_rows_have_at_most_16_distinct_values_in_the_rotated_basis(
 @pytest.mark.parametrize("group_size", [None, 32])
 def test_int_quantizer_divided_by_scale_gives_integers_in_range(scale_rule, group_size):
     w = weights()
-    spec = QuantSpec(4, "integer", scale_rule, group_size)
+    spec = QuantSpec(4, "int", scale_rule, group_size)
     q, _ = fake_quantize(w, spec)
     _, scales = quantize_rows(w, spec)
     ratio = q.reshape(16, -1, group_size or 128) / scales.unsqueeze(-1)
@@ -60,13 +60,13 @@ def test_int_quantizer_divided_by_scale_gives_integers_in_range(scale_rule, grou
 
 def test_absmax_integer_grid_represents_the_largest_value_exactly():
     w = weights()
-    q, mask = fake_quantize(w, QuantSpec(4, "integer", "absmax"))
+    q, mask = fake_quantize(w, QuantSpec(4, "int", "absmax"))
     idx = w.abs().argmax(-1, keepdim=True)
     torch.testing.assert_close(q.gather(-1, idx), w.gather(-1, idx))
     assert mask.all()
 
 
-@pytest.mark.parametrize("grid", ["midrise", "integer"])
+@pytest.mark.parametrize("grid", ["quest", "int"])
 @pytest.mark.parametrize("hadamard_block", [None, 32])
 def test_codes_and_scales_dequantize_to_the_fake_quantized_tensor_bit_exactly(grid, hadamard_block):
     w = weights()
@@ -86,13 +86,13 @@ def test_hadamard_rotation_is_its_own_inverse_and_keeps_products():
 
 def test_rotated_quantizer_returns_values_in_the_input_basis():
     w = weights()
-    q, _ = fake_quantize(w, QuantSpec(8, "midrise", hadamard_block=128))
+    q, _ = fake_quantize(w, QuantSpec(8, "quest", hadamard_block=128))
     assert (q - w).norm() / w.norm() < 0.01
 
 
 def test_straight_through_gradient_is_masked_where_clipped():
     x = torch.tensor([[0.1, -0.2, 0.05, 10.0, -0.15, 0.3, 0.0, -0.25]], requires_grad=True)
-    spec = QuantSpec(2, "midrise")
+    spec = QuantSpec(2, "quest")
     fake_quantize_ste(x, spec).sum().backward()
     _, mask = fake_quantize(x.detach(), spec)
     assert not mask[0, 3] and mask.sum() == 7
@@ -101,7 +101,7 @@ def test_straight_through_gradient_is_masked_where_clipped():
 
 def test_straight_through_gradient_with_rotation_is_identity_when_nothing_clips():
     x = weights(4, 64).requires_grad_()
-    spec = QuantSpec(8, "integer", "absmax", hadamard_block=64)
+    spec = QuantSpec(8, "int", "absmax", hadamard_block=64)
     upstream = weights(4, 64, 3)
     fake_quantize_ste(x, spec).backward(upstream)
     torch.testing.assert_close(x.grad, upstream, atol=1e-5, rtol=0)
@@ -109,7 +109,7 @@ def test_straight_through_gradient_with_rotation_is_identity_when_nothing_clips(
 
 def test_output_keeps_input_dtype_and_zero_rows_stay_finite():
     x = torch.zeros(2, 64, dtype=torch.bfloat16)
-    q, _ = fake_quantize(x, QuantSpec(4, "integer"))
+    q, _ = fake_quantize(x, QuantSpec(4, "int"))
     assert q.dtype == torch.bfloat16 and torch.isfinite(q.float()).all() and (q == 0).all()
 
 
@@ -146,7 +146,7 @@ def activations_with_ties_and_zeros(bits: int) -> torch.Tensor:
 def test_minmax_rule_is_bit_for_bit_compressed_tensors_dynamic_token_quantization(bits):
     x = activations_with_ties_and_zeros(bits)
     served = compressed_tensors_input_quantizer(x, bits)
-    trained, _ = fake_quantize(x, QuantSpec(bits, "integer", "minmax"))
+    trained, _ = fake_quantize(x, QuantSpec(bits, "int", "minmax"))
     assert served.dtype == trained.dtype == torch.float32
     # Bit for bit, signs of zeros included (an int32 view tells -0.0 from 0.0).
     assert torch.equal(trained.view(torch.int32), served.view(torch.int32))
@@ -159,7 +159,7 @@ def test_minmax_rule_is_bit_for_bit_compressed_tensors_dynamic_token_quantizatio
 def test_minmax_codes_and_scales(bits):
     """Independent of compressed-tensors: scale absmax / ((2^b-1)/2), round half to even, full code range."""
     x = activations_with_ties_and_zeros(bits).reshape(-1, 96)
-    codes, scales = quantize_rows(x, QuantSpec(bits, "integer", "minmax"))
+    codes, scales = quantize_rows(x, QuantSpec(bits, "int", "minmax"))
     scales = scales.squeeze(-1)
     expected_scales = x.abs().amax(-1) / ((2**bits - 1) / 2)
     expected_scales[expected_scales == 0] = torch.finfo(torch.float32).eps
@@ -188,7 +188,7 @@ def test_rotated_straight_through_gradient_is_h_mask_h_g_with_outliers(block):
     # Outliers in the rotated basis: a row of H maps to one spike (H is symmetric and orthogonal).
     x[:, :block] += 40.0 * h_block[3].float()
     x[2, block : 2 * block] -= 25.0 * h_block[block - 1].float()
-    spec = QuantSpec(4, "midrise", "mse", hadamard_block=block)
+    spec = QuantSpec(4, "quest", "mse", hadamard_block=block)
     upstream = torch.randn(6, 128, generator=g)
     x.requires_grad_()
     fake_quantize_ste(x, spec).backward(upstream)
@@ -216,7 +216,7 @@ def test_integer_mse_step_is_as_good_as_a_brute_force_search():
         guess = 2 * x.square().mean().sqrt() * GAUSSIAN_MSE_CLIP[bits] / (2**bits - 1)
         steps = guess * torch.linspace(0.5, 2.0, 600, dtype=torch.float64)[:, None]
         errors = (torch.clamp(torch.round(x / steps), qmin, qmax) * steps - x).square().mean(-1)
-        q, _ = fake_quantize(x.float(), QuantSpec(bits, "integer", "mse"))
+        q, _ = fake_quantize(x.float(), QuantSpec(bits, "int", "mse"))
         ours = (q.double() - x).square().mean()
         assert ours <= 1.01 * errors.min(), (bits, float(ours / errors.min()))
 
@@ -260,7 +260,7 @@ def test_auto_rotation_uses_the_butterfly_for_large_cpu_tensors():
 
 @pytest.mark.parametrize(
     "spec",
-    [QuantSpec(4, hadamard_block=128), QuantSpec(4, "integer", "minmax"), QuantSpec(3, "integer", "mse", 32, 64)],
+    [QuantSpec(4, hadamard_block=128), QuantSpec(4, "int", "minmax"), QuantSpec(3, "int", "mse", 32, 64)],
     ids=str,
 )
 def test_quantize_with_codes_is_quantize_rows_and_fake_quantize_in_one_pass(spec):
@@ -277,7 +277,7 @@ def test_quantize_with_codes_is_quantize_rows_and_fake_quantize_in_one_pass(spec
 def test_codes_carry_the_trust_mask_through_backward(bits):
     from hf_cage.quant import ste
 
-    spec = QuantSpec(bits, "integer", "absmax")
+    spec = QuantSpec(bits, "int", "absmax")
     codes = torch.arange(spec.qmin, spec.qmax + 1, dtype=torch.int8).repeat(2)
     mask = torch.arange(codes.numel()) % 3 == 0
     packed, apart = ste._pack(codes, mask, spec)

@@ -23,15 +23,15 @@ def grid_geometry(spec, d: int):
     inf = math.inf
     if spec.group_size is not None or spec.bits != 4:
         raise ValueError("the best grid point is computed for 4-bit per-row grids only")
-    if spec.grid == "integer" and spec.scale_rule == "absmax":
+    if spec.grid == "int" and spec.scale_rule == "absmax":
         values = torch.arange(-7.0, 8.0, dtype=torch.float64)
         return values, (values - 0.5).clamp_min(-7), (values + 0.5).clamp_max(7), "linf", 7.0
     if spec.scale_rule != "mse":
         raise ValueError(f"scale rule {spec.scale_rule!r} is not covered here; use absmax or mse")
     target = math.sqrt(d) * 15 / (2 * spec.clip_alpha)
-    if spec.grid == "integer":
+    if spec.grid == "int":
         values = torch.arange(-8.0, 8.0, dtype=torch.float64)
-    elif spec.grid == "midrise":
+    elif spec.grid == "quest":
         values = torch.arange(-7.5, 8.0, dtype=torch.float64)
     else:
         raise ValueError(f"grid {spec.grid!r} is not covered here")

@@ -20,12 +20,6 @@ from .source import TrainingInfo
 TEMPLATE = ("templates", "model_card.md")  # package data of hf_cage.export
 CITATION_TAGS = ["hf-cage", "cage", "qat"]
 
-# How the card names the FP4 grids (weights row, lossy target, tags use the quantizer name).
-FP4_GRID_NAMES = {
-    "mxfp4": "MXFP4 (E2M1 values, power-of-two E8M0 scale per group)",
-    "nvfp4": "NVFP4 (E2M1 values, E4M3 scale per group times an fp32 global scale)",
-}
-
 
 @dataclass
 class CardOptions:
@@ -115,8 +109,8 @@ def build_model_card(
     base_model = options.base_model or training.metrics.get("base_model")
     datasets = options.datasets or ([training.metrics["dataset"]] if training.metrics.get("dataset") else [])
     served_a_bits = fmt.served_a_bits(config, weights_only=weights_only)
-    grid_tag = config.quantizer if config.quantizer in FP4_GRID_NAMES else f"int{config.w_bits}"
-    tags = [*CITATION_TAGS, grid_tag, f"w{config.w_bits}a{served_a_bits or 16}", fmt.name]
+    stored, trained = config.quant_grid, trained_config.quant_grid  # the grids' own words (hf_cage.kernels.grid)
+    tags = [*CITATION_TAGS, stored.card_tag(config.w_bits), f"w{config.w_bits}a{served_a_bits or 16}", fmt.name]
     card_data = ModelCardData(
         library_name=fmt.library_name,
         base_model=base_model,
@@ -128,15 +122,8 @@ def build_model_card(
     )
     if trained_config.a_bits is None:
         activations = "not quantized (16-bit)"
-    elif trained_config.quantizer in FP4_GRID_NAMES:
-        activations = (
-            f"4-bit per token and group of {trained_config.group_size}, {trained_config.quantizer.upper()} "
-            "(E2M1) grid, dynamic group scales"
-            + (", calibrated per-layer `input_global_scale`" if trained_config.quantizer == "nvfp4" else "")
-        )
     else:
-        grid = "integer" if trained_config.quantizer == "int" else "mid-rise"
-        activations = f"{trained_config.a_bits}-bit per token, {grid} grid, `a_clip={trained_config.a_clip!r}`"
+        activations = trained.card_activations(trained_config.a_bits, trained_config.group_size, trained_config.a_clip)
     notes = fmt.card_notes(trained_config, conversion, weights_only=weights_only)
     metrics = training.metrics
     baselines = metrics.get("baselines") if isinstance(metrics.get("baselines"), dict) else {}
@@ -145,7 +132,7 @@ def build_model_card(
     lossy = None
     if conversion.lossy:
         lossy = {
-            "grid": FP4_GRID_NAMES.get(config.quantizer, "int"),
+            "grid": stored.card_converted_name or stored.card_name,
             "why": "; ".join(w for w in (conversion.weights, conversion.activations) if w),
             "weight_rel_error": _fmt(weight_rel_error) if weight_rel_error is not None else None,
         }
@@ -157,8 +144,7 @@ def build_model_card(
         format=fmt.name,
         format_label=fmt.label,
         w_bits=config.w_bits,
-        weight_grid=FP4_GRID_NAMES.get(trained_config.quantizer)
-        or ("integer" if trained_config.quantizer == "int" else "mid-rise (QuEST)"),
+        weight_grid=trained.card_name,
         granularity="per channel" if config.granularity == "channel" else "per group",
         group_size=config.group_size,
         activations=activations,

@@ -1,11 +1,11 @@
-"""``load_quantized``: load an hf-cage export (any format) into packed ``Int4Linear`` / ``Fp4Linear`` layers.
+"""``load_quantized``: load an hf-cage export (any format) into packed layers (``Int4Linear``, ``Fp4Linear``, ...).
 
 The model is built from ``config.json`` without transformers' quantizer, every linear that has a
-``weight_packed`` tensor becomes an :class:`~hf_cage.Int4Linear` (integer and QuEST grids) or an
-:class:`~hf_cage.layers.fp4_linear.Fp4Linear` (MXFP4 / NVFP4) with the weight and activation grids of the
-saved :class:`~hf_cage.QuantConfig`, and the tensors are loaded as stored. Its forward therefore equals
-the QAT model's, activation quantization included (for FP4 exports in the dtype it is loaded in: float32
-by default, where stock transformers computes in bf16).
+``weight_packed`` tensor becomes the packed layer its grid names (``Grid.packed_layer``: an
+:class:`~hf_cage.Int4Linear` for the integer and QuEST grids, an :class:`~hf_cage.layers.fp4_linear.Fp4Linear`
+for MXFP4 / NVFP4) with the weight and activation grids of the saved :class:`~hf_cage.QuantConfig`, and the
+tensors are loaded as stored. Its forward therefore equals the QAT model's, activation quantization included (for
+FP4 exports in the dtype it is loaded in: float32 by default, where stock transformers computes in bf16).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..layers.fp4_linear import Fp4Linear
-from ..layers.int4_linear import Int4Linear
+from ..layers.packed import packed_linear_class
 from ..qat import CONFIG_KEY, EXPORT_KEY, check_loading_report, saved_tensor_shapes
 from ..quant.config import QuantConfig
 
@@ -48,7 +47,8 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", d
         dtype: dtype of the dense parameters; ``"auto"`` uses the export's ``dtype``.
         device: where to put the model (default: CPU).
     Returns:
-        A causal LM in eval mode whose quantized linears are ``Int4Linear`` (``Fp4Linear`` for FP4 grids).
+        A causal LM in eval mode whose quantized linears are packed layers (``Int4Linear``; ``Fp4Linear`` for
+        FP4 grids; the generic ``PackedLinear`` for a grid without a layer of its own).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -93,7 +93,7 @@ def load_quantized(path: str | os.PathLike, dtype: torch.dtype | str = "auto", d
         if shape is not None and shape.tolist() != [linear.out_features, linear.in_features]:
             raise ValueError(f"{name}: weight_shape {shape.tolist()} does not match the model config")
         weight_spec = quant_config.weight_spec(linear.in_features)
-        layer = (Fp4Linear if weight_spec.is_fp4 else Int4Linear)(
+        layer = packed_linear_class(weight_spec)(
             linear.in_features,
             linear.out_features,
             linear.bias is not None,

@@ -9,32 +9,28 @@ from pathlib import Path
 
 from torch import nn
 
-from ..kernels.spec import FP4_GRIDS
 from ..qat import CONFIG_KEY, EXPORT_KEY
 from ..quant.config import QuantConfig
 from ..version import __version__
 from .formats import Conversion, ExportFormat
 
 FORMAT_VERSION = 2
-# How the weight codes are laid out, per grid family.
-PACKING = "pack-quantized: code + 2^(bits-1), 32/bits codes per int32 along inputs, lowest bits first"
-FP4_PACKING = "fp4: E2M1 codes (sign bit 3), two per uint8 along inputs, even input in the low nibble"
 
 
 def export_metadata(
     config: QuantConfig, fmt: ExportFormat, *, weights_only: bool, lossy_from: QuantConfig | None, parity: dict
 ) -> dict:
     """hf-cage's description of the export (stored under :data:`hf_cage.qat.EXPORT_KEY`)."""
-    spec = config.weight_spec(config.group_size or 128)
+    spec, grid = config.weight_spec(config.group_size or 128), config.quant_grid
     data = {
         "format": fmt.name,
         "format_version": FORMAT_VERSION,
         "hf_cage_version": __version__,
-        "weight_grid": spec.grid,
+        "weight_grid": grid.legacy_name or grid.name,  # the name exports have always carried
         "code_offset": spec.code_offset,
         "hadamard": bool(config.hadamard),
         "hadamard_max_block": 128 if config.hadamard else None,
-        "packing": FP4_PACKING if config.quantizer in FP4_GRIDS else PACKING,
+        "packing": grid.packing,
         "weights_only": weights_only,
         "parity": parity,
     }

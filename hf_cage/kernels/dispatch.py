@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fp4, reference, tiles
+from . import reference, tiles
 from .spec import QuantSpec
 
 logger = logging.getLogger("hf_cage.kernels")
@@ -65,12 +65,13 @@ def triton_module(name: str):
 def int4_gemm(weight_spec: QuantSpec, activation_spec: QuantSpec | None, in_features: int) -> str | None:
     """Which int4 GEMM a layer with these grids can use: ``"w4a4"`` (4-bit weights and activations, one
     rotation for both), ``"w4a16"`` (4-bit weights, other or no activation quantization), or None (weights
-    not 4-bit, or ``in_features`` not a multiple of 8, so they cannot be packed). FP4 grids: None (they
-    dequantize to a float dtype and run ``F.linear``; no FP4 tensor core is used)."""
-    if weight_spec.bits != 4 or in_features % 8 or weight_spec.is_fp4:
+    not 4-bit, or ``in_features`` not a multiple of 8, so they cannot be packed). Grids without integer codes
+    (``Grid.integer_codes``, e.g. FP4): None (they dequantize to a float dtype and run ``F.linear``)."""
+    if weight_spec.bits != 4 or in_features % 8 or not weight_spec.quant_grid.integer_codes:
         return None
     if (
         activation_spec is not None
+        and activation_spec.quant_grid.integer_codes
         and activation_spec.bits == 4
         and activation_spec.hadamard_block == weight_spec.hadamard_block
         and (weight_spec.group_size or tiles.INT8_DOT_K) % tiles.INT8_DOT_K == 0
@@ -110,12 +111,9 @@ def plan_layer(
     the layer would use. A shape Triton cannot take is logged once per distinct reason."""
     specs = [activation_spec] + ([weight_spec] if quantizes_weight else [])
     for spec in specs:
-        if spec is None or spec.is_fp4:  # the FP4 Triton quantizer takes every shape an FP4 QuantConfig allows
-            continue
-        try:
-            tiles.quant_layout(in_features, spec)
-        except ValueError as err:
-            reason = f"{layer}(in_features={in_features}): {err}"
+        problem = None if spec is None else spec.quant_grid.triton_problem(in_features, spec)
+        if problem:
+            reason = f"{layer}(in_features={in_features}): {problem}"
             _log_once(f"{reason}; such layers run on the torch twins on every device")
             return LayerKernels(False, gemm, reason)
     return LayerKernels(True, gemm)
@@ -132,35 +130,30 @@ def _log_once(message: str) -> None:
 def fake_quantize(
     x: torch.Tensor, spec: QuantSpec, backend: str | None = None, global_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Q(x), straight-through mask)``; see :func:`hf_cage.kernels.reference.fake_quantize` (FP4 grids:
-    :func:`hf_cage.kernels.fp4.fake_quantize`; ``global_scale``: NVFP4 only, ``None`` = the tensor's own)."""
-    if spec.is_fp4:
-        module = triton_module("triton_fp4") if (backend or backend_for(x)) == "triton" else fp4
-        return module.fake_quantize(x, spec.grid, hadamard_block=spec.hadamard_block, global_scale=global_scale)
-    if (backend or backend_for(x)) == "triton":
-        return triton_module("triton_quant").fake_quantize(x, spec)
-    return reference.fake_quantize(x, spec)
+    """``(Q(x), straight-through mask)`` by the grid's quantizer (:meth:`hf_cage.kernels.grid.Grid.fake_quantize`;
+    uniform grids: :func:`hf_cage.kernels.reference.fake_quantize`, FP4: :func:`hf_cage.kernels.fp4.fake_quantize`;
+    ``global_scale``: grids with ``input_global_scale``, ``None`` = the tensor's own)."""
+    return spec.quant_grid.fake_quantize(x, spec, backend or backend_for(x), global_scale)
 
 
 def quantize_fp4(
     x: torch.Tensor, spec: QuantSpec, backend: str | None = None, global_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """FP4 grids: ``(E2M1 codes, group scales, global scale or None)``; see :func:`hf_cage.kernels.fp4.quantize`."""
-    if not spec.is_fp4:
-        raise ValueError(f"quantize_fp4 takes the mxfp4 / nvfp4 grids, got grid={spec.grid!r}; use quantize_rows")
-    module = triton_module("triton_fp4") if (backend or backend_for(x)) == "triton" else fp4
-    quantize = module.quantize_codes if module is not fp4 else fp4.quantize
-    return quantize(x, spec.grid, hadamard_block=spec.hadamard_block, global_scale=global_scale)
+    grid = spec.quant_grid
+    if not hasattr(grid, "quantize_codes"):
+        raise ValueError(f"quantize_fp4 takes the FP4 grids, got grid={spec.grid!r}; use quantize_rows")
+    return grid.quantize_codes(x, spec, backend or backend_for(x), global_scale)
 
 
-def _not_fp4(spec: QuantSpec) -> None:
-    if spec.is_fp4:
-        raise ValueError(f"the {spec.grid} grid has E2M1 codes and a global scale: use quantize_fp4")
+def _integer_codes(spec: QuantSpec) -> None:
+    if not spec.quant_grid.integer_codes:
+        raise ValueError(f"the {spec.grid} grid has no integer codes (Grid.integer_codes); use fake_quantize")
 
 
 def quantize_rows(x: torch.Tensor, spec: QuantSpec, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(int8 codes, fp32 scales)``; see :func:`hf_cage.kernels.reference.quantize_rows` (not FP4 grids)."""
-    _not_fp4(spec)
+    """``(int8 codes, fp32 scales)``; see :func:`hf_cage.kernels.reference.quantize_rows` (integer-code grids)."""
+    _integer_codes(spec)
     if (backend or backend_for(x)) == "triton":
         return triton_module("triton_quant").quantize_rows(x, spec)
     return reference.quantize_rows(x, spec)
@@ -169,8 +162,8 @@ def quantize_rows(x: torch.Tensor, spec: QuantSpec, backend: str | None = None) 
 def quantize_with_codes(
     x: torch.Tensor, spec: QuantSpec, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(codes, scales, Q(x), mask)`` in one pass; not FP4 grids."""
-    _not_fp4(spec)
+    """``(codes, scales, Q(x), mask)`` in one pass; grids with integer codes."""
+    _integer_codes(spec)
     if (backend or backend_for(x)) == "triton":
         return triton_module("triton_quant").quantize(x, spec, codes=True, fake=True)
     return reference.quantize_with_codes(x, spec)

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 
 from .reference import hadamard_rotate
-from .spec import FP4_GRIDS, FP4_GROUP_SIZE
+
+GROUP_SIZE = {"mxfp4": 32, "nvfp4": 16}  # the formats this twin implements, and their group sizes
 
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
@@ -47,9 +48,9 @@ _E2M1_EDGES = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, F
 
 def check_format(fmt: str) -> int:
     """Group size of ``fmt``; raise a ``ValueError`` naming the choices otherwise."""
-    if fmt not in FP4_GRIDS:
-        raise ValueError(f"FP4 format {fmt!r} is not supported; choose one of {FP4_GRIDS}")
-    return FP4_GROUP_SIZE[fmt]
+    if fmt not in GROUP_SIZE:
+        raise ValueError(f"FP4 format {fmt!r} is not supported; choose one of {tuple(GROUP_SIZE)}")
+    return GROUP_SIZE[fmt]
 
 
 def _tensor(value: float, like: torch.Tensor) -> torch.Tensor:

@@ -64,3 +64,25 @@ def pack_int4(codes: torch.Tensor, validate: bool = True) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor, dtype: torch.dtype = torch.int8) -> torch.Tensor:
     """``(..., K / 8)`` int32 words -> ``(..., K)`` codes in ``[-8, 7]``."""
     return unpack_codes(packed, 4, dtype)
+
+
+# Widths packed densely across int32 words by compressed-tensors' own ``pack_to_int32`` (what its loaders unpack).
+DENSE_PACKED_BITS = (2, 3)
+
+
+def pack_int_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(out, in)`` signed integer codes -> ``(out, in * bits / 32)`` int32 words of ``pack-quantized``."""
+    if bits in DENSE_PACKED_BITS:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        return pack_to_int32(codes.to(torch.int8), bits)
+    return pack_codes(codes, bits, validate=False)
+
+
+def unpack_int_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int_codes`: ``(out, in)`` int8 codes."""
+    if bits in DENSE_PACKED_BITS:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        return unpack_from_int32(packed, bits, torch.Size((packed.shape[0], in_features)))
+    return unpack_codes(packed, bits)

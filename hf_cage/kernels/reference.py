@@ -166,7 +166,7 @@ def _clip_and_step(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor,
         step = _divide(clip, (2**spec.bits - 1) / 2)
         step = torch.where(step == 0, torch.finfo(torch.float32).eps, step)
         return clip.clamp_min(tiny), step
-    if spec.grid == "integer" and spec.scale_rule == "absmax":
+    if not spec.code_offset and spec.scale_rule == "absmax":  # integer grid: the extreme value is a level
         step = _divide(clip, spec.qmax)
     else:
         step = _divide(2 * clip, 2**spec.bits - 1)
@@ -177,7 +177,7 @@ def _clip_and_step(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor,
 def _codes(groups: torch.Tensor, clip: torch.Tensor, step: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer codes (as fp32) in ``[qmin, qmax]``. (In-place steps on one fresh tensor: the same operations in the
     same order as the expressions in the comments, without a new allocation per step.)"""
-    if spec.grid == "midrise":  # round(clamp(x, -clip, clip) / step + 0.5) - 1
+    if spec.code_offset:  # mid-rise: round(clamp(x, -clip, clip) / step + 0.5) - 1
         return torch.clamp(groups, -clip, clip).div_(step).add_(0.5).round_().sub_(1)
     # compressed-tensors' order: divide, add the zero point (0; it turns -0.0 into 0.0), clamp, round.
     return (groups / step).add_(0.0).clamp_(spec.qmin, spec.qmax).round_()

@@ -1,28 +1,19 @@
 """What a kernel needs to know about a quantization grid, as one frozen, hashable value.
 
-Every quantizer in hf-cage is "rotate (optionally), pick a scale per row or per group, round to
-integer codes, multiply back". The two families differ only in where the grid points sit:
-
-- ``midrise`` (QuEST, CAGE.md section 4): ``2^b`` levels at ``(code + 1/2) * step``, no zero level.
-- ``integer``: levels at ``code * step``, the grid of standard int checkpoint formats.
-
-In both, codes lie in ``[-2^(b-1), 2^(b-1) - 1]`` and ``step`` is the stored scale, so a
-dequantized value is always ``(code + code_offset) * scale``.
-
-The two FP4 grids (:mod:`hf_cage.kernels.fp4`) are not uniform: ``mxfp4`` and ``nvfp4`` store E2M1
-values (``0, 0.5, 1, 1.5, 2, 3, 4, 6`` and their negatives) times one scale per group of 32 / 16 inputs
-(an E8M0 power of two / an FP8 E4M3 value divided by an fp32 global scale per tensor). Their bits, group
-size and scale rule are the format's (4, 32 or 16, ``"absmax"``); their codes are E2M1 bit patterns.
+``QuantSpec.grid`` names a registered grid (:mod:`hf_cage.kernels.grid`; the built-in ones are in
+:mod:`hf_cage.kernels.grids`), which owns the grid's rules: the uniform grids ``quest`` (mid-rise, levels at
+``(code + 1/2) * step``) and ``int`` (levels at ``code * step``), whose codes lie in ``[-2^(b-1), 2^(b-1) - 1]``
+so a dequantized value is ``(code + code_offset) * scale``, and the FP4 grids ``mxfp4`` / ``nvfp4`` (E2M1
+values times a group scale, :mod:`hf_cage.kernels.fp4`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .grid import Grid, get_grid
+
 SUPPORTED_BITS = (2, 3, 4, 8)
-GRIDS = ("midrise", "integer", "mxfp4", "nvfp4")
-FP4_GRIDS = ("mxfp4", "nvfp4")
-FP4_GROUP_SIZE = {"mxfp4": 32, "nvfp4": 16}
 SCALE_RULES = ("mse", "absmax", "minmax")
 
 # Clip factor (in units of the row RMS) that minimises the MSE of a 2^b-level uniform grid on a
@@ -37,7 +28,8 @@ class QuantSpec:
 
     Args:
         bits: code width, one of ``SUPPORTED_BITS``.
-        grid: ``"midrise"``, ``"integer"``, ``"mxfp4"`` or ``"nvfp4"`` (see module docstring).
+        grid: the name of a registered grid (``"quest"``, ``"int"``, ``"mxfp4"``, ``"nvfp4"``, ...); the names
+            used before the one vocabulary (``"midrise"``, ``"integer"``) are accepted and stored as the new ones.
         scale_rule: ``"mse"`` clips at ``alpha_b * RMS`` (Gaussian-MSE-optimal), ``"absmax"`` at
             the largest magnitude; ``"minmax"`` is compressed-tensors' dynamic rule (what stock
             loaders and vLLM apply to activations): ``step = absmax / ((2^b - 1) / 2)``, an all-zero
@@ -49,30 +41,26 @@ class QuantSpec:
     """
 
     bits: int
-    grid: str = "midrise"
+    grid: str = "quest"
     scale_rule: str = "mse"
     group_size: int | None = None
     hadamard_block: int | None = None
 
     def __post_init__(self):
+        grid = get_grid(self.grid)
+        object.__setattr__(self, "grid", grid.name)  # a legacy name becomes the grid's name
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits} is not supported; choose one of {SUPPORTED_BITS}")
-        if self.grid not in GRIDS:
-            raise ValueError(f"grid={self.grid!r} is not supported; choose one of {GRIDS}")
         if self.scale_rule not in SCALE_RULES:
             raise ValueError(f"scale_rule={self.scale_rule!r} is not supported; choose one of {SCALE_RULES}")
-        if self.is_fp4:
-            group = FP4_GROUP_SIZE[self.grid]
-            if (self.bits, self.group_size, self.scale_rule) != (4, group, "absmax"):
-                raise ValueError(
-                    f"the {self.grid} grid is bits=4, group_size={group}, scale_rule='absmax'; got bits={self.bits}, "
-                    f"group_size={self.group_size}, scale_rule={self.scale_rule!r}"
-                )
+        problem = grid.spec_problem(self)
+        if problem:
+            raise ValueError(problem)
 
     @property
-    def is_fp4(self) -> bool:
-        """True for the FP4 grids (``mxfp4``, ``nvfp4``), which :mod:`hf_cage.kernels.fp4` quantizes."""
-        return self.grid in FP4_GRIDS
+    def quant_grid(self) -> Grid:
+        """The registered :class:`~hf_cage.kernels.grid.Grid` named by ``grid``."""
+        return get_grid(self.grid)
 
     @property
     def qmin(self) -> int:
@@ -84,7 +72,8 @@ class QuantSpec:
 
     @property
     def code_offset(self) -> float:
-        return 0.5 if self.grid == "midrise" else 0.0
+        """``0.5`` on a mid-rise grid (levels at ``(code + 1/2) * step``), else 0."""
+        return self.quant_grid.code_offset
 
     @property
     def clip_alpha(self) -> float:

@@ -128,7 +128,7 @@ def step_rule(spec: QuantSpec) -> tuple[float, float, float]:
     ``eps`` for a zero ``minmax`` step, no floor otherwise)."""
     if spec.scale_rule == "minmax":
         return (2**spec.bits - 1) / 2.0, 0.0, torch.finfo(torch.float32).eps
-    if spec.grid == "integer" and spec.scale_rule == "absmax":
+    if not spec.code_offset and spec.scale_rule == "absmax":
         return float(spec.qmax), _TINY, _TINY
     return (2**spec.bits - 1) / 2.0, _TINY, _TINY
 
@@ -188,7 +188,7 @@ def quantize(
             GROUP_LEN=group,
             BLOCK_M=block_m,
             HADAMARD=bool(spec.hadamard_block),
-            MIDRISE=spec.grid == "midrise",
+            MIDRISE=bool(spec.code_offset),
             MSE=spec.scale_rule == "mse",
             STORE_CODES=codes,
             STORE_Q=fake,

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from .. import kernels
-from ..kernels.spec import QuantSpec
-from .packed import PACKED_NAMES, PackedLinear, packing_problem
+from .packed import PackedLinear
 
 
 class Int4Linear(PackedLinear):
@@ -19,54 +16,16 @@ class Int4Linear(PackedLinear):
     ``(out, in / group)``. Inputs are quantized per token with ``activation_spec`` when given, so
     the output equals the QAT layer's forward. On the Triton backend the forward multiplies the
     packed words directly (W4A4 GEMM for 4-bit activations, W4A16 otherwise; :func:`hf_cage.kernels.int4_gemm`,
-    decided once at build time in ``kernel_plan`` like :class:`~hf_cage.QATLinear`'s).
+    decided once at build time in ``kernel_plan`` like :class:`~hf_cage.QATLinear`'s). Takes the arguments of
+    :class:`~hf_cage.layers.packed.PackedLinear`.
     """
 
-    packed_names = PACKED_NAMES
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool,
-        weight_spec: QuantSpec,
-        activation_spec: QuantSpec | None = None,
-        device=None,
-        dtype: torch.dtype = torch.float32,
-    ):
-        super().__init__()
-        if weight_spec.bits != 4 or weight_spec.is_fp4:
-            raise ValueError(
-                f"Int4Linear holds 4-bit integer / mid-rise weights, got bits={weight_spec.bits}, "
-                f"grid={weight_spec.grid!r} (FP4 grids load into hf_cage.layers.fp4_linear.Fp4Linear)"
-            )
-        problem = packing_problem(in_features, weight_spec)
-        if problem:
-            raise ValueError(problem)
-        self.in_features, self.out_features = in_features, out_features
-        self.weight_spec, self.activation_spec = weight_spec, activation_spec
-        groups = in_features // (weight_spec.group_size or in_features)
-        self.register_buffer(
-            "weight_packed", torch.zeros(out_features, in_features // 8, dtype=torch.int32, device=device)
-        )
-        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        self.kernel_plan = kernels.plan_layer(
-            "Int4Linear",
-            in_features,
-            weight_spec,
-            activation_spec,
-            quantizes_weight=False,
-            gemm=kernels.int4_gemm(weight_spec, activation_spec, in_features),
-        )
+    holds_bits = (4,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = self.kernel_plan.backend(x, self.weight_packed)
-        if backend == "triton":
+        if self.kernel_plan.backend(x, self.weight_packed) == "triton":
             return self._forward_packed(x)
-        if self.activation_spec is not None:
-            x = kernels.fake_quantize(x, self.activation_spec, backend=backend)[0]
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        return super().forward(x)
 
     def _forward_packed(self, x: torch.Tensor) -> torch.Tensor:
         """Triton path: the GEMM of ``kernel_plan`` reads ``weight_packed`` directly (W4A4 or W4A16)."""

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..kernels import fp4
 from ..kernels.spec import QuantSpec
 from ..quant.config import QuantConfig
 from ..quant.ste import quantized_linear, straight_through
@@ -115,7 +114,7 @@ class QATLinear(nn.Linear):
             quantizes_weight=True,
             gemm="w4a4" if gemm == "w4a4" else None,
         )
-        if self.activation_spec is not None and self.activation_spec.grid == "nvfp4":
+        if self.activation_spec is not None and self.activation_spec.quant_grid.input_global_scale:
             self.register_buffer("input_global_scale", torch.zeros(1, dtype=torch.float32, device=device))
 
     @classmethod
@@ -145,13 +144,14 @@ class QATLinear(nn.Linear):
 
     @torch.no_grad()
     def activation_global_scale(self, x: torch.Tensor) -> torch.Tensor | None:
-        """NVFP4 activations: ``input_global_scale``, first updated by the calibration rule (class docstring)
-        with the batch ``x``; ``None`` for other grids."""
+        """Grids with ``input_global_scale`` (NVFP4): the buffer, first updated by the calibration rule (class
+        docstring) with the batch ``x``; ``None`` for other grids."""
         scale = getattr(self, "input_global_scale", None)
         if scale is None:
             return None
         if self.training or not bool(scale > 0):  # eval: one check that it was calibrated
-            batch = fp4.tensor_global_scale(x.detach(), self.activation_spec.hadamard_block).to(scale.device)
+            spec = self.activation_spec
+            batch = spec.quant_grid.observed_input_scale(x.detach(), spec).to(scale.device)
             scale.copy_(torch.where(scale > 0, torch.minimum(scale, batch), batch))
         return scale
 

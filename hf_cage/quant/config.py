@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from ..kernels.spec import FP4_GRIDS, FP4_GROUP_SIZE, SCALE_RULES, SUPPORTED_BITS, QuantSpec
+from ..kernels.grid import Grid, get_grid, grid_names
+from ..kernels.spec import SCALE_RULES, SUPPORTED_BITS, QuantSpec
 from ..kernels.tiles import largest_pow2_divisor
 
-QUANTIZERS = ("quest", "int", *FP4_GRIDS)
 GRANULARITIES = ("channel", "group")
 GROUP_SIZES = (32, 64, 128)
 HADAMARD_MAX_BLOCK = 128
 ACTIVATION_CLIPS = ("minmax", "mse", "absmax")
-# Activation scale rule by quantizer when ``a_clip`` is not given: ``int`` models get the rule stock loaders
-# (compressed-tensors, vLLM) apply to activations, so what is trained is what is served.
-DEFAULT_ACTIVATION_CLIP = {"int": "minmax", "quest": "mse"}
 
 # The seven linears of every Llama block (attention q/k/v/o, SwiGLU gate/up/down), as data.
 LLAMA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -28,26 +25,26 @@ class QuantConfig:
     Args:
         w_bits: weight bits, one of 2, 3, 4, 8.
         a_bits: input-activation bits (2, 3, 4, 8) or ``None`` for weight-only quantization.
-        quantizer: ``"quest"`` (mid-rise grid, scale ``alpha_b * RMS``, CAGE.md section 4),
-            ``"int"`` (integer grid ``[-2^(b-1), 2^(b-1)-1] * scale``, exportable to int4 formats), or an FP4
-            grid (:mod:`hf_cage.kernels.fp4`, the scale rules of compressed-tensors): ``"mxfp4"`` (E2M1
-            values, a power-of-two E8M0 scale per group of 32 inputs) or ``"nvfp4"`` (E2M1 values, an FP8
-            E4M3 scale per group of 16 times an fp32 global scale per tensor). FP4 grids are 4-bit
-            (``w_bits=4``, ``a_bits`` 4 or None), use their format's group for weights and activations
-            (per token and group), and their scale rule is the format's (``clip`` / ``a_clip`` do not
-            apply). NVFP4 activations use a per-layer global scale calibrated during training
-            (``QATLinear.input_global_scale``).
+        quantizer: the name of a registered grid (:func:`hf_cage.kernels.grid_names`): ``"quest"`` (mid-rise
+            grid, scale ``alpha_b * RMS``, CAGE.md section 4), ``"int"`` (integer grid
+            ``[-2^(b-1), 2^(b-1)-1] * scale``, exportable to int4 formats), or an FP4 grid
+            (:mod:`hf_cage.kernels.fp4`, the scale rules of compressed-tensors): ``"mxfp4"`` (E2M1 values, a
+            power-of-two E8M0 scale per group of 32 inputs) or ``"nvfp4"`` (E2M1 values, an FP8 E4M3 scale per
+            group of 16 times an fp32 global scale per tensor). A grid may fix its bits, its group (then used
+            for weights and activations, per token and group) and its scale rule (then ``clip`` / ``a_clip``
+            do not apply): the FP4 grids are 4-bit with their format's group and rule. NVFP4 activations use
+            a per-layer global scale calibrated during training (``QATLinear.input_global_scale``).
         granularity: ``"channel"`` (one weight scale per output row) or ``"group"``.
-        group_size: inputs per weight scale when ``granularity="group"`` (32, 64, 128; default 128; FP4:
-            32 for mxfp4, 16 for nvfp4, set for you).
+        group_size: inputs per weight scale when ``granularity="group"`` (32, 64, 128; default 128; a grid
+            that fixes its group, e.g. 32 for mxfp4, 16 for nvfp4, sets it for you).
         hadamard: rotate inputs in blocks of up to 128 before quantizing (weights and activations
-            alike). Default: True for ``quest``, False for ``int`` and the FP4 grids.
+            alike). Default: the grid's (True for ``quest``, False for ``int`` and the FP4 grids).
         clip: weight scale rule, ``"mse"`` (Gaussian-MSE-optimal clip ``alpha_b * RMS``, the default),
             ``"absmax"`` or ``"minmax"`` (see ``a_clip``).
         a_clip: activation scale rule (activations always use one scale per token): ``"minmax"``
             (compressed-tensors' dynamic per-token rule, ``scale = absmax / ((2^b - 1) / 2)``, bit for bit
-            what stock transformers and vLLM apply at load), ``"mse"`` or ``"absmax"``. Default:
-            ``"minmax"`` for ``int``, ``"mse"`` for ``quest``.
+            what stock transformers and vLLM apply at load), ``"mse"`` or ``"absmax"``. Default: the grid's
+            (``"minmax"`` for ``int``, ``"mse"`` for ``quest``).
         target_modules: module names (last path component) to quantize.
         skip_modules: names never quantized, even if listed as targets.
     """
@@ -66,70 +63,76 @@ class QuantConfig:
     def __post_init__(self):
         _check_choice("w_bits", self.w_bits, SUPPORTED_BITS)
         _check_choice("a_bits", self.a_bits, (*SUPPORTED_BITS, None))
-        _check_choice("quantizer", self.quantizer, QUANTIZERS)
+        _check_choice("quantizer", self.quantizer, grid_names())
         _check_choice("granularity", self.granularity, GRANULARITIES)
-        if self.quantizer in FP4_GRIDS:
-            self._fp4_settings()
+        grid = self.quant_grid
+        self._grid_settings(grid)
         if self.clip is None:
             self.clip = "mse"
         _check_choice("clip", self.clip, SCALE_RULES)
         if self.a_clip is None:
-            self.a_clip = DEFAULT_ACTIVATION_CLIP[self.quantizer]
+            self.a_clip = grid.default_activation_clip
         _check_choice("a_clip", self.a_clip, ACTIVATION_CLIPS)
         if self.granularity == "group":
             if self.group_size is None:
                 self.group_size = 128
-            if self.quantizer not in FP4_GRIDS:
+            if grid.fixed_group_size is None:
                 _check_choice("group_size", self.group_size, GROUP_SIZES)
         elif self.group_size is not None:
             raise ValueError(f"group_size={self.group_size} needs granularity='group' (got {self.granularity!r})")
         if self.hadamard is None:
-            self.hadamard = self.quantizer == "quest"
+            self.hadamard = grid.default_hadamard
         self.target_modules = list(self.target_modules)
         self.skip_modules = list(self.skip_modules)
         if not self.target_modules:
             raise ValueError("target_modules is empty; name at least one module, e.g. ['q_proj', 'v_proj']")
 
-    def _fp4_settings(self) -> None:
-        """FP4 grids: 4-bit, the format's group, its own scale rule; conflicting settings are refused."""
-        fmt, group = self.quantizer, FP4_GROUP_SIZE[self.quantizer]
-        if self.w_bits != 4:
-            raise ValueError(f"w_bits={self.w_bits}: the {fmt} grid holds 4-bit (E2M1) weights; pass w_bits=4")
-        if self.a_bits not in (4, None):
-            raise ValueError(f"a_bits={self.a_bits}: {fmt} activations are 4-bit (E2M1); pass a_bits=4 or None")
-        if self.group_size not in (None, group):
-            raise ValueError(f"group_size={self.group_size}: {fmt} uses groups of {group}; leave group_size unset")
-        for name in ("clip", "a_clip"):
-            value = getattr(self, name)
-            if value not in (None, "absmax"):
-                raise ValueError(
-                    f"{name}={value!r} does not apply to the {fmt} grid (its scale is the group absmax rounded as "
-                    f"the format says); leave {name} unset"
-                )
-        self.granularity, self.group_size, self.clip, self.a_clip = "group", group, "absmax", "absmax"
+    def _grid_settings(self, grid: Grid) -> None:
+        """The grid's bits, and the group and scale rule it fixes, if any; conflicting settings are refused."""
+        name, bits = grid.name, "/".join(map(str, grid.bits))
+        if self.w_bits not in grid.bits:
+            raise ValueError(f"w_bits={self.w_bits}: the {name} grid holds {bits}-bit weights; pass w_bits={bits}")
+        if self.a_bits not in (*grid.bits, None):
+            raise ValueError(f"a_bits={self.a_bits}: {name} activations are {bits}-bit; pass a_bits={bits} or None")
+        group = grid.fixed_group_size
+        if group is not None:
+            if self.group_size not in (None, group):
+                raise ValueError(f"group_size={self.group_size}: {name} uses groups of {group}; leave it unset")
+            self.granularity, self.group_size = "group", group
+        rule = grid.fixed_scale_rule
+        if rule is not None:
+            for field_name in ("clip", "a_clip"):
+                value = getattr(self, field_name)
+                if value not in (None, rule):
+                    raise ValueError(
+                        f"{field_name}={value!r} does not apply to the {name} grid (its scale rule is the format's "
+                        f"own); leave {field_name} unset"
+                    )
+            self.clip = self.a_clip = rule
 
     @property
-    def grid(self) -> str:
-        return {"quest": "midrise", "int": "integer"}.get(self.quantizer, self.quantizer)
+    def quant_grid(self) -> Grid:
+        """The registered grid named by ``quantizer``."""
+        return get_grid(self.quantizer)
 
     def weight_spec(self, in_features: int) -> QuantSpec:
         """The weight grid of a linear with ``in_features`` inputs; raises if the shape does not fit."""
         if self.group_size and in_features % self.group_size:
             fix = (
                 f"the {self.quantizer} grid fixes its group size"
-                if self.quantizer in FP4_GRIDS
+                if self.quant_grid.fixed_group_size
                 else f"choose a group_size among {GROUP_SIZES} that divides it, or granularity='channel'"
             )
             raise ValueError(f"group_size={self.group_size} does not divide in_features={in_features}; {fix}")
-        return QuantSpec(self.w_bits, self.grid, self.clip, self.group_size, self._hadamard_block(in_features))
+        return QuantSpec(self.w_bits, self.quantizer, self.clip, self.group_size, self._hadamard_block(in_features))
 
     def activation_spec(self, in_features: int) -> QuantSpec | None:
-        """The per-token grid of the inputs of such a linear (FP4: per token and group), or ``None`` when
-        weight-only."""
+        """The per-token grid of the inputs of such a linear (per token and group on a grid that fixes its group),
+        or ``None`` when weight-only."""
         if self.a_bits is None:
             return None
-        group = self.group_size if self.quantizer in FP4_GRIDS else None
-        return QuantSpec(self.a_bits, self.grid, self.a_clip, group, self._hadamard_block(in_features))
+        group = self.quant_grid.fixed_group_size
+        return QuantSpec(self.a_bits, self.quantizer, self.a_clip, group, self._hadamard_block(in_features))
 
     def _hadamard_block(self, in_features: int) -> int | None:
         return largest_pow2_divisor(in_features, HADAMARD_MAX_BLOCK) if self.hadamard else None

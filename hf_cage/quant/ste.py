@@ -110,7 +110,7 @@ class QuantizedLinearSTE(torch.autograd.Function):
 
     Saves int8 codes (mask folded in) and fp32 scales per operand; the backward decodes ``Q`` in the rotated
     basis and computes ``H (mask * (g @ Qw H))``: equal to the unfused ``H (mask * H (g @ Qw))`` up to fp32
-    summation order. Not FP4 grids (their codes are not uniform).
+    summation order. Grids with integer codes only (``Grid.integer_codes``).
     """
 
     @staticmethod
@@ -169,11 +169,14 @@ def quantized_linear(
 ) -> torch.Tensor:
     """``F.linear(Qa(x), Qw(W), b)`` with straight-through gradients (``activation_spec`` None: ``x`` as is).
 
-    ``backend="torch"``, no FP4 grid and autograd on: :class:`QuantizedLinearSTE`; otherwise :class:`FakeQuantSTE`
-    on each operand (``global_scale``: NVFP4 activations) and ``F.linear``. Same forward either way.
+    ``backend="torch"``, grids with integer codes (``Grid.integer_codes``) and autograd on:
+    :class:`QuantizedLinearSTE`; otherwise :class:`FakeQuantSTE` on each operand (``global_scale``: NVFP4
+    activations) and ``F.linear``. Same forward either way.
     """
-    fp4 = weight_spec.is_fp4 or (activation_spec is not None and activation_spec.is_fp4)
-    if _fused and backend == "torch" and not fp4 and torch.is_grad_enabled():  # no_grad: nothing to save
+    integer = weight_spec.quant_grid.integer_codes and (
+        activation_spec is None or activation_spec.quant_grid.integer_codes
+    )
+    if _fused and backend == "torch" and integer and torch.is_grad_enabled():  # no_grad: nothing to save
         return QuantizedLinearSTE.apply(x, weight, bias, weight_spec, activation_spec)
     x = fake_quantize_ste(x, activation_spec, backend, global_scale)
     return F.linear(x, fake_quantize_ste(weight, weight_spec, backend), bias)

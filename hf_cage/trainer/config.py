@@ -7,11 +7,12 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from ..kernels.grid import get_grid, grid_names
 from ..kernels.spec import SCALE_RULES, SUPPORTED_BITS
 from ..optim.defaults import CAGE_LAMBDA, CAGE_PULL_DEFAULTS, CAGE_SCHEDULE, CAGE_SILENCE_RATIO, CAGE_VARIANT
 from ..optim.pull import check_cage_pull
 from ..optim.schedule import SCHEDULES, VARIANTS, check_cage_hyperparameters
-from ..quant.config import GRANULARITIES, GROUP_SIZES, QUANTIZERS, QuantConfig
+from ..quant.config import GRANULARITIES, GROUP_SIZES, QuantConfig
 
 
 @dataclass
@@ -39,9 +40,9 @@ class CAGEArguments:
     quant_quantizer: str = field(
         default="quest",
         metadata={
-            "help": "'quest' (mid-rise grid, scale alpha_b * RMS, Hadamard by default), 'int' (integer grid, "
-            "exportable to int4 formats), or an FP4 grid: 'mxfp4' (E2M1, E8M0 scale per 32 inputs) or 'nvfp4' "
-            "(E2M1, E4M3 scale per 16 inputs times a global scale); FP4 is 4-bit with the format's group."
+            "help": "The grid, one of the registered grids: "
+            + ", ".join(f"'{name}' ({get_grid(name).description})" for name in grid_names())
+            + "; a grid may fix its bits and group (FP4: 4-bit with the format's group)."
         },
     )
     quant_granularity: str = field(
@@ -51,28 +52,28 @@ class CAGEArguments:
         default=None,
         metadata={
             "help": f"Inputs per weight scale with quant_granularity='group', one of {GROUP_SIZES} (default 128); "
-            "FP4 grids: their format's group (mxfp4 32, nvfp4 16)."
+            "grids that fix their group use it (mxfp4 32, nvfp4 16)."
         },
     )
     quant_hadamard: bool | None = field(
         default=None,
         metadata={
-            "help": "Rotate inputs by a block Hadamard (blocks up to 128). Default: true for quest, false for int."
+            "help": "Rotate inputs by a block Hadamard (blocks up to 128). Default: the grid's (true for quest only)."
         },
     )
     quant_clip: str | None = field(
         default=None,
         metadata={
             "help": f"Weight scale rule, one of {', '.join(SCALE_RULES)}: mse = Gaussian-MSE-optimal clip "
-            "alpha_b * RMS (the default), absmax, minmax = compressed-tensors' rule (as quant_a_clip). FP4 grids: "
-            "leave unset (the format's own rule)."
+            "alpha_b * RMS (the default), absmax, minmax = compressed-tensors' rule (as quant_a_clip). Grids with "
+            "their own rule (FP4): leave unset."
         },
     )
     quant_a_clip: str | None = field(
         default=None,
         metadata={
             "help": "Activation scale rule: 'minmax' (compressed-tensors' dynamic per-token rule, what stock loaders "
-            "serve), 'mse' or 'absmax'. Default: minmax for int, mse for quest."
+            "serve), 'mse' or 'absmax'. Default: the grid's (minmax for int, mse for quest)."
         },
     )
     cage_lambda: float | None = field(
@@ -122,10 +123,10 @@ class CAGEArguments:
             self.quant_a_bits = None
         _check("quant_w_bits", self.quant_w_bits, SUPPORTED_BITS)
         _check("quant_a_bits", self.quant_a_bits, (*SUPPORTED_BITS, None), "0 or None (weight-only)")
-        _check("quant_quantizer", self.quant_quantizer, QUANTIZERS)
+        _check("quant_quantizer", self.quant_quantizer, grid_names())
         _check("quant_granularity", self.quant_granularity, GRANULARITIES)
         try:
-            self.quant_config()  # the one validation of clip, group_size and their combinations (FP4 grids)
+            self.quant_config()  # the one validation of clip, group_size and what the grid fixes
         except ValueError as err:
             message = str(err)
             if message.split("=", 1)[0] in {f.name for f in fields(QuantConfig)}:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-from ...kernels.spec import FP4_GRIDS
 from ...quant.config import QuantConfig
 from ..errors import ExportError
 from .base import Conversion, ExportFormat
@@ -48,10 +47,9 @@ def get_format(name: str) -> ExportFormat:
 
 
 def stock_format_for(config: QuantConfig) -> ExportFormat:
-    """The compressed-tensors format of the model's grid: ``{mx,nv}fp4-pack-quantized`` or ``pack-quantized``."""
-    if config.quantizer in FP4_GRIDS:
-        return FORMATS[f"{config.quantizer}-pack-quantized"]
-    return FORMATS["compressed-tensors"]
+    """The compressed-tensors format that holds the model's grid (``Grid.stock_format``: ``{mx,nv}fp4-pack-quantized``
+    or ``pack-quantized``); ``pack-quantized`` for a grid none holds (its :meth:`~ExportFormat.problem` says why)."""
+    return FORMATS.get(config.quant_grid.stock_format, FORMATS["compressed-tensors"])
 
 
 def choose_format(config: QuantConfig, *, weights_only: bool = False) -> tuple[ExportFormat, str | None]:

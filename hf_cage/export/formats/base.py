@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from ...kernels.spec import FP4_GRIDS, QuantSpec
+from ...kernels.spec import QuantSpec
 from ...quant.config import QuantConfig
 from ..errors import ExportError
 
@@ -88,7 +88,7 @@ class ExportFormat:
         if config.w_bits != 4:
             return ""
         what = f", {config.a_bits}-bit activations as stored in the export's config" if config.a_bits else ""
-        layer = "Fp4Linear" if config.quantizer in FP4_GRIDS else "Int4Linear"
+        layer = config.quant_grid.packed_layer
         return (
             f"With hf-cage (packed `{layer}` layers{what}):\n\n```python\nimport hf_cage\n"
             "from huggingface_hub import snapshot_download\n\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ...kernels.spec import FP4_GRIDS
+from ...kernels.grid import get_grid
 from ...quant.config import QuantConfig
 from ..errors import ExportError
 from .base import Conversion
@@ -22,12 +22,6 @@ FP4_SERVING_NOTE = (
     "these checkpoints as weight-only FP4 through its Marlin kernels: the weights are the trained ones, but "
     "activations are not quantized, so the served numbers differ from the trained ones."
 )
-# How each grid's activations are quantized at load, for the card.
-ACTIVATION_RULES = {
-    "mxfp4": "a power-of-two (E8M0) scale per token and group of 32, computed on every forward",
-    "nvfp4": "an FP8 E4M3 scale per token and group of 16, computed on every forward, times the layer's "
-    "`input_global_scale` (calibrated during training as the running input maximum, stored here)",
-}
 
 
 class Fp4CompressedTensorsFormat(StockFormat):
@@ -47,10 +41,9 @@ class Fp4CompressedTensorsFormat(StockFormat):
 
     def problem(self, config, *, weights_only=False):
         if config.quantizer != self.grid:
-            other = (
-                f"--format {config.quantizer}-pack-quantized"
-                if config.quantizer in FP4_GRIDS
-                else "--format compressed-tensors or hf-cage"
+            home = config.quant_grid.stock_format
+            other = {None: "--format hf-cage", "compressed-tensors": "--format compressed-tensors or hf-cage"}.get(
+                home, f"--format {home}"
             )
             return (
                 f"--format {self.name} holds the {self.grid} grid; this model was trained with "
@@ -104,7 +97,7 @@ class Fp4CompressedTensorsFormat(StockFormat):
         elif a_bits is not None:
             notes.append(
                 f"**Activations.** The loaders quantize each linear's input to FP4 (E2M1) with "
-                f"{ACTIVATION_RULES[self.grid]}: the rule this model was trained with."
+                f"{get_grid(self.grid).card_activation_rule}: the rule this model was trained with."
             )
         if trained.hadamard:
             notes.append(HADAMARD_NOTE)

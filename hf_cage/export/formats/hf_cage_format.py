@@ -31,11 +31,8 @@ class HfCageFormat(ExportFormat):
         return None
 
     def card_notes(self, trained, conversion, *, weights_only):
-        grid = {"quest": "the QuEST mid-rise grid", "int": "hf-cage's integer grid"}.get(
-            trained.quantizer, f"the {trained.quantizer.upper()} grid"
-        )
+        grid, why = trained.quant_grid.card_stored()
         rotation = " with Hadamard rotations" if trained.hadamard else ""
-        why = "compressed-tensors has no mid-rise grid" if trained.quantizer == "quest" else "no rotation is applied"
         return [
             f"**Format.** This export stores {grid}{rotation} as trained; only `hf_cage.load_quantized` loads it "
             "(stock transformers and vLLM cannot: transformers applies no `transform_config` at load, so "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ...kernels.spec import FP4_GRIDS, QuantSpec
+from ...kernels.spec import QuantSpec
 from .base import Conversion
 from .compressed import HADAMARD_CONVERSION, HADAMARD_NOTE, StockFormat
 
@@ -36,17 +36,19 @@ class CompressedTensorsFormat(StockFormat):
     # compressed-tensors' dynamic per-token rule is the same for any width (scale = absmax / ((2^b - 1) / 2));
     # vLLM's kernels take 4- and 8-bit activations only.
     activation_bits = (2, 3, 4, 8)
+    stored_grid = "int"  # the grid pack-quantized holds as trained; another grid is converted to it (lossy)
 
-    @staticmethod
-    def loader_activation_spec(bits: int) -> QuantSpec:
+    @classmethod
+    def loader_activation_spec(cls, bits: int) -> QuantSpec:
         """What compressed-tensors applies to declared dynamic per-token int activations at load."""
-        return QuantSpec(bits, "integer", "minmax", None, None)
+        return QuantSpec(bits, cls.stored_grid, "minmax", None, None)
 
     def problem(self, config, *, weights_only=False):
-        if config.quantizer in FP4_GRIDS:
+        home = config.quant_grid.stock_format
+        if home != self.name:
             return (
                 f"--format compressed-tensors (pack-quantized) holds integer grids; the {config.quantizer} grid is "
-                f"exported with --format {config.quantizer}-pack-quantized (or auto)"
+                f"exported with --format {home or 'hf-cage'} (or auto)"
             )
         if config.w_bits not in self.weight_bits:
             return (
@@ -63,10 +65,10 @@ class CompressedTensorsFormat(StockFormat):
 
     def conversion(self, config, *, weights_only=False):
         weights = None
-        if config.quantizer != "int" or config.hadamard:
+        if config.quantizer != self.stored_grid or config.hadamard:
             what = []
-            if config.quantizer == "quest":
-                what.append("the QuEST mid-rise grid")
+            if config.quantizer != self.stored_grid:
+                what.append(config.quant_grid.card_stored()[0])
             if config.hadamard:
                 what.append(HADAMARD_CONVERSION)
             weights = f"compressed-tensors cannot hold {' and '.join(what)}"
@@ -87,7 +89,7 @@ class CompressedTensorsFormat(StockFormat):
 
     def converted_config(self, config, conversion):
         if conversion.weights:
-            config = replace(config, quantizer="int", hadamard=False, clip="absmax")
+            config = replace(config, quantizer=self.stored_grid, hadamard=False, clip="absmax")
         if conversion.activations or conversion.weights:
             config = replace(config, a_clip="minmax")
         return config
