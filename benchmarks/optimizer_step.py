@@ -15,11 +15,11 @@ Targets (issue 3): CAGE / AdamW <= 1.05 in silence, <= 1.5 with the correction a
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
+
+from speed_common import parse_speed_args, speed_parser, write_json
 
 FULL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, vocab_size=6144)
 QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
@@ -84,28 +84,19 @@ def time_steps(optimizers: dict, trials: int, steps_per_trial: int) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = speed_parser(__doc__, "alternating trials per optimizer (default 15)")
     parser.add_argument("--quick", action="store_true", help="tiny model and 3 trials (smoke test)")
-    parser.add_argument("--trials", type=int, default=None, help="alternating trials per optimizer (default 15)")
     parser.add_argument("--steps-per-trial", type=int, default=1)
     parser.add_argument("--quantizer", choices=sorted(QUANTIZERS), action="append", help="default: all")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (default 1: on a shared 2-core machine 2 threads made every step ~25x slower)",
-    )
     parser.add_argument(
         "--rotation-baseline",
         action="store_true",
         help="also time the active step with the dense matmul rotation (cage_active@matmul), the path before",
     )
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+    args = parse_speed_args(parser, argv)
 
     import torch
 
-    torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else FULL
     trials = args.trials or (3 if args.quick else 15)
     results = {"threads": torch.get_num_threads(), "trials": trials, "runs": {}}
@@ -139,9 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"  {name} active with the dense matmul rotation (before): {run['active_matmul_rotation_ratio']:.3f}"
             )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -28,11 +28,11 @@ count per storage, parameters excluded.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
+
+from speed_common import parse_speed_args, speed_parser, token_batch, write_json
 
 FORMATS = {
     "w4a16_g32": dict(group_size=32, activations=False),
@@ -103,27 +103,20 @@ def make_variants(bench, shape: dict, formats: list[str], with_peer: bool) -> di
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = speed_parser(__doc__, "interleaved trials per variant (default 7)", tokens=True)
     parser.add_argument("--dry-run", action="store_true", help="tiny model, 1 trial, hf-cage only (no torchao)")
-    parser.add_argument("--trials", type=int, default=None, help="interleaved trials per variant (default 7)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8)")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256)")
     parser.add_argument("--format", choices=sorted(FORMATS), action="append", help="default: all")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+    args = parse_speed_args(parser, argv)
 
     import torch
 
     bench = load_train_step()
-    torch.set_num_threads(args.threads)
     shape = DRY_RUN if args.dry_run else bench.FULL
-    batch = args.batch or (2 if args.dry_run else 8)
-    seq = args.seq or (32 if args.dry_run else 256)
+    ids = token_batch(shape["vocab_size"], args.batch, args.seq, small=args.dry_run)
+    batch, seq = ids.shape
     trials = args.trials or (1 if args.dry_run else 7)
     formats = args.format or list(FORMATS)
     variants = make_variants(bench, shape, formats, with_peer=not args.dry_run)
-    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     step_s, _ = bench.time_variants(variants, ids, trials, step=bench.train_step)
     forward_s, _ = bench.time_variants(variants, ids, trials, seed=1, step=bench.forward_step)
     saved = {name: bench.saved_bytes(model, ids) for name, (model, _, _) in variants.items()}
@@ -165,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{forward_s[key] * 1e3:.0f} | {row['forward_over_bf16']:.3f} | {saved[key] / MIB:.0f} | "
                 f"{row['saved_over_bf16']:.3f} | {vs_peer} |"
             )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -26,11 +26,11 @@ Targets (issue 10): CAGE active / STE <= 1.05; STE W4A4 / BF16 <= 1.3 on CPU.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
+
+from speed_common import parse_speed_args, speed_parser, token_batch, write_json
 
 FULL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4, vocab_size=2048)
 QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
@@ -188,32 +188,25 @@ def profile(variants: dict, ids, names: list[str], top: int = 12) -> dict[str, l
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = speed_parser(__doc__, "interleaved trials per variant (default 7)", tokens=True)
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 x 32 tokens, 2 trials (smoke test)")
-    parser.add_argument("--trials", type=int, default=None, help="interleaved trials per variant (default 7)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 8)")
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 256)")
     parser.add_argument("--quantizer", choices=sorted(QUANTIZERS), action="append", help="default: all")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--profile", action="store_true", help="also profile one step of each STE variant")
     parser.add_argument(
         "--rotation-baseline",
         action="store_true",
         help="also time STE on the CPU path before issue 23 (<quantizer>/ste@matmul: dense rotations, unfused STE)",
     )
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
+    args = parse_speed_args(parser, argv)
 
     import torch
 
-    torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else FULL
-    batch = args.batch or (2 if args.quick else 8)
-    seq = args.seq or (32 if args.quick else 256)
+    ids = token_batch(shape["vocab_size"], args.batch, args.seq, small=args.quick)
+    batch, seq = ids.shape
     trials = args.trials or (2 if args.quick else 7)
     quantizers = args.quantizer or sorted(QUANTIZERS)
     variants = make_variants(shape, quantizers, args.rotation_baseline)
-    ids = torch.randint(0, shape["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     medians, optimizer_medians = time_variants(variants, ids, trials)
     params = sum(p.numel() for p in variants["bf16"][0].parameters())
     results = {
@@ -269,9 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\n{name}: top operators by self CPU time (one step)")
             for row in rows:
                 print(f"  {row['share']:6.1%} {row['self_ms']:8.1f} ms {row['calls']:5d}x  {row['op']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(args.json, results)
     return results
 
 

@@ -66,16 +66,15 @@ from recipe_common import (
     parse_arguments,
     prepare_training_args,
     preset_name,
-    report_error,
 )
 from recipe_training import (
     Stopwatch,
-    end_distributed,
     evaluate_loss,
     exit_process,
     load_tokenizer,
     make_trainer,
     perplexity,
+    run_command_line,
     run_metrics,
     text_files,
     token_blocks,
@@ -150,13 +149,7 @@ def load_checkpoint(folder: Path):
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: :func:`run`, then exit code 0, or 2 after a one-line error on bad input."""
-    try:
-        run(argv)
-    except (RecipeInputError, FileNotFoundError) as err:
-        return report_error("finetune_llama.py", err)
-    finally:
-        end_distributed()
-    return 0
+    return run_command_line("finetune_llama.py", run, argv)
 
 
 def parse(argv: list[str] | None) -> tuple:

@@ -56,14 +56,13 @@ from recipe_common import (
     parse_arguments,
     prepare_training_args,
     preset_name,
-    report_error,
 )
 from recipe_training import (
     Stopwatch,
-    end_distributed,
     exit_process,
     load_tokenizer,
     make_trainer,
+    run_command_line,
     run_metrics,
     text_files,
     token_blocks,
@@ -132,13 +131,7 @@ def argument_types() -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: :func:`run`, then exit code 0, or 2 after a one-line error on bad input."""
-    try:
-        run(argv)
-    except (RecipeInputError, FileNotFoundError) as err:
-        return report_error("pretrain_llama.py", err)
-    finally:
-        end_distributed()
-    return 0
+    return run_command_line("pretrain_llama.py", run, argv)
 
 
 def run(argv: list[str] | None = None) -> dict:

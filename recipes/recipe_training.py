@@ -14,11 +14,12 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from recipe_common import DataArguments, RecipeInputError, checkpoint_error
+from recipe_common import DataArguments, RecipeInputError, checkpoint_error, report_error
 
 # Printed when --save_branch_checkpoint's checkpoint is written.
 BRANCH_MESSAGE = "branch checkpoint: {path} (branch CAGE: --method cage --resume_from_checkpoint {path})"
@@ -30,6 +31,18 @@ def end_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_command_line(script: str, run: Callable[[list[str] | None], dict], argv: list[str] | None) -> int:
+    """A recipe's command line: ``run(argv)``, then exit code 0, or 2 after a one-line error naming ``script``
+    on bad input (:class:`RecipeInputError`, a missing file); the process group is ended either way."""
+    try:
+        run(argv)
+    except (RecipeInputError, FileNotFoundError) as err:
+        return report_error(script, err)
+    finally:
+        end_distributed()
+    return 0
 
 
 def exit_process(code: int) -> NoReturn:

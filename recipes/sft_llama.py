@@ -38,14 +38,13 @@ from recipe_common import (
     parse_arguments,
     prepare_training_args,
     preset_name,
-    report_error,
 )
 from recipe_training import (
     Stopwatch,
-    end_distributed,
     exit_process,
     load_tokenizer,
     make_trainer,
+    run_command_line,
     run_metrics,
     write_outputs,
 )
@@ -171,13 +170,7 @@ def check_template(tokenizer, example: dict, training_args, source: str) -> None
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: :func:`run`, then exit code 0, or 2 after a one-line error on bad input."""
-    try:
-        run(argv)
-    except (RecipeInputError, FileNotFoundError) as err:
-        return report_error("sft_llama.py", err)
-    finally:
-        end_distributed()
-    return 0
+    return run_command_line("sft_llama.py", run, argv)
 
 
 def run(argv: list[str] | None = None) -> dict:

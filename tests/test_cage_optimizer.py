@@ -438,12 +438,13 @@ def test_cage_beats_ste_on_toy_least_squares(seed):
     assert cage < 0.97 * ste, (cage, ste)
 
 
-def test_optimizer_step_benchmark_quick_mode(tmp_path):
+def test_optimizer_step_benchmark_quick_mode(tmp_path, monkeypatch):
     import importlib.util
     import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_step.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # the benchmarks' shared module, speed_common.py
     spec = importlib.util.spec_from_file_location("optimizer_step_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -457,12 +458,13 @@ def test_optimizer_step_benchmark_quick_mode(tmp_path):
         assert run["active_ratio"] == run["median_s"]["cage_active"] / run["median_s"]["adamw_foreach"]
 
 
-def test_train_step_benchmark_quick_mode(tmp_path):
+def test_train_step_benchmark_quick_mode(tmp_path, monkeypatch):
     import importlib.util
     import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # the benchmarks' shared module, speed_common.py
     spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

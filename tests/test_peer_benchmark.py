@@ -6,7 +6,15 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "peer.py"
+
+
+@pytest.fixture(autouse=True)
+def benchmarks_on_path(monkeypatch):
+    """The scripts import their shared module (speed_common.py) from their own folder, as when run."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
 
 
 def test_dry_run_reports_every_format_against_bf16(tmp_path, capsys):

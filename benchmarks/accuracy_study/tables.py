@@ -13,6 +13,16 @@ def fmt_losses(values: list[float]) -> str:
     return " / ".join(f"{v:.4f}" for v in values)
 
 
+def bf16_row(bf16: dict[int, float], label: str) -> list[str]:
+    """The BF16 baseline's row of :func:`pretrain_table` and :func:`finetune_table` (``label`` in the second column):
+    seeds, mean and per-seed eval loss of ``bf16`` (seed -> loss); no row when the baseline has no run."""
+    if not bf16:
+        return []
+    seeds = sorted(bf16)
+    losses = fmt_losses([bf16[s] for s in seeds])
+    return [f"| BF16 | {label} | {len(seeds)} | {mean(bf16.values()):.4f} | {losses} | | |"]
+
+
 def pretrain_table(rows: list[dict]) -> str:
     """BF16 / STE / CAGE per format, per seed, with the share of the STE-to-BF16 gap closed (paired by seed)."""
     bf16 = {r["seed"]: r["eval_loss"] for r in rows if is_baseline(r)}
@@ -21,11 +31,7 @@ def pretrain_table(rows: list[dict]) -> str:
         "closed (mean, per seed) |",
         "|---|---|---|---|---|---|---|",
     ]
-    if bf16:
-        seeds = sorted(bf16)
-        lines.append(
-            f"| BF16 | - | {len(seeds)} | {mean(bf16.values()):.4f} | {fmt_losses([bf16[s] for s in seeds])} | | |"
-        )
+    lines += bf16_row(bf16, "-")
     for fmt in sorted({r["fmt_name"] for r in map(with_fmt, rows) if r["method"] != "bf16"}, reverse=True):
         ste = {r["seed"]: r for r in map(with_fmt, rows) if r["method"] == "ste" and r["fmt_name"] == fmt}
         if ste:
@@ -108,12 +114,7 @@ def finetune_table(rows: list[dict]) -> str:
         "share of STE's increase removed (mean, per seed) |",
         "|---|---|---|---|---|---|---|",
     ]
-    if bf16:
-        seeds = sorted(bf16)
-        lines.append(
-            f"| BF16 | fine-tuned | {len(seeds)} | {mean(bf16.values()):.4f} | "
-            f"{fmt_losses([bf16[s] for s in seeds])} | | |"
-        )
+    lines += bf16_row(bf16, "fine-tuned")
     for fmt in sorted({r["fmt_name"] for r in rows if r["method"] != "bf16"}, reverse=True):
         ste = {r["seed"]: r for r in rows if r["method"] == "ste" and r["fmt_name"] == fmt and r["seed"] in bf16}
         for method in ("ste", "cage"):

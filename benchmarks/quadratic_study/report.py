@@ -17,6 +17,7 @@ from .tables import (
     main_table,
     paired_ratios,
     pull_table,
+    silence_ratios,
     silence_table,
 )
 
@@ -72,20 +73,7 @@ def plot(done: dict[str, dict], path: Path, quantizer: str = "absmax") -> None:
             for pull, style in ((MAIN_PULL[opt] / 10, "--"), (MAIN_PULL[opt], "-")):
                 points = []
                 for silence in SILENCES:
-                    found = [
-                        find(
-                            done,
-                            study=s,
-                            quantizer=quantizer,
-                            kappa=kappa,
-                            optimizer=opt,
-                            variant=variant,
-                            pull=pull,
-                            silence=silence,
-                        )
-                        for s in ("silence", "main")
-                    ]
-                    ratios = paired_ratios(done, next((r for r in found if r), None))
+                    ratios = silence_ratios(done, quantizer, kappa, opt, variant, pull, silence)
                     if ratios:
                         points.append((silence, geo_mean(ratios)))
                 if points:

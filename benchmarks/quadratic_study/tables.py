@@ -51,6 +51,17 @@ def paired_ratios(done: dict[str, dict], r: dict | None) -> list[float] | None:
     return None if ste is None else [c / s for c, s in zip(r["final"], ste["final"])]
 
 
+def silence_ratios(
+    done: dict[str, dict], quantizer: str, kappa: float, optimizer: str, variant: str, pull: float, silence: float
+) -> list[float] | None:
+    """:func:`paired_ratios` of the silence sweep's point: the ``silence`` study's run at these settings, else the
+    ``main`` study's (the sweep leaves out the point the main study runs: its pull at silence 0.5); None when
+    neither ran."""
+    settings = dict(quantizer=quantizer, kappa=kappa, optimizer=optimizer, variant=variant, pull=pull, silence=silence)
+    found = [find(done, study=study, **settings) for study in ("silence", "main")]
+    return paired_ratios(done, next((r for r in found if r), None))
+
+
 def win_cell(ratios: list[float] | None) -> str:
     if ratios is None:
         return "-"
@@ -141,20 +152,7 @@ def silence_table(done: dict[str, dict]) -> str:
             for pull in (MAIN_PULL[opt] / 10, MAIN_PULL[opt]):
                 cells = []
                 for silence in SILENCES:
-                    found = [
-                        find(
-                            done,
-                            study=s,
-                            quantizer="absmax",
-                            kappa=kappa,
-                            optimizer=opt,
-                            variant=variant,
-                            pull=pull,
-                            silence=silence,
-                        )
-                        for s in ("silence", "main")
-                    ]
-                    cells.append(ratio_cell(paired_ratios(done, next((r for r in found if r), None))))
+                    cells.append(ratio_cell(silence_ratios(done, "absmax", kappa, opt, variant, pull, silence)))
                 lines.append(f"| {kappa} | {NAMES[opt, variant]} | {pull:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -48,6 +48,35 @@ def _unpack_tile(b_ptr, rn, k0, n_ok, K, stride_bn, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(rm, rn, m_ok, n_ok)``: the rows and columns of this program's ``(BLOCK_M, BLOCK_N)`` output tile and which
+    of them lie inside ``(M, N)``. 64-bit: ``rows * stride`` passes 2^31 once M x K does (8 x 32k tokens x 8192)."""
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, rm < M, rn < N
+
+
+@triton.jit
+def _load_activation_tile(a_ptr, rm, m_ok, k0, K, stride_am, BLOCK_K: tl.constexpr):
+    """``(tile, k_ok)``: rows ``rm`` of the row-major activations at inputs ``k0 .. k0 + BLOCK_K`` (zero outside
+    ``(M, K)``), and which of those inputs lie inside ``K``."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    k_ok = kk < K
+    tile = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+    return tile, k_ok
+
+
+@triton.jit
+def _store_output_tile(c_ptr, rm, rn, m_ok, n_ok, stride_cm, out):
+    """Write the fp32 tile ``out`` at rows ``rm``, columns ``rn`` of the row-major output, in its dtype."""
+    tl.store(
+        c_ptr + rm[:, None] * stride_cm + rn[None, :],
+        out.to(c_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@triton.jit
 def _w4a4_matmul_kernel(
     a_ptr,
     a_scale_ptr,
@@ -70,19 +99,12 @@ def _w4a4_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # 64-bit row and column indices: rows * stride passes 2^31 once M x K does (8 x 32k tokens x 8192).
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = _output_tile(M, N, BLOCK_M, BLOCK_N)
     inv = 1.0 / ((1 + A_DOUBLE) * (1 + B_DOUBLE))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        a = tl.load(a_ptr + rm[:, None] * stride_am + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0)
+        a, k_ok = _load_activation_tile(a_ptr, rm, m_ok, k0, K, stride_am, BLOCK_K)
         a = a.to(tl.int32)
         if A_DOUBLE:
             a = tl.where(k_ok[None, :], 2 * a + 1, 0)
@@ -101,11 +123,7 @@ def _w4a4_matmul_kernel(
     else:
         w_scale = tl.load(b_scale_ptr + rn, mask=n_ok, other=0.0)
         out = ((acc.to(tl.float32) * inv) * a_scale[:, None]) * w_scale[None, :]
-    tl.store(
-        c_ptr + rm[:, None] * stride_cm + rn[None, :],
-        out.to(c_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+    _store_output_tile(c_ptr, rm, rn, m_ok, n_ok, stride_cm, out)
 
 
 @triton.jit
@@ -129,16 +147,10 @@ def _w4a16_matmul_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = _output_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_ok = kk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        x, _ = _load_activation_tile(x_ptr, rm, m_ok, k0, K, stride_xm, BLOCK_K)
         codes = _unpack_tile(b_ptr, rn, k0, n_ok, K, stride_bn, BLOCK_K)
         # The K tile lies inside one scale group (the tile rules make BLOCK_K divide the group).
         w_scale = tl.load(b_scale_ptr + rn * n_groups + k0 // group_len, mask=n_ok, other=0.0)
@@ -147,11 +159,7 @@ def _w4a16_matmul_kernel(
             acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
         else:
             acc += tl.dot(x, w.to(x.dtype))
-    tl.store(
-        c_ptr + rm[:, None] * stride_cm + rn[None, :],
-        acc.to(c_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+    _store_output_tile(c_ptr, rm, rn, m_ok, n_ok, stride_cm, acc)
 
 
 def _check_packed(w_packed: torch.Tensor, w_scales: torch.Tensor, k: int) -> tuple[int, int]:
