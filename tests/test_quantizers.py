@@ -1,4 +1,4 @@
-"""The two quantizer families against the formulas of CAGE.md section 4."""
+"""The two quantizer families against the formulas of docs/method.md#the-papers-quantizer-quest."""
 
 import pytest
 import torch

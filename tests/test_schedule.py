@@ -1,4 +1,4 @@
-"""The lambda schedule of CAGE.md section 3 and the hyperparameter checks."""
+"""The lambda schedule of docs/method.md#lambda-schedule and the hyperparameter checks."""
 
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ def hand_written_run(args: CAGEConfig, batches, steps: int) -> torch.nn.Module:
             model(input_ids=ids, labels=ids, num_items_in_batch=n_items).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         lr_t = lr * (float(steps - (t - 1)) / float(steps))  # "linear" schedule, no warmup
-        lam_t = lam * min(1.0, (t / steps - s) / (1.0 - s)) if t / steps > s else 0.0  # CAGE.md section 3
+        lam_t = lam * min(1.0, (t / steps - s) / (1.0 - s)) if t / steps > s else 0.0  # docs/method.md#lambda-schedule
         for group in opt.param_groups:
             group["lr"] = lr_t
         with torch.no_grad():

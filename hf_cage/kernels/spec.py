@@ -17,7 +17,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_RULES = ("mse", "absmax", "minmax")
 
 # Clip factor (in units of the row RMS) that minimises the MSE of a 2^b-level uniform grid on a
-# Gaussian. 2, 3, 4 bits: the QuEST values quoted in CAGE.md; 8 bits: the same criterion solved
+# Gaussian. 2, 3, 4 bits: the QuEST values quoted in docs/method.md; 8 bits: the same criterion solved
 # numerically (4M normal samples, 0.005 grid).
 GAUSSIAN_MSE_CLIP = {1: 0.7979, 2: 1.4935, 3: 2.0511, 4: 2.5139, 8: 3.91}
 

@@ -26,7 +26,7 @@ class QuantConfig:
         w_bits: weight bits, one of 2, 3, 4, 8.
         a_bits: input-activation bits (2, 3, 4, 8) or ``None`` for weight-only quantization.
         quantizer: the name of a registered grid (:func:`hf_cage.kernels.grid_names`): ``"quest"`` (mid-rise
-            grid, scale ``alpha_b * RMS``, CAGE.md section 4), ``"int"`` (integer grid
+            grid, scale ``alpha_b * RMS``, docs/method.md#the-papers-quantizer-quest), ``"int"`` (integer grid
             ``[-2^(b-1), 2^(b-1)-1] * scale``, exportable to int4 formats), or an FP4 grid
             (:mod:`hf_cage.kernels.fp4`, the scale rules of compressed-tensors): ``"mxfp4"`` (E2M1 values, a
             power-of-two E8M0 scale per group of 32 inputs) or ``"nvfp4"`` (E2M1 values, an FP8 E4M3 scale per

@@ -1,4 +1,5 @@
-"""``quest``: QuEST's mid-rise grid (CAGE.md section 4), ``2^b`` levels at ``(code + 1/2) * step``, no zero level."""
+"""``quest``: QuEST's mid-rise grid, ``2^b`` levels at ``(code + 1/2) * step``, no zero level
+(docs/method.md#the-papers-quantizer-quest)."""
 
 from __future__ import annotations
 
