@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -14,6 +17,30 @@ import torch  # noqa: E402
 # Tiny tensors on a 2-core machine: intra-op threads only add contention (a tiny-Llama step went from
 # ~10 ms to seconds with 2 threads while another process was busy).
 torch.set_num_threads(1)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _import_benchmark(name: str):
+    """``benchmarks/<name>.py`` (loaded from its file) or the package ``benchmarks/<name>/``, imported as when it
+    runs: with ``benchmarks/`` on ``sys.path`` (the scripts share ``speed_common.py``; the packages import
+    themselves by name), removed again afterwards."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        script = BENCHMARKS / f"{name}.py"
+        if not (BENCHMARKS / name).is_dir():
+            spec = importlib.util.spec_from_file_location(f"benchmark_{name}", script)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(name)
+
+
+@pytest.fixture(scope="session")
+def import_benchmark():
+    """A benchmark by name: ``import_benchmark("peer")``, ``import_benchmark("accuracy_study")``."""
+    return _import_benchmark
 
 
 def tiny_llama_config(**overrides):

@@ -1,6 +1,5 @@
 """The accuracy benchmark in seconds: product-path runs, paired CAGE branches, the report it writes."""
 
-import importlib
 import json
 import re
 import sys
@@ -13,12 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def accuracy():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module("accuracy_study")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+def accuracy(import_benchmark):
+    return import_benchmark("accuracy_study")
 
 
 @pytest.fixture(scope="module")

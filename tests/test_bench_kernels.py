@@ -3,25 +3,14 @@ its own, not against hf-cage's twins; the interpreted run is in tests/test_kerne
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("bench_kernels", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_dry_run_checks_every_kernel_row(monkeypatch, tmp_path, capsys):
+def test_dry_run_checks_every_kernel_row(monkeypatch, tmp_path, capsys, import_benchmark):
     monkeypatch.setenv("HF_CAGE_BACKEND", "torch")
-    bench = load_benchmark()
+    bench = import_benchmark("kernels")
     out, rows = tmp_path / "table.md", tmp_path / "rows.json"
     assert bench.main(["--dry-run", "--output", str(out), "--json", str(rows)]) == 0
     table = out.read_text()
@@ -41,7 +30,7 @@ def test_dry_run_checks_every_kernel_row(monkeypatch, tmp_path, capsys):
         ("quantize_rows", "quantize_rows act"),
     ],
 )
-def test_a_wrong_twin_fails_the_check(monkeypatch, capsys, target, kernel):
+def test_a_wrong_twin_fails_the_check(monkeypatch, capsys, target, kernel, import_benchmark):
     """The dry run's kernels are the torch twins; break one and its rows must say NO (the oracle is independent)."""
     from hf_cage.kernels import reference
 
@@ -55,6 +44,6 @@ def test_a_wrong_twin_fails_the_check(monkeypatch, capsys, target, kernel):
         return out * 1.02
 
     monkeypatch.setattr(reference, target, broken)
-    assert load_benchmark().main(["--dry-run"]) == 1
+    assert import_benchmark("kernels").main(["--dry-run"]) == 1
     failed = [line for line in capsys.readouterr().out.splitlines() if line.endswith("| NO |")]
     assert failed and all(kernel in line for line in failed)

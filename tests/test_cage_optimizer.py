@@ -438,16 +438,10 @@ def test_cage_beats_ste_on_toy_least_squares(seed):
     assert cage < 0.97 * ste, (cage, ste)
 
 
-def test_optimizer_step_benchmark_quick_mode(tmp_path, monkeypatch):
-    import importlib.util
+def test_optimizer_step_benchmark_quick_mode(tmp_path, import_benchmark):
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_step.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # the benchmarks' shared module, speed_common.py
-    spec = importlib.util.spec_from_file_location("optimizer_step_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = import_benchmark("optimizer_step")
     out = tmp_path / "result.json"
     results = bench.main(["--quick", "--trials", "2", "--json", str(out)])
     assert json.loads(out.read_text()) == results
@@ -458,16 +452,10 @@ def test_optimizer_step_benchmark_quick_mode(tmp_path, monkeypatch):
         assert run["active_ratio"] == run["median_s"]["cage_active"] / run["median_s"]["adamw_foreach"]
 
 
-def test_train_step_benchmark_quick_mode(tmp_path, monkeypatch):
-    import importlib.util
+def test_train_step_benchmark_quick_mode(tmp_path, import_benchmark):
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # the benchmarks' shared module, speed_common.py
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = import_benchmark("train_step")
     out = tmp_path / "result.json"
     results = bench.main(["--quick", "--trials", "1", "--quantizer", "int_w4a4", "--json", str(out)])
     assert json.loads(out.read_text()) == results

@@ -797,13 +797,8 @@ def test_public_api_reexports_export():
     assert hf_cage.load_quantized is hf_cage.export.load_quantized
 
 
-def test_export_benchmark_runs_on_the_micro_preset(tmp_path, capsys):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "export.py"
-    spec = importlib.util.spec_from_file_location("export_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_export_benchmark_runs_on_the_micro_preset(tmp_path, capsys, import_benchmark):
+    bench = import_benchmark("export")
     assert bench.main(["--preset", "micro", "--repeats", "1", "--output", str(tmp_path / "table.md")]) == 0
     table = (tmp_path / "table.md").read_text()
     assert "bit-identical between the two exports: yes" in table and "| dense bf16" in table

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "peer.py"
 
 
-@pytest.fixture(autouse=True)
-def benchmarks_on_path(monkeypatch):
-    """The scripts import their shared module (speed_common.py) from their own folder, as when run."""
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-
-
-def test_dry_run_reports_every_format_against_bf16(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_peer", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_dry_run_reports_every_format_against_bf16(tmp_path, capsys, import_benchmark):
+    bench = import_benchmark("peer")
     out = tmp_path / "peer.json"
     results = bench.main(["--dry-run", "--json", str(out)])
     assert json.loads(out.read_text()) == results
@@ -36,13 +22,11 @@ def test_dry_run_reports_every_format_against_bf16(tmp_path, capsys):
     assert table.count("| hf_cage |") == len(names)
 
 
-def test_saved_bytes_counts_what_autograd_keeps_once_per_storage():
+def test_saved_bytes_counts_what_autograd_keeps_once_per_storage(import_benchmark):
     import torch
     from torch import nn
 
-    spec = importlib.util.spec_from_file_location("bench_train_step", BENCH.with_name("train_step.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = import_benchmark("train_step")
 
     class Tiny(nn.Module):
         def __init__(self):

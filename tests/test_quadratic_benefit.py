@@ -28,10 +28,8 @@ correction's sign flipped (``lerp_`` weight and coupled ``alpha`` negated) all f
 inside the correction all four fail (0.86 / 0.83 / 0.91 / 0.98, 7-11 wins).
 """
 
-import importlib
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -48,12 +46,8 @@ MIN_WINS = 13
 
 
 @pytest.fixture(scope="module")
-def quadratic():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        return importlib.import_module("quadratic_study")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+def quadratic(import_benchmark):
+    return import_benchmark("quadratic_study")
 
 
 @pytest.fixture(scope="module")
