@@ -432,10 +432,8 @@ def test_tiny_llama_quest_logits_differ_only_through_ties():
     assert diff.max() < 0.25 * scale and diff.mean() < 0.03 * scale
 
 
-def test_benchmark_dry_run_on_the_triton_backend(capsys):
-    from test_bench_kernels import load_benchmark
-
-    bench = load_benchmark()
+def test_benchmark_dry_run_on_the_triton_backend(capsys, import_benchmark):
+    bench = import_benchmark("kernels")
     assert bench.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "hf-cage backend: triton" in out and "| NO |" not in out
